@@ -1,0 +1,78 @@
+"""Compatibility shims that let fairseq 0.12.3 run on numpy 2 and torch >= 2.6.
+
+Installed once, on import of :mod:`fairseq_longmem`; each shim only fills a gap and never
+replaces working behaviour.
+"""
+
+import argparse
+import logging
+import os
+import pickle
+import types
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+TRUST_ENV = "FAIRSEQ_LONGMEM_TRUST_CHECKPOINTS"
+
+
+def _numpy_compat():
+    # numpy 2 removed ``np.compat``; fairseq's TokenBlockDataset (break mode "eos") and
+    # LanguagePairDataset still read ``np.compat.long``, which was always the builtin int.
+    if not hasattr(np, "compat"):
+        np.compat = types.SimpleNamespace(long=int)
+
+
+# Types that fairseq checkpoints legitimately contain besides tensors and containers:
+# argparse-era configs pickle a Namespace, and metrics/iterator state may hold numpy scalars.
+def _safe_globals():
+    safe = [argparse.Namespace, np.dtype, np.ndarray]
+    core = getattr(np, "_core", None) or getattr(np, "core")
+    safe.append(core.multiarray.scalar)
+    safe.append(core.multiarray._reconstruct)
+    safe.extend(type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool"))
+    return safe
+
+
+def load_checkpoint_file(f, map_location=None, **kwargs):
+    """``torch.load`` restricted to tensors, containers and the types fairseq needs.
+
+    Unpickling arbitrary objects runs arbitrary code, so a checkpoint holding anything else is
+    refused unless the user says they trust it with ``FAIRSEQ_LONGMEM_TRUST_CHECKPOINTS=1``.
+    """
+    if os.environ.get(TRUST_ENV) == "1":
+        return torch.load(f, map_location=map_location, weights_only=False)
+    kwargs.pop("weights_only", None)
+    with torch.serialization.safe_globals(_safe_globals()):
+        try:
+            return torch.load(f, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            name = getattr(f, "name", f)
+            raise pickle.UnpicklingError(
+                f"checkpoint {name} holds objects outside the safe list (tensors, containers, "
+                f"argparse.Namespace, numpy scalars); if you trust the file, set {TRUST_ENV}=1 "
+                f"and retry. Detail: {str(e).splitlines()[0]}"
+            ) from None
+
+
+class _TorchWithSafeLoad(types.ModuleType):
+    """Stand-in for ``torch`` inside fairseq.checkpoint_utils: same module, safe ``load``."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    load = staticmethod(load_checkpoint_file)
+
+
+def _checkpoint_loading():
+    from fairseq import checkpoint_utils
+
+    if not isinstance(checkpoint_utils.torch, _TorchWithSafeLoad):
+        checkpoint_utils.torch = _TorchWithSafeLoad("torch")
+
+
+def install():
+    _numpy_compat()
+    _checkpoint_loading()

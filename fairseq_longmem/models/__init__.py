@@ -1,0 +1,1 @@
+from . import gpt2_lm  # noqa: F401

@@ -1,0 +1,593 @@
+"""LongMem's long-term memory: a per-row, per-head chunked ring buffer of keys and values with exact
+top-k chunk retrieval, per-row clearing and safetensors save/load (pure torch; faiss optional).
+
+Layout and semantics
+--------------------
+Each batch row (stream) and head owns ``capacity = memory_size // chunk_size`` chunk slots of
+``chunk_size`` tokens, preallocated at construction::
+
+    keys, values : (rows, heads, capacity, chunk_size, head_dim)   storage dtype/device
+    summaries    : (rows, heads, capacity, head_dim)               mean of the chunk's keys
+
+``add`` writes whole chunks in place at the row's write pointer (``index_copy_``); once a row holds
+``capacity`` chunks, the oldest are overwritten (FIFO). Its cost depends on the segment, never on
+``memory_size``: no rebuild, no copy of the store, no device round trip. The valid chunks of a row
+are always the slots ``[0, count)`` (the pointer only wraps once the row is full, and ``clear``
+resets it to 0), which keeps masking and saving trivial.
+
+*Trailing partial chunk*: if a row's appended tokens do not fill a whole chunk, the last
+``n % chunk_size`` tokens wait in a per-row staging area. They are **not searchable** until a later
+``add`` to the same row completes the chunk, so chunks stay contiguous across segment boundaries
+(a chunk may start in one segment and end in the next). ``clear`` drops staged tokens; ``save`` /
+``load`` preserve them; ``fill`` does not count them.
+
+*Search*: per (row, head, query token) the top ``k // chunk_size`` chunks by inner product
+``<q, summary>`` (exact), in descending score order, expanded to their ``k`` tokens. Backends:
+``"torch"`` (matmul + topk on the storage device, query dimension blocked to bound memory) and
+``"faiss"`` (``faiss.knn`` over our own CPU storage, ``knn_gpu`` on CUDA when the installed faiss has
+GPU support). ``"auto"`` picks ``torch`` on every device: on the 2-core CPU where this was measured
+it was faster than faiss at every memory size of the benchmark (docs/BENCHMARKS.md, "Memory bank"),
+and on CUDA it needs no extra package and no host synchronisation; faiss GPU could not be measured.
+
+*File format* (``save``/``load``): one safetensors file, no pickle. Tensors ``row{i}.keys``,
+``row{i}.values`` (heads, count, csz, hd), ``row{i}.summaries`` (heads, count, hd),
+``row{i}.staging_keys`` / ``row{i}.staging_values`` (heads, staged, hd), in the storage dtype.
+The safetensors metadata key ``"longmem_memory_bank"`` holds a JSON header: format version, num_heads,
+head_dim, chunk_size, memory_size, dtype, fingerprint, and per saved row its source row, write
+pointer, chunk count, staged token count, plus a CRC-32 per tensor (catches corruption that keeps
+the file's structure intact). Loading casts to the bank's own device and dtype, so a memory saved
+from fp16 on a GPU loads into an fp32 CPU bank (and vice versa; fp32 -> fp16 rounds).
+
+The bank is a plain object, not an ``nn.Module``: its tensors never enter a model's ``state_dict``
+and are never touched by ``model.to()``/``model.half()`` or DDP buffer broadcast; call ``bank.to()``.
+"""
+
+import json
+import logging
+import os
+import tempfile
+import zlib
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+FORMAT_NAME = "fairseq_longmem.memory_bank"
+FORMAT_VERSION = 1
+_HEADER_KEY = "longmem_memory_bank"
+_BACKENDS = ("auto", "torch", "faiss")
+# Upper bound on one block of the torch backend's (rows, heads, queries, chunks) score tensor.
+_MAX_SCORE_BYTES = 256 * 2**20
+
+_faiss_gpu_resources = None
+
+
+def _import_faiss():
+    try:
+        import faiss  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            "the faiss memory-bank backend needs faiss: pip install faiss-cpu "
+            "(or faiss-gpu-cu12 on CUDA machines), or use backend='torch'"
+        ) from e
+    return faiss
+
+
+def _faiss_gpu():
+    """faiss with torch interop and the process-wide StandardGpuResources (created once)."""
+    global _faiss_gpu_resources
+    faiss = _import_faiss()
+    if not hasattr(faiss, "StandardGpuResources"):
+        raise RuntimeError(
+            "backend='faiss' on a CUDA device needs a faiss build with GPU support "
+            "(pip install faiss-gpu-cu12); the installed faiss is CPU-only. Use backend='torch'."
+        )
+    import faiss.contrib.torch_utils  # noqa: F401  (lets knn_gpu take torch tensors)
+
+    if _faiss_gpu_resources is None:
+        _faiss_gpu_resources = faiss.StandardGpuResources()
+    return faiss, _faiss_gpu_resources
+
+
+@dataclass
+class MemoryRetrieval:
+    """Result of :meth:`ChunkedMemoryBank.search` (storage dtype, storage device)."""
+
+    keys: torch.Tensor  # (B, H, T, k, hd)
+    values: torch.Tensor  # (B, H, T, k, hd)
+    mask: torch.Tensor  # (B, H, T, k) bool, True = valid memory token
+    chunk_index: torch.Tensor  # (B, H, T, k // csz) long ring-buffer slot, -1 = missing
+
+
+class ChunkedMemoryBank:
+    """Per-row, per-head FIFO memory of ``memory_size`` tokens in chunks of ``chunk_size``.
+
+    See the module docstring for the layout, the staging of partial chunks and the file format.
+    """
+
+    def __init__(
+        self,
+        num_rows: int,
+        num_heads: int,
+        head_dim: int,
+        chunk_size: int,
+        memory_size: int,
+        dtype=torch.float32,
+        device="cpu",
+        backend: str = "auto",
+        fingerprint: str = "",
+    ):
+        for name, v in (
+            ("num_rows", num_rows),
+            ("num_heads", num_heads),
+            ("head_dim", head_dim),
+            ("chunk_size", chunk_size),
+            ("memory_size", memory_size),
+        ):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if memory_size % chunk_size != 0:
+            raise ValueError(
+                f"memory_size must be a multiple of chunk_size: got memory_size={memory_size}, "
+                f"chunk_size={chunk_size}"
+            )
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        dtype = self._check_dtype(dtype)
+        if not isinstance(fingerprint, str):
+            raise ValueError(f"fingerprint must be a str, got {type(fingerprint).__name__}")
+        self.num_heads = int(num_heads)
+        self.head_dim = int(head_dim)
+        self.chunk_size = int(chunk_size)
+        self.memory_size = int(memory_size)
+        self.capacity = self.memory_size // self.chunk_size
+        self.backend = backend
+        self.fingerprint = fingerprint
+        self.max_score_bytes = _MAX_SCORE_BYTES
+        self._dtype = dtype
+        self._device = torch.device(device)
+        if backend == "faiss":
+            _import_faiss()  # fail at construction, not at the first search
+        self._allocate(int(num_rows))
+
+    # ------------------------------------------------------------------ state
+
+    @staticmethod
+    def _check_dtype(dtype):
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        return dtype
+
+    def _allocate(self, num_rows):
+        B, H, C, S, D = num_rows, self.num_heads, self.capacity, self.chunk_size, self.head_dim
+        kw = dict(dtype=self._dtype, device=self._device)
+        self._keys = torch.zeros(B, H, C, S, D, **kw)
+        self._values = torch.zeros(B, H, C, S, D, **kw)
+        self._summaries = torch.zeros(B, H, C, D, **kw)
+        self._stage_keys = torch.zeros(B, H, S, D, **kw)
+        self._stage_values = torch.zeros(B, H, S, D, **kw)
+        self._device = self._keys.device  # resolves "cuda" to "cuda:N"
+        # Pointers live on the host: the ragged paths branch on them without a device sync.
+        self._write_ptr = np.zeros(B, dtype=np.int64)
+        self._count = np.zeros(B, dtype=np.int64)  # valid chunks; they occupy slots [0, count)
+        self._stage_len = np.zeros(B, dtype=np.int64)
+
+    @property
+    def num_rows(self) -> int:
+        return self._keys.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the storage tensors (keys, values, summaries, staging)."""
+        ts = (self._keys, self._values, self._summaries, self._stage_keys, self._stage_values)
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    def __repr__(self):
+        return (
+            f"ChunkedMemoryBank(num_rows={self.num_rows}, num_heads={self.num_heads}, "
+            f"head_dim={self.head_dim}, chunk_size={self.chunk_size}, "
+            f"memory_size={self.memory_size}, dtype={self._dtype}, device={self._device}, "
+            f"backend={self.backend!r})"
+        )
+
+    def fill(self) -> torch.LongTensor:
+        """(B,) number of searchable tokens per row (staged tokens excluded), on the CPU."""
+        return torch.from_numpy(self._count * self.chunk_size)
+
+    def staged(self) -> torch.LongTensor:
+        """(B,) number of tokens waiting in each row's staging area (not searchable yet)."""
+        return torch.from_numpy(self._stage_len.copy())
+
+    def to(self, device=None, dtype=None):
+        """Move (and/or cast) the storage; returns self."""
+        if dtype is not None:
+            self._dtype = self._check_dtype(dtype)
+        if device is not None:
+            self._device = torch.device(device)
+        for name in ("_keys", "_values", "_summaries", "_stage_keys", "_stage_values"):
+            setattr(self, name, getattr(self, name).to(device=self._device, dtype=self._dtype))
+        self._device = self._keys.device
+        return self
+
+    def resize_rows(self, num_rows: int):
+        """Re-allocate for ``num_rows`` rows; clears everything."""
+        if isinstance(num_rows, bool) or not isinstance(num_rows, (int, np.integer)) or num_rows <= 0:
+            raise ValueError(f"num_rows must be a positive int, got {num_rows!r}")
+        self._allocate(int(num_rows))
+
+    def _rows(self, rows, what="rows"):
+        """Normalise rows (None, int, bool mask, LongTensor, iterable) to a list of row indices."""
+        B = self.num_rows
+        if rows is None:
+            return list(range(B))
+        if isinstance(rows, torch.Tensor):
+            if rows.dtype == torch.bool:
+                if rows.shape != (B,):
+                    raise ValueError(f"{what}: bool mask must have shape ({B},), got {tuple(rows.shape)}")
+                return rows.nonzero().flatten().tolist()
+            if rows.is_floating_point() or rows.is_complex() or rows.dim() > 1:
+                raise ValueError(f"{what}: expected row indices or a bool mask, got {rows.dtype} "
+                                 f"tensor of shape {tuple(rows.shape)}")
+            rows = rows.flatten().tolist()
+        elif isinstance(rows, np.ndarray) and rows.dtype == np.bool_:
+            return self._rows(torch.from_numpy(rows), what)
+        elif isinstance(rows, (int, np.integer)) and not isinstance(rows, bool):
+            rows = [rows]
+        out = []
+        for r in rows:
+            if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or not 0 <= r < B:
+                raise ValueError(f"{what}: row index must be an int in [0, {B}), got {r!r}")
+            out.append(int(r))
+        if len(set(out)) != len(out):
+            raise ValueError(f"{what}: duplicate row indices in {out}")
+        return out
+
+    def clear(self, rows=None):
+        """Empty the given rows (None = all): no searchable chunk, no staged token."""
+        idx = self._rows(rows)
+        self._write_ptr[idx] = 0
+        self._count[idx] = 0
+        self._stage_len[idx] = 0
+
+    # ------------------------------------------------------------------ add
+
+    def _check_kv(self, name, t, T=None):
+        B, H, D = self.num_rows, self.num_heads, self.head_dim
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4 or t.shape[0] != B or t.shape[1] != H or t.shape[3] != D:
+            raise ValueError(f"{name}: expected shape (B={B}, H={H}, T, hd={D}), got {tuple(t.shape)}")
+        if T is not None and t.shape[2] != T:
+            raise ValueError(f"{name}: expected T={T} (as keys), got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+        if t.device != self._device:
+            raise ValueError(f"{name}: expected device {self._device}, got {t.device}")
+
+    def add(self, keys, values, lengths=None):
+        """Append a segment's keys/values (B, H, T, hd) to each row (cast to the storage dtype).
+
+        ``lengths`` (B,): only the first ``lengths[b]`` tokens of row b are appended.
+        Whole chunks become searchable; a trailing partial chunk is staged (module docstring).
+        """
+        self._check_kv("keys", keys)
+        T = keys.shape[2]
+        self._check_kv("values", values, T)
+        keys = keys.detach()
+        values = values.detach()
+        B, S = self.num_rows, self.chunk_size
+        if lengths is not None:
+            if not isinstance(lengths, torch.Tensor):
+                lengths = torch.as_tensor(lengths)
+            if lengths.shape != (B,) or lengths.is_floating_point() or lengths.dtype == torch.bool:
+                raise ValueError(f"lengths: expected an integer tensor of shape ({B},), "
+                                 f"got {lengths.dtype} of shape {tuple(lengths.shape)}")
+            lengths = lengths.cpu().numpy().astype(np.int64)
+            if (lengths < 0).any() or (lengths > T).any():
+                raise ValueError(f"lengths: expected values in [0, T={T}], got {lengths.tolist()}")
+            if (lengths == T).all():
+                lengths = None
+        if T == 0:
+            return
+        if lengths is None and T % S == 0 and not self._stage_len.any():
+            # Common case: every row gets T/csz whole chunks, nothing staged.
+            n = T // S
+            self._write_chunks(
+                list(range(B)),
+                keys.reshape(B, self.num_heads, n, S, self.head_dim),  # (B, H, n, csz, hd)
+                values.reshape(B, self.num_heads, n, S, self.head_dim),
+            )
+            return
+        for b in range(B):
+            self._add_row(b, keys[b], values[b], T if lengths is None else int(lengths[b]))
+
+    def _add_row(self, b, keys, values, length):
+        # keys/values: (H, T, hd); the first `length` tokens are appended after the staged ones.
+        S, s = self.chunk_size, int(self._stage_len[b])
+        if length == 0:
+            return
+        total = s + length
+        n, r = divmod(total, S)
+        if n == 0:
+            self._stage_keys[b, :, s:total] = keys[:, :length]
+            self._stage_values[b, :, s:total] = values[:, :length]
+            self._stage_len[b] = total
+            return
+        used = n * S - s  # tokens of this segment that go into whole chunks
+        ck = torch.cat([self._stage_keys[b, :, :s], keys[:, :used].to(self._dtype)], dim=1)
+        cv = torch.cat([self._stage_values[b, :, :s], values[:, :used].to(self._dtype)], dim=1)
+        H, D = self.num_heads, self.head_dim
+        self._write_chunks([b], ck.view(1, H, n, S, D), cv.view(1, H, n, S, D))
+        self._stage_keys[b, :, :r] = keys[:, used:length]
+        self._stage_values[b, :, :r] = values[:, used:length]
+        self._stage_len[b] = r
+
+    def _write_chunks(self, rows, ck, cv):
+        """Write n chunks per row at the rows' write pointers. ck/cv: (R, H, n, csz, hd)."""
+        R, H, n, S, D = ck.shape
+        C = self.capacity
+        keep = min(n, C)  # with n > C only the newest C chunks survive
+        ck, cv = ck[:, :, n - keep:], cv[:, :, n - keep:]
+        ptr = self._write_ptr[rows]  # (R,)
+        slots = (ptr[:, None] + (n - keep) + np.arange(keep)[None, :]) % C  # (R, keep)
+        base = (np.asarray(rows)[:, None] * H + np.arange(H)[None, :]) * C  # (R, H)
+        flat = torch.from_numpy((base[:, :, None] + slots[:, None, :]).reshape(-1))  # (R*H*keep,)
+        flat = flat.to(self._device, non_blocking=True)
+        summ = ck.float().mean(dim=3)  # (R, H, keep, hd), fp32 mean
+        self._keys.view(-1, S * D).index_copy_(0, flat, ck.reshape(-1, S * D).to(self._dtype))
+        self._values.view(-1, S * D).index_copy_(0, flat, cv.reshape(-1, S * D).to(self._dtype))
+        self._summaries.view(-1, D).index_copy_(0, flat, summ.reshape(-1, D).to(self._dtype))
+        self._write_ptr[rows] = (ptr + n) % C
+        self._count[rows] = np.minimum(self._count[rows] + n, C)
+
+    # ------------------------------------------------------------------ search
+
+    def _resolve_backend(self):
+        if self.backend != "auto":
+            return self.backend
+        return "torch"  # fastest measured on CPU; on CUDA, no extra package and no host sync
+
+    def search(self, queries, k: int) -> MemoryRetrieval:
+        """Top ``k // csz`` chunks per (row, head, query) by <query, chunk summary>, expanded.
+
+        queries: (B, H, T, hd). Returns a :class:`MemoryRetrieval` in storage dtype/device, chunks in
+        descending score order; slots beyond a row's chunk count have mask False and zero keys/values.
+        """
+        S, C = self.chunk_size, self.capacity
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0 or k % S != 0:
+            raise ValueError(f"k must be a positive multiple of chunk_size={S}, got {k!r}")
+        if k // S > C:
+            raise ValueError(f"k={k} asks for {k // S} chunks but a row holds at most "
+                             f"capacity={C} (memory_size={self.memory_size}, chunk_size={S})")
+        self._check_kv("queries", queries)
+        nk = k // S
+        queries = queries.detach()
+        backend = self._resolve_backend()
+        if backend == "torch":
+            slots = self._search_torch(queries, nk)
+        elif self._device.type == "cuda":
+            slots = self._search_faiss_gpu(queries, nk)
+        else:
+            slots = self._search_faiss_cpu(queries, nk)
+        return self._expand(slots)
+
+    def _search_torch(self, queries, nk):
+        B, H, T, _ = queries.shape
+        C = self.capacity
+        q = queries.to(self._dtype)
+        summ_t = self._summaries.transpose(2, 3)  # (B, H, hd, C)
+        count = torch.from_numpy(self._count).to(self._device, non_blocking=True)
+        partial = bool((self._count < C).any())
+        if partial:
+            invalid = torch.arange(C, device=self._device)[None, :] >= count[:, None]  # (B, C)
+            invalid = invalid[:, None, None, :]  # (B, 1, 1, C)
+        per_query = B * H * C * q.element_size()
+        block = max(1, min(T, self.max_score_bytes // max(per_query, 1)))
+        slots = torch.empty(B, H, T, nk, dtype=torch.long, device=self._device)
+        for t0 in range(0, T, block):
+            scores = torch.matmul(q[:, :, t0:t0 + block], summ_t)  # (B, H, tb, C)
+            if partial:
+                scores.masked_fill_(invalid, float("-inf"))
+            slots[:, :, t0:t0 + block] = scores.topk(nk, dim=-1, sorted=True).indices
+        if bool((self._count < nk).any()):
+            # topk had to pick empty slots for rows with fewer than nk chunks
+            slots.masked_fill_(slots >= count[:, None, None, None], -1)
+        return slots
+
+    def _search_faiss_cpu(self, queries, nk):
+        faiss = _import_faiss()
+        B, H, T, _ = queries.shape
+        slots = np.full((B, H, T, nk), -1, dtype=np.int64)
+        q = queries.float().contiguous().numpy()  # (B, H, T, hd)
+        for b in range(B):
+            cnt = int(self._count[b])
+            if cnt == 0 or T == 0:
+                continue
+            kk = min(nk, cnt)
+            xb_all = self._summaries[b, :, :cnt].float().contiguous().numpy()  # (H, cnt, hd)
+            for h in range(H):
+                _, idx = faiss.knn(q[b, h], xb_all[h], kk, metric=faiss.METRIC_INNER_PRODUCT)
+                slots[b, h, :, :kk] = idx
+        return torch.from_numpy(slots)
+
+    def _search_faiss_gpu(self, queries, nk):
+        faiss, res = _faiss_gpu()
+        B, H, T, _ = queries.shape
+        slots = torch.full((B, H, T, nk), -1, dtype=torch.long, device=self._device)
+        # faiss GPU brute force takes fp32/fp16 torch tensors; bf16 goes through fp32
+        dt = torch.float16 if self._dtype == torch.float16 else torch.float32
+        q = queries.to(dt)
+        for b in range(B):
+            cnt = int(self._count[b])
+            if cnt == 0 or T == 0:
+                continue
+            kk = min(nk, cnt)
+            for h in range(H):
+                xb = self._summaries[b, h, :cnt].to(dt).contiguous()
+                _, idx = faiss.knn_gpu(res, q[b, h].contiguous(), xb, kk,
+                                       metric=faiss.METRIC_INNER_PRODUCT,
+                                       device=self._device.index or 0)
+                slots[b, h, :, :kk] = idx
+        return slots
+
+    def _expand(self, slots):
+        """Gather the chunks named by slots (B, H, T, nk), -1 = missing, into a MemoryRetrieval."""
+        B, H, T, nk = slots.shape
+        C, S, D = self.capacity, self.chunk_size, self.head_dim
+        slots = slots.to(self._device)
+        missing = slots < 0  # (B, H, T, nk)
+        base = (torch.arange(B, device=self._device)[:, None] * H
+                + torch.arange(H, device=self._device)[None, :]) * C  # (B, H)
+        flat = (slots.clamp_min(0) + base[:, :, None, None]).reshape(-1)  # (B*H*T*nk,)
+        keys = self._keys.view(-1, S * D).index_select(0, flat).view(B, H, T, nk * S, D)
+        values = self._values.view(-1, S * D).index_select(0, flat).view(B, H, T, nk * S, D)
+        mask = (~missing)[..., None].expand(B, H, T, nk, S).reshape(B, H, T, nk * S)
+        if bool((self._count < nk).any()):
+            keys.masked_fill_(~mask[..., None], 0)
+            values.masked_fill_(~mask[..., None], 0)
+        return MemoryRetrieval(keys=keys, values=values, mask=mask, chunk_index=slots)
+
+    # ------------------------------------------------------------------ save / load
+
+    def _config(self):
+        return dict(num_heads=self.num_heads, head_dim=self.head_dim,
+                    chunk_size=self.chunk_size, memory_size=self.memory_size)
+
+    def save(self, path, rows=None, overwrite: bool = False):
+        """Write the given rows (None = all) to ``path`` (safetensors + JSON header, atomic)."""
+        path = os.fspath(path)
+        idx = self._rows(rows)
+        if os.path.exists(path) and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        from safetensors.torch import save_file
+
+        tensors, row_meta = {}, []
+        for i, b in enumerate(idx):
+            cnt, s = int(self._count[b]), int(self._stage_len[b])
+            tensors[f"row{i}.keys"] = self._keys[b, :, :cnt]
+            tensors[f"row{i}.values"] = self._values[b, :, :cnt]
+            tensors[f"row{i}.summaries"] = self._summaries[b, :, :cnt]
+            tensors[f"row{i}.staging_keys"] = self._stage_keys[b, :, :s]
+            tensors[f"row{i}.staging_values"] = self._stage_values[b, :, :s]
+            row_meta.append(dict(source_row=b, write_pointer=int(self._write_ptr[b]),
+                                 count=cnt, staging=s))
+        tensors = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}
+        header = dict(format=FORMAT_NAME, version=FORMAT_VERSION, **self._config(),
+                      dtype=str(self._dtype).replace("torch.", ""), fingerprint=self.fingerprint,
+                      rows=row_meta, crc32={n: _crc32(t) for n, t in tensors.items()})
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={_HEADER_KEY: json.dumps(header)})
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def load(self, path, rows=None):
+        """Load a saved memory into ``rows`` of this bank (None = all; count must match the file).
+
+        Everything is validated before anything is written: a refused file leaves the memory as it
+        was. Tensors are cast to this bank's device and dtype.
+        """
+        path = os.fspath(path)
+        idx = self._rows(rows)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"Memory bank file not found: {path}")
+        header, tensors = _read_file(path)
+        self._validate(path, header, tensors, idx)
+        for i, b in enumerate(idx):
+            meta = header["rows"][i]
+            cnt, s = meta["count"], meta["staging"]
+            put = dict(device=self._device, dtype=self._dtype)
+            self._keys[b, :, :cnt] = tensors[f"row{i}.keys"].to(**put)
+            self._values[b, :, :cnt] = tensors[f"row{i}.values"].to(**put)
+            self._summaries[b, :, :cnt] = tensors[f"row{i}.summaries"].to(**put)
+            self._stage_keys[b, :, :s] = tensors[f"row{i}.staging_keys"].to(**put)
+            self._stage_values[b, :, :s] = tensors[f"row{i}.staging_values"].to(**put)
+            self._write_ptr[b], self._count[b], self._stage_len[b] = meta["write_pointer"], cnt, s
+
+    def _validate(self, path, header, tensors, idx):
+        def refuse(what, expected, found):
+            raise ValueError(f"{path}: refused, {what}: expected {expected}, found {found}")
+
+        if header.get("format") != FORMAT_NAME or header.get("version") != FORMAT_VERSION:
+            refuse("format", f"{FORMAT_NAME} v{FORMAT_VERSION}",
+                   f"{header.get('format')} v{header.get('version')}")
+        for key, want in self._config().items():
+            if header.get(key) != want:
+                refuse(f"configuration {key}", want, header.get(key))
+        fp = header.get("fingerprint", "")
+        if self.fingerprint and fp and fp != self.fingerprint:
+            refuse("fingerprint", repr(self.fingerprint), repr(fp))
+        row_meta = header.get("rows")
+        if not isinstance(row_meta, list) or len(row_meta) != len(idx):
+            refuse("number of rows", len(idx), len(row_meta) if isinstance(row_meta, list) else row_meta)
+        crc = header.get("crc32")
+        if not isinstance(crc, dict):
+            refuse("header crc32 table", "a dict", type(crc).__name__)
+        H, C, S, D = self.num_heads, self.capacity, self.chunk_size, self.head_dim
+        names = set()
+        for i, meta in enumerate(row_meta):
+            try:
+                ptr, cnt, s = (int(meta[k]) for k in ("write_pointer", "count", "staging"))
+            except (KeyError, TypeError, ValueError):
+                refuse(f"row {i} header", "write_pointer/count/staging ints", meta)
+            if not (0 <= cnt <= C and 0 <= ptr < C and 0 <= s < S and (cnt == C or ptr == cnt)):
+                refuse(f"row {i} pointers", f"0<=count<={C}, write_pointer=count unless full, "
+                       f"staging<{S}", f"count={cnt}, write_pointer={ptr}, staging={s}")
+            shapes = {"keys": (H, cnt, S, D), "values": (H, cnt, S, D), "summaries": (H, cnt, D),
+                      "staging_keys": (H, s, D), "staging_values": (H, s, D)}
+            for part, shape in shapes.items():
+                name = f"row{i}.{part}"
+                names.add(name)
+                t = tensors.get(name)
+                if t is None:
+                    refuse("tensors", name, "it missing")
+                if tuple(t.shape) != shape or not t.is_floating_point():
+                    refuse(f"tensor {name}", f"float {shape}", f"{t.dtype} {tuple(t.shape)}")
+                if crc.get(name) != _crc32(t):
+                    refuse(f"tensor {name} checksum", crc.get(name), f"{_crc32(t)} (corrupt data)")
+        if set(tensors) != names:
+            refuse("tensor names", sorted(names), sorted(tensors))
+
+
+def _crc32(t: torch.Tensor) -> int:
+    return zlib.crc32(t.contiguous().view(-1).view(torch.uint8).numpy())
+
+
+def _read_file(path):
+    """(header dict, tensors on CPU) of a saved bank; any structural damage -> one-line ValueError."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        msg = " ".join(str(e).split())
+        raise ValueError(f"{path}: refused, expected a complete safetensors memory-bank file, "
+                         f"found an unreadable file (truncated or corrupt: {msg})") from e
+    if _HEADER_KEY not in meta:
+        raise ValueError(f"{path}: refused, expected safetensors metadata key {_HEADER_KEY!r}, "
+                         f"found keys {sorted(meta)}")
+    try:
+        header = json.loads(meta[_HEADER_KEY])
+        if not isinstance(header, dict):
+            raise ValueError(type(header).__name__)
+    except ValueError as e:
+        raise ValueError(f"{path}: refused, expected a JSON object header, found invalid JSON ({e})") from e
+    return header, tensors
