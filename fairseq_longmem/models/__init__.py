@@ -1,1 +1,1 @@
-from . import gpt2_lm  # noqa: F401
+from . import gpt2_lm, longmem_gpt2  # noqa: F401

@@ -107,8 +107,9 @@ class GPT2LanguageModel(FairseqLanguageModel):
         return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
 
 
-def register_size_archs(model_name: str, prefix: str):
-    """Register ``{prefix}_{size}`` for every size in GPT2_SIZES; the arch fills only unset fields."""
+def register_size_archs(model_name: str, prefix: str, extra=None):
+    """Register ``{prefix}_{size}`` for every size in GPT2_SIZES; an arch fills only unset
+    fields. ``extra(args, size)``, if given, sets model-specific defaults."""
 
     def make(size):
         dim, layers, heads = GPT2_SIZES[size]
@@ -118,6 +119,8 @@ def register_size_archs(model_name: str, prefix: str):
             args.num_layers = getattr(args, "num_layers", layers)
             args.num_heads = getattr(args, "num_heads", heads)
             args.max_positions = getattr(args, "max_positions", 1024)
+            if extra is not None:
+                extra(args, size)
 
         return arch
 

@@ -1,0 +1,1 @@
+from . import longmem_lm  # noqa: F401

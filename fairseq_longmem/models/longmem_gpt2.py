@@ -1,0 +1,280 @@
+"""``longmem_gpt2``: a frozen GPT-2 backbone, a trainable SideNet and a per-row memory bank.
+
+Each batch row is one stream (see the ``longmem_lm`` task): the model clears a row's memory when
+the batch flags that row as starting a new document, reads the memory, scores the segment, then
+appends the backbone's layer-``m`` keys/values to that row's memory (write after read).
+Training and evaluation keep separate memories, so validation never reads training text.
+"""
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.models import (
+    ARCH_MODEL_REGISTRY,
+    FairseqDecoder,
+    FairseqLanguageModel,
+    register_model,
+)
+from omegaconf import II
+
+from ..compat import load_checkpoint_file
+from ..modules.gpt2 import GPT2Backbone, GPT2Dims
+from ..modules.memory_bank import ChunkedMemoryBank
+from ..modules.sidenet import SideNet
+from .gpt2_lm import GPT2LanguageModel, check_vocab, register_size_archs
+
+logger = logging.getLogger(__name__)
+
+# 0-based backbone layer whose keys/values fill the memory, per size: odd, about 3/4 deep
+# (the paper reads layer 17 of GPT-2 medium's 24)
+DEFAULT_MEMORY_LAYER = {"tiny": 3, "small": 9, "medium": 17, "large": 25, "xl": 35}
+
+SEARCH_BACKENDS = ChoiceEnum(["auto", "torch", "faiss"])
+
+
+@dataclass
+class LongMemGPT2Config(FairseqDataclass):
+    backbone_path: str = field(
+        default="",
+        metadata={
+            "help": "frozen backbone: a gpt2_lm checkpoint (trained with fairseq-train or written "
+            "by python -m fairseq_longmem.convert_hf_gpt2); not read when a LongMem checkpoint "
+            "is loaded, since that holds the backbone weights"
+        },
+    )
+    embed_dim: int = field(default=768, metadata={"help": "backbone width (set by --arch)"})
+    num_layers: int = field(default=12, metadata={"help": "backbone layers L' (set by --arch)"})
+    num_heads: int = field(default=12, metadata={"help": "backbone heads (set by --arch)"})
+    max_positions: int = field(default=1024, metadata={"help": "backbone positions"})
+    layer_norm_eps: float = field(default=1e-5, metadata={"help": "LayerNorm epsilon"})
+    mask_special_logits: bool = field(
+        default=False,
+        metadata={"help": "-inf logits for <s>/<pad>/<unk>; copied from a converted backbone"},
+    )
+    reduction_factor: int = field(
+        default=2, metadata={"help": "r: the SideNet has L'/r layers, side layer j copies backbone layer r*(j+1)-1"}
+    )
+    memory_layer: int = field(
+        default=-1,
+        metadata={"help": "0-based backbone layer m whose keys/values fill the memory; SideNet "
+                  "layer m//r reads it (-1: the arch's default, about 3/4 deep and odd)"},
+    )
+    memory_size: int = field(default=65536, metadata={"help": "msz: memory tokens per stream (FIFO)"})
+    chunk_size: int = field(default=4, metadata={"help": "csz: tokens per memory chunk"})
+    retrieved_tokens: int = field(
+        default=64, metadata={"help": "K: memory tokens read per query and head (K/csz chunks)"}
+    )
+    search_backend: SEARCH_BACKENDS = field(
+        default="auto", metadata={"help": "memory search: torch, faiss, or auto (per device)"}
+    )
+    disable_memory: bool = field(
+        default=False,
+        metadata={"help": "neither read nor write memory (same weights): the no-memory baseline; "
+                  "usable at eval time with --model-overrides \"{'disable_memory': True}\""},
+    )
+    dropout: float = field(default=0.1, metadata={"help": "SideNet dropout"})
+    attention_dropout: float = field(default=0.0, metadata={"help": "SideNet attention dropout"})
+    max_target_positions: Optional[int] = II("task.tokens_per_sample")
+
+
+def load_backbone(path: str, dims: GPT2Dims, dictionary) -> GPT2Backbone:
+    """Build the backbone from a gpt2_lm checkpoint and check it is the one --arch describes."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"--backbone-path: no checkpoint at {path} (evaluating a LongMem checkpoint? pass "
+            "--task longmem_lm, which takes the backbone from the checkpoint itself)"
+        )
+    state = load_checkpoint_file(path, map_location="cpu")
+    model_cfg = (state.get("cfg") or {}).get("model") or {}
+    weights = {
+        k[len("decoder.backbone."):]: v
+        for k, v in state.get("model", {}).items()
+        if k.startswith("decoder.backbone.")
+    }
+    name = model_cfg.get("_name")
+    if ARCH_MODEL_REGISTRY.get(name) is not GPT2LanguageModel or not weights:
+        raise ValueError(
+            f"--backbone-path {path} is not a gpt2_lm checkpoint (model "
+            f"{name!r}); train one with --arch gpt2_lm_* or convert one with "
+            "python -m fairseq_longmem.convert_hf_gpt2"
+        )
+    found = tuple(model_cfg.get(k) for k in ("embed_dim", "num_layers", "num_heads"))
+    wanted = (dims.embed_dim, dims.num_layers, dims.num_heads)
+    if found != wanted:
+        raise ValueError(
+            f"--backbone-path {path} is a GPT-2 of width/layers/heads {found} but the arch "
+            f"expects {wanted}; pick the matching --arch longmem_gpt2_* or set "
+            "--embed-dim/--num-layers/--num-heads"
+        )
+    check_vocab(weights, "wte.weight", dictionary, f"--backbone-path {path}")
+    dims.max_positions = model_cfg.get("max_positions", dims.max_positions)
+    dims.layer_norm_eps = model_cfg.get("layer_norm_eps", dims.layer_norm_eps)
+    backbone = GPT2Backbone(dims)
+    backbone.load_state_dict(weights)
+    return backbone
+
+
+class LongMemDecoder(FairseqDecoder):
+    def __init__(self, cfg: LongMemGPT2Config, dictionary, backbone: GPT2Backbone):
+        super().__init__(dictionary)
+        self.cfg = cfg
+        self.backbone = backbone
+        self.backbone.requires_grad_(False)
+        self.backbone.eval()
+        self.sidenet = SideNet(
+            backbone, cfg.reduction_factor, cfg.memory_layer, cfg.dropout, cfg.attention_dropout
+        )
+        if cfg.disable_memory:
+            # an unused parameter would stall data-parallel gradient reduction
+            self.sidenet.memory_attention.gate.requires_grad_(False)
+        mask = None
+        if cfg.mask_special_logits:
+            mask = torch.zeros(len(dictionary), dtype=torch.bool)
+            mask[[dictionary.bos(), dictionary.pad(), dictionary.unk()]] = True
+        self.register_buffer("special_mask", mask, persistent=False)
+        # one memory per mode, so that validation never reads training text; built lazily with
+        # the batch size, device and dtype of the first batch; never part of the state dict
+        self._memories = {}
+        self._warned_no_flags = False
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.backbone.eval()  # frozen: no dropout, ever
+        return self
+
+    def memory(self, num_rows: int, like: torch.Tensor) -> ChunkedMemoryBank:
+        mode = "train" if self.training else "eval"
+        bank = self._memories.get(mode)
+        if bank is None or bank.device != like.device or bank.dtype != like.dtype:
+            cfg, dims = self.cfg, self.backbone.dims
+            bank = ChunkedMemoryBank(
+                num_rows, dims.num_heads, dims.head_dim, cfg.chunk_size, cfg.memory_size,
+                dtype=like.dtype, device=like.device, backend=cfg.search_backend,
+            )
+            self._memories[mode] = bank
+        elif bank.num_rows != num_rows:
+            logger.warning(
+                "batch size changed from %d to %d rows: the %s memory is reset",
+                bank.num_rows, num_rows, mode,
+            )
+            bank.resize_rows(num_rows)
+        return bank
+
+    def reset_memory(self):
+        """Forget every stream's memory (both modes)."""
+        self._memories = {}
+
+    def forward(self, src_tokens, src_lengths=None, new_document=None, **unused):
+        B, T = src_tokens.shape
+        cfg = self.cfg
+        with torch.no_grad():
+            hiddens, (mem_k, mem_v) = self.backbone(src_tokens, kv_layer=cfg.memory_layer)
+        bank = None
+        if not cfg.disable_memory:
+            bank = self.memory(B, mem_k)
+            if new_document is not None:
+                rows = new_document.nonzero().flatten()
+                if rows.numel():
+                    bank.clear(rows)
+            elif not self._warned_no_flags:
+                logger.warning(
+                    "batch has no new_document flags: every row is taken to continue its stream "
+                    "(use --task longmem_lm, which streams documents and sets them)"
+                )
+                self._warned_no_flags = True
+        x = self.sidenet(hiddens, memory=bank, retrieved_tokens=cfg.retrieved_tokens)
+        logits = torch.nn.functional.linear(x, self.backbone.wte.weight)  # (B, T, V)
+        if self.special_mask is not None:
+            logits = logits.masked_fill(self.special_mask, float("-inf"))
+
+        extra = {"inner_states": [x]}
+        if bank is not None:
+            stats = self.sidenet.memory_attention.last_stats
+            extra["memory_stats"] = {
+                "fill": bank.fill().float().mean(),
+                "gate": stats.gate,
+                "memory_share": stats.memory_share,
+            }
+            lengths = src_lengths
+            if lengths is None:
+                lengths = src_tokens.ne(self.dictionary.pad()).sum(dim=1)
+            bank.add(mem_k, mem_v, lengths=lengths)  # write after read
+        return logits, extra
+
+    def max_positions(self):
+        return self.backbone.dims.max_positions
+
+
+@register_model("longmem_gpt2", dataclass=LongMemGPT2Config)
+class LongMemGPT2Model(FairseqLanguageModel):
+    @classmethod
+    def build_model(cls, cfg: LongMemGPT2Config, task):
+        validate_config(cfg)
+        dims = GPT2Dims(
+            vocab_size=len(task.target_dictionary),
+            embed_dim=cfg.embed_dim,
+            num_layers=cfg.num_layers,
+            num_heads=cfg.num_heads,
+            max_positions=cfg.max_positions,
+            dropout=0.0,
+            attention_dropout=0.0,
+            layer_norm_eps=cfg.layer_norm_eps,
+        )
+        if getattr(task, "building_from_checkpoint", False):
+            backbone = GPT2Backbone(dims)  # weights come with the LongMem checkpoint
+        elif not cfg.backbone_path:
+            raise ValueError(
+                "--backbone-path is required: a gpt2_lm checkpoint to freeze as the backbone"
+            )
+        else:
+            backbone = load_backbone(cfg.backbone_path, dims, task.target_dictionary)
+            cfg.max_positions = dims.max_positions
+            cfg.layer_norm_eps = dims.layer_norm_eps
+        if (cfg.max_target_positions or 0) > dims.max_positions:
+            raise ValueError(
+                f"--tokens-per-sample ({cfg.max_target_positions}) exceeds the backbone's "
+                f"{dims.max_positions} positions"
+            )
+        return cls(LongMemDecoder(cfg, task.target_dictionary, backbone))
+
+    @classmethod
+    def from_backbone(cls, cfg: LongMemGPT2Config, dictionary, backbone: GPT2Backbone):
+        """Build around an in-memory backbone (tests, notebooks)."""
+        validate_config(cfg)
+        return cls(LongMemDecoder(cfg, dictionary, backbone))
+
+    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        check_vocab(state_dict, "decoder.backbone.wte.weight", self.decoder.dictionary, "checkpoint")
+        return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
+
+    def reset_memory(self):
+        self.decoder.reset_memory()
+
+
+def validate_config(cfg):
+    def need(ok, msg):
+        if not ok:
+            raise ValueError(msg)
+
+    need(cfg.chunk_size > 0, f"--chunk-size must be > 0, got {cfg.chunk_size}")
+    need(cfg.memory_size > 0 and cfg.memory_size % cfg.chunk_size == 0,
+         f"--memory-size ({cfg.memory_size}) must be a positive multiple of --chunk-size "
+         f"({cfg.chunk_size})")
+    need(cfg.retrieved_tokens > 0 and cfg.retrieved_tokens % cfg.chunk_size == 0,
+         f"--retrieved-tokens ({cfg.retrieved_tokens}) must be a positive multiple of "
+         f"--chunk-size ({cfg.chunk_size})")
+    need(cfg.retrieved_tokens <= cfg.memory_size,
+         f"--retrieved-tokens ({cfg.retrieved_tokens}) exceeds --memory-size ({cfg.memory_size})")
+    need(cfg.memory_layer >= 0, "--memory-layer must be set (the archs set it)")
+
+
+def _memory_layer_default(args, size):
+    if getattr(args, "memory_layer", -1) in (None, -1):
+        args.memory_layer = DEFAULT_MEMORY_LAYER[size]
+
+
+register_size_archs("longmem_gpt2", "longmem_gpt2", extra=_memory_layer_default)

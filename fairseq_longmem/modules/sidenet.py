@@ -1,0 +1,126 @@
+"""LongMem's residual SideNet and its memory-reading joint attention (DESIGN.md section 1).
+
+The SideNet runs beside a frozen GPT-2 backbone: side layer i takes the previous side state plus
+the backbone's change over its ``r`` layers, and one side layer reads the long-term memory.
+Layout is B x T x C; per-head tensors are B x H x T x hd.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .gpt2 import Block, CausalSelfAttention, GPT2Backbone, GPT2Dims
+
+
+@dataclass
+class MemoryReadStats:
+    """Detached figures about one memory read, for the logs."""
+
+    gate: torch.Tensor  # mean sigmoid(g_h) over heads
+    memory_share: torch.Tensor  # mean share of attention mass on memory over (B, H, T)
+    queries_with_memory: torch.Tensor  # share of (B, H, T) queries that found any memory
+
+
+class JointAttention(CausalSelfAttention):
+    """Causal local attention mixed per head with attention over retrieved memory tokens.
+
+    ``A = (1 - sigmoid(g_h)) * A_local + sigmoid(g_h) * A_mem`` for a query that retrieved at
+    least one memory token, and ``A = A_local`` for one that retrieved none (an empty memory, or
+    the first segment of a document): an empty memory then gives exactly the memory-off output.
+    """
+
+    def __init__(self, dims: GPT2Dims):
+        super().__init__(dims)
+        self.gate = nn.Parameter(torch.zeros(dims.num_heads))
+        self.last_stats: Optional[MemoryReadStats] = None
+
+    def forward(self, x, memory=None, retrieved_tokens: int = 0):
+        q, k, v = self.project_qkv(x)  # (B, H, T, hd) each
+        local = self.local_attention(q, k, v)  # (B, H, T, hd)
+        if memory is None:
+            self.last_stats = None
+            return self.merge_heads(local), (k, v)
+
+        found = memory.search(q.detach().to(memory.dtype), retrieved_tokens)
+        mem_k = found.keys.to(q.dtype)  # (B, H, T, K, hd)
+        mem_v = found.values.to(q.dtype)  # (B, H, T, K, hd)
+        scores = torch.einsum("bhtd,bhtkd->bhtk", q, mem_k) / math.sqrt(self.head_dim)
+        scores = scores.masked_fill(~found.mask, torch.finfo(scores.dtype).min)
+        probs = F.softmax(scores, dim=-1)  # (B, H, T, K)
+        if self.training and self.attention_dropout > 0:
+            probs = F.dropout(probs, p=self.attention_dropout)
+        mem_out = torch.einsum("bhtk,bhtkd->bhtd", probs, mem_v)  # (B, H, T, hd)
+
+        has_mem = found.mask.any(dim=-1, keepdim=True)  # (B, H, T, 1)
+        g = torch.sigmoid(self.gate).to(q.dtype).view(1, -1, 1, 1)  # (1, H, 1, 1)
+        # torch.where keeps the gate in the graph even when nothing was found, so data-parallel
+        # training sees a (zero) gradient for it on every step
+        out = torch.where(has_mem, (1 - g) * local + g * mem_out, local)
+        with torch.no_grad():
+            share = (g * has_mem).float()
+            self.last_stats = MemoryReadStats(
+                gate=g.float().mean(),
+                memory_share=share.mean(),
+                queries_with_memory=has_mem.float().mean(),
+            )
+        return self.merge_heads(out), (k, v)
+
+
+class SideNet(nn.Module):
+    """``num_layers`` blocks initialised from backbone blocks ``r*(j+1)-1``; block
+    ``memory_layer // r`` uses :class:`JointAttention`."""
+
+    def __init__(self, backbone: GPT2Backbone, reduction_factor: int, memory_layer: int,
+                 dropout: float, attention_dropout: float):
+        super().__init__()
+        bdims = backbone.dims
+        if reduction_factor < 1 or bdims.num_layers % reduction_factor:
+            raise ValueError(
+                f"--reduction-factor ({reduction_factor}) must be >= 1 and divide the backbone's "
+                f"{bdims.num_layers} layers"
+            )
+        if not 0 <= memory_layer < bdims.num_layers:
+            raise ValueError(
+                f"--memory-layer ({memory_layer}) must be a 0-based backbone layer in "
+                f"[0, {bdims.num_layers - 1}]"
+            )
+        self.r = reduction_factor
+        self.memory_layer = memory_layer
+        self.side_memory_layer = memory_layer // reduction_factor
+        dims = GPT2Dims(**{**vars(bdims), "dropout": dropout, "attention_dropout": attention_dropout})
+        self.dims = dims
+        num_layers = bdims.num_layers // reduction_factor
+        self.h = nn.ModuleList(
+            Block(dims, attn=JointAttention(dims) if j == self.side_memory_layer else None)
+            for j in range(num_layers)
+        )
+        self.ln_f = nn.LayerNorm(dims.embed_dim, eps=dims.layer_norm_eps)
+        self.init_from_backbone(backbone)
+
+    @torch.no_grad()
+    def init_from_backbone(self, backbone: GPT2Backbone):
+        for j, block in enumerate(self.h):
+            source = backbone.h[self.r * (j + 1) - 1].state_dict()
+            # the memory block's gate is ours alone (initialised 0); all else is copied
+            missing, unexpected = block.load_state_dict(source, strict=False)
+            assert not unexpected and set(missing) <= {"attn.gate"}, (missing, unexpected)
+        self.ln_f.load_state_dict(backbone.ln_f.state_dict())
+
+    @property
+    def memory_attention(self) -> JointAttention:
+        return self.h[self.side_memory_layer].attn
+
+    def forward(self, hiddens: List[torch.Tensor], memory=None, retrieved_tokens: int = 0):
+        """``hiddens`` are the backbone's ``[h_0 .. h_L']``; returns ``ln_f(s_L)`` (B x T x C)."""
+        s = hiddens[0]
+        for i, block in enumerate(self.h, start=1):
+            kwargs = {}
+            if i - 1 == self.side_memory_layer:
+                kwargs = {"memory": memory, "retrieved_tokens": retrieved_tokens}
+            s, _ = block(s, **kwargs)
+            s = s + (hiddens[self.r * i] - hiddens[self.r * (i - 1)])  # cross-network residual
+        return self.ln_f(s)
