@@ -24,22 +24,24 @@ resets it to 0), which keeps masking and saving trivial.
 *Search*: per (row, head, query token) the top ``k // chunk_size`` chunks by inner product
 ``<q, summary>`` (exact), in descending score order, expanded to their ``k`` tokens. Backends:
 ``"torch"`` (matmul + topk on the storage device, query dimension blocked to bound memory) and
-``"faiss"`` (``faiss.knn`` over our own CPU storage, ``knn_gpu`` on CUDA when the installed faiss has
-GPU support). ``"auto"`` picks ``torch`` on every device: on the 2-core CPU where this was measured
-it was faster than faiss at every memory size of the benchmark (docs/BENCHMARKS.md, "Memory bank"),
-and on CUDA it needs no extra package and no host synchronisation; faiss GPU could not be measured.
+``"faiss"`` (``faiss.knn`` over our own CPU storage, ``knn_gpu`` on CUDA when the installed faiss
+has GPU support). ``"auto"`` picks ``torch`` on every device: on the 2-core CPU where it was
+measured it was faster than faiss at every memory size of the benchmark (docs/BENCHMARKS.md,
+"Memory bank"); on CUDA it needs no extra package and no host synchronisation (faiss GPU could not
+be measured). Both backends return the same chunks, ties aside.
 
 *File format* (``save``/``load``): one safetensors file, no pickle. Tensors ``row{i}.keys``,
 ``row{i}.values`` (heads, count, csz, hd), ``row{i}.summaries`` (heads, count, hd),
 ``row{i}.staging_keys`` / ``row{i}.staging_values`` (heads, staged, hd), in the storage dtype.
-The safetensors metadata key ``"longmem_memory_bank"`` holds a JSON header: format version, num_heads,
-head_dim, chunk_size, memory_size, dtype, fingerprint, and per saved row its source row, write
-pointer, chunk count, staged token count, plus a CRC-32 per tensor (catches corruption that keeps
-the file's structure intact). Loading casts to the bank's own device and dtype, so a memory saved
-from fp16 on a GPU loads into an fp32 CPU bank (and vice versa; fp32 -> fp16 rounds).
+The safetensors metadata key ``"longmem_memory_bank"`` holds a JSON header: format version,
+num_heads, head_dim, chunk_size, memory_size, dtype, fingerprint, and per saved row its source row,
+write pointer, chunk count, staged token count, plus a CRC-32 per tensor (catches corruption that
+keeps the file's structure intact). Loading casts to the bank's own device and dtype, so a memory
+saved from fp16 on a GPU loads into an fp32 CPU bank (and vice versa; fp32 -> fp16 rounds).
 
 The bank is a plain object, not an ``nn.Module``: its tensors never enter a model's ``state_dict``
-and are never touched by ``model.to()``/``model.half()`` or DDP buffer broadcast; call ``bank.to()``.
+and are never touched by ``model.to()``/``model.half()`` or DDP buffer broadcast; call
+``bank.to()`` yourself.
 """
 
 import json
@@ -48,7 +50,6 @@ import os
 import tempfile
 import zlib
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
@@ -134,6 +135,7 @@ class ChunkedMemoryBank:
                 f"memory_size must be a multiple of chunk_size: got memory_size={memory_size}, "
                 f"chunk_size={chunk_size}"
             )
+        backend = str(backend)  # fairseq's ChoiceEnum members compare and print as their value
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
         dtype = self._check_dtype(dtype)
@@ -222,7 +224,8 @@ class ChunkedMemoryBank:
 
     def resize_rows(self, num_rows: int):
         """Re-allocate for ``num_rows`` rows; clears everything."""
-        if isinstance(num_rows, bool) or not isinstance(num_rows, (int, np.integer)) or num_rows <= 0:
+        if isinstance(num_rows, bool) or not isinstance(num_rows, (int, np.integer)) \
+                or num_rows <= 0:
             raise ValueError(f"num_rows must be a positive int, got {num_rows!r}")
         self._allocate(int(num_rows))
 
@@ -234,7 +237,8 @@ class ChunkedMemoryBank:
         if isinstance(rows, torch.Tensor):
             if rows.dtype == torch.bool:
                 if rows.shape != (B,):
-                    raise ValueError(f"{what}: bool mask must have shape ({B},), got {tuple(rows.shape)}")
+                    raise ValueError(f"{what}: bool mask must have shape ({B},), "
+                                     f"got {tuple(rows.shape)}")
                 return rows.nonzero().flatten().tolist()
             if rows.is_floating_point() or rows.is_complex() or rows.dim() > 1:
                 raise ValueError(f"{what}: expected row indices or a bool mask, got {rows.dtype} "
@@ -267,7 +271,8 @@ class ChunkedMemoryBank:
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4 or t.shape[0] != B or t.shape[1] != H or t.shape[3] != D:
-            raise ValueError(f"{name}: expected shape (B={B}, H={H}, T, hd={D}), got {tuple(t.shape)}")
+            raise ValueError(f"{name}: expected shape (B={B}, H={H}, T, hd={D}), "
+                             f"got {tuple(t.shape)}")
         if T is not None and t.shape[2] != T:
             raise ValueError(f"{name}: expected T={T} (as keys), got shape {tuple(t.shape)}")
         if not t.is_floating_point():
@@ -296,21 +301,25 @@ class ChunkedMemoryBank:
             lengths = lengths.cpu().numpy().astype(np.int64)
             if (lengths < 0).any() or (lengths > T).any():
                 raise ValueError(f"lengths: expected values in [0, T={T}], got {lengths.tolist()}")
-            if (lengths == T).all():
-                lengths = None
+        else:
+            lengths = np.full(B, T, dtype=np.int64)
         if T == 0:
             return
-        if lengths is None and T % S == 0 and not self._stage_len.any():
-            # Common case: every row gets T/csz whole chunks, nothing staged.
-            n = T // S
-            self._write_chunks(
-                list(range(B)),
-                keys.reshape(B, self.num_heads, n, S, self.head_dim),  # (B, H, n, csz, hd)
-                values.reshape(B, self.num_heads, n, S, self.head_dim),
-            )
-            return
-        for b in range(B):
-            self._add_row(b, keys[b], values[b], T if lengths is None else int(lengths[b]))
+        # Common case, vectorised: rows taking all T tokens as T/csz whole chunks, nothing staged.
+        fast = (lengths == T) & (self._stage_len == 0) if T % S == 0 else np.zeros(B, dtype=bool)
+        if fast.any():
+            n, H, D = T // S, self.num_heads, self.head_dim
+            rows = np.flatnonzero(fast)
+            if not fast.all():
+                sel = torch.from_numpy(rows).to(self._device)
+                keys_f, values_f = keys.index_select(0, sel), values.index_select(0, sel)
+            else:
+                keys_f, values_f = keys, values
+            self._write_chunks(rows.tolist(),
+                               keys_f.reshape(len(rows), H, n, S, D),  # (R, H, n, csz, hd)
+                               values_f.reshape(len(rows), H, n, S, D))
+        for b in np.flatnonzero(~fast).tolist():  # ragged rows: partial chunks, staging
+            self._add_row(b, keys[b], values[b], int(lengths[b]))
 
     def _add_row(self, b, keys, values, length):
         # keys/values: (H, T, hd); the first `length` tokens are appended after the staged ones.
@@ -361,8 +370,9 @@ class ChunkedMemoryBank:
     def search(self, queries, k: int) -> MemoryRetrieval:
         """Top ``k // csz`` chunks per (row, head, query) by <query, chunk summary>, expanded.
 
-        queries: (B, H, T, hd). Returns a :class:`MemoryRetrieval` in storage dtype/device, chunks in
-        descending score order; slots beyond a row's chunk count have mask False and zero keys/values.
+        queries: (B, H, T, hd). Returns a :class:`MemoryRetrieval` in storage dtype/device, chunks
+        in descending score order; slots beyond a row's chunk count have mask False and zero
+        keys/values.
         """
         S, C = self.chunk_size, self.capacity
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0 or k % S != 0:
@@ -487,7 +497,8 @@ class ChunkedMemoryBank:
                       dtype=str(self._dtype).replace("torch.", ""), fingerprint=self.fingerprint,
                       rows=row_meta, crc32={n: _crc32(t) for n, t in tensors.items()})
         directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
+                                   dir=directory)
         os.close(fd)
         try:
             save_file(tensors, tmp, metadata={_HEADER_KEY: json.dumps(header)})
@@ -508,19 +519,23 @@ class ChunkedMemoryBank:
         if not os.path.exists(path):
             raise FileNotFoundError(f"Memory bank file not found: {path}")
         header, tensors = _read_file(path)
-        self._validate(path, header, tensors, idx)
-        for i, b in enumerate(idx):
-            meta = header["rows"][i]
-            cnt, s = meta["count"], meta["staging"]
+        pointers = self._validate(path, header, tensors, idx)
+        for i, (b, (ptr, cnt, s)) in enumerate(zip(idx, pointers)):
             put = dict(device=self._device, dtype=self._dtype)
             self._keys[b, :, :cnt] = tensors[f"row{i}.keys"].to(**put)
             self._values[b, :, :cnt] = tensors[f"row{i}.values"].to(**put)
             self._summaries[b, :, :cnt] = tensors[f"row{i}.summaries"].to(**put)
             self._stage_keys[b, :, :s] = tensors[f"row{i}.staging_keys"].to(**put)
             self._stage_values[b, :, :s] = tensors[f"row{i}.staging_values"].to(**put)
-            self._write_ptr[b], self._count[b], self._stage_len[b] = meta["write_pointer"], cnt, s
+            self._write_ptr[b], self._count[b], self._stage_len[b] = ptr, cnt, s
+        logger.info("loaded %d memory row(s) from %s into rows %s (%s, %s)", len(idx), path, idx,
+                    self._device, self._dtype)
 
     def _validate(self, path, header, tensors, idx):
+        """Check a file's header and tensors against this bank.
+
+        Returns [(write_pointer, count, staged)] per row; raises a one-line ValueError otherwise.
+        """
         def refuse(what, expected, found):
             raise ValueError(f"{path}: refused, {what}: expected {expected}, found {found}")
 
@@ -535,17 +550,19 @@ class ChunkedMemoryBank:
             refuse("fingerprint", repr(self.fingerprint), repr(fp))
         row_meta = header.get("rows")
         if not isinstance(row_meta, list) or len(row_meta) != len(idx):
-            refuse("number of rows", len(idx), len(row_meta) if isinstance(row_meta, list) else row_meta)
+            found = len(row_meta) if isinstance(row_meta, list) else row_meta
+            refuse("number of rows", len(idx), found)
         crc = header.get("crc32")
         if not isinstance(crc, dict):
             refuse("header crc32 table", "a dict", type(crc).__name__)
         H, C, S, D = self.num_heads, self.capacity, self.chunk_size, self.head_dim
-        names = set()
+        names, pointers = set(), []
         for i, meta in enumerate(row_meta):
             try:
                 ptr, cnt, s = (int(meta[k]) for k in ("write_pointer", "count", "staging"))
             except (KeyError, TypeError, ValueError):
                 refuse(f"row {i} header", "write_pointer/count/staging ints", meta)
+            pointers.append((ptr, cnt, s))
             if not (0 <= cnt <= C and 0 <= ptr < C and 0 <= s < S and (cnt == C or ptr == cnt)):
                 refuse(f"row {i} pointers", f"0<=count<={C}, write_pointer=count unless full, "
                        f"staging<{S}", f"count={cnt}, write_pointer={ptr}, staging={s}")
@@ -563,6 +580,7 @@ class ChunkedMemoryBank:
                     refuse(f"tensor {name} checksum", crc.get(name), f"{_crc32(t)} (corrupt data)")
         if set(tensors) != names:
             refuse("tensor names", sorted(names), sorted(tensors))
+        return pointers
 
 
 def _crc32(t: torch.Tensor) -> int:
@@ -570,7 +588,7 @@ def _crc32(t: torch.Tensor) -> int:
 
 
 def _read_file(path):
-    """(header dict, tensors on CPU) of a saved bank; any structural damage -> one-line ValueError."""
+    """(header dict, tensors on CPU) of a saved bank; structural damage -> one-line ValueError."""
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -589,5 +607,6 @@ def _read_file(path):
         if not isinstance(header, dict):
             raise ValueError(type(header).__name__)
     except ValueError as e:
-        raise ValueError(f"{path}: refused, expected a JSON object header, found invalid JSON ({e})") from e
+        raise ValueError(f"{path}: refused, expected a JSON object header, "
+                         f"found invalid JSON ({e})") from e
     return header, tensors
