@@ -4,6 +4,12 @@ Load with ``--user-dir $(python -m fairseq_longmem.user_dir)``; importing this p
 the task, models and criterion with fairseq.
 """
 
+import logging
+
+# fairseq.tasks.text_to_speech logs an INFO line about tensorboardX on every import, through a
+# root handler it installs itself; it is noise for a text-only plugin
+logging.getLogger("fairseq.tasks.text_to_speech").setLevel(logging.WARNING)
+
 try:
     import fairseq  # noqa: F401
 except ImportError as e:  # pragma: no cover - exercised only on a broken install

@@ -186,6 +186,27 @@ class LongMemLMTask(FairseqTask):
         )
         self.datasets[split] = dataset
 
+    def _layout(self):
+        rank, world = self._shard()
+        return {"streams": self.cfg.batch_size * world, "tokens_per_sample": self.cfg.tokens_per_sample}
+
+    def get_checkpoint_dict(self):
+        # saved in the checkpoint's extra_state, read back on resume by set_checkpoint_dict
+        return {type(self).__name__: {"stream_layout": self._layout()}}
+
+    def set_checkpoint_dict(self, state):
+        """On resume fairseq restores the iterator position, which only means the same batches
+        under the same stream layout: refuse a changed one rather than skip or replay data."""
+        saved = state.get("stream_layout")
+        if saved is not None and saved != self._layout():
+            raise ValueError(
+                f"the checkpoint was trained with {saved['streams']} streams (batch size x "
+                f"world size) of {saved['tokens_per_sample']}-token segments, this run has "
+                f"{self._layout()['streams']} of {self.cfg.tokens_per_sample}: resuming would "
+                "skip or replay data; keep the layout, or pass --reset-dataloader to restart "
+                "the epoch's streams"
+            )
+
     def build_model(self, cfg, from_checkpoint=False):
         # a LongMem checkpoint carries its backbone: the model must not need --backbone-path
         self.building_from_checkpoint = from_checkpoint
@@ -196,11 +217,13 @@ class LongMemLMTask(FairseqTask):
 
     def get_batch_iterator(self, dataset, num_workers=0, epoch=1, data_buffer_size=0,
                            skip_remainder_batch=False, **kwargs):
-        # every item is a whole batch, already sharded by rank; order is time, so no shuffling
+        # every item is a whole batch, already sharded by rank; order is time, so no shuffling.
+        # Items are slices of tensors in memory: loader workers would only add start-up and
+        # shutdown cost (a worker per validation pass stalled each checkpoint save by 5 s).
         return iterators.EpochBatchIterator(
             dataset=dataset,
             collate_fn=dataset.collater,
-            num_workers=num_workers,
+            num_workers=0,
             epoch=epoch,
             buffer_size=data_buffer_size,
             batch_sampler=[[i] for i in range(len(dataset))],

@@ -1,0 +1,164 @@
+"""Session fixtures shared by the tests: a synthetic document corpus binarized with the real
+``fairseq-preprocess``, a tiny ``gpt2_lm`` backbone trained with the real ``fairseq-train``, and
+``run_cli``, which runs a fairseq console script as a subprocess and returns its log."""
+
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Dict, List
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+USER_DIR = os.path.join(REPO, "fairseq_longmem")
+# console scripts of the interpreter running the tests, so that a venv need not be activated
+BIN_DIR = os.path.dirname(os.path.abspath(sys.executable))
+
+# ---------------------------------------------------------------------------------------------
+# running fairseq's CLIs
+
+
+class CLIError(AssertionError):
+    """A fairseq CLI exited non-zero (or timed out); the message holds the end of its log."""
+
+
+def _log_tail(log: str, lines: int = 60) -> str:
+    return "\n".join(log.splitlines()[-lines:])
+
+
+def run_cli(args: List[str], *, timeout: float = 300, check: bool = True,
+            env: Dict[str, str] = None, cwd: str = None) -> str:
+    """Run a fairseq console script (``args[0]``, e.g. ``"fairseq-train"``) and return its stdout
+    and stderr, interleaved. Paths in ``args`` must be absolute: ``cwd`` defaults to an empty
+    temporary folder. With ``check`` a non-zero exit raises :class:`CLIError` with the log's tail;
+    without it the log is returned either way (for tests that expect a failure)."""
+    exe = shutil.which(args[0], path=BIN_DIR) or shutil.which(args[0])
+    if exe is None:
+        raise CLIError(f"{args[0]} not found next to {sys.executable} nor on PATH")
+    full_env = dict(os.environ)
+    full_env.setdefault("OMP_NUM_THREADS", "1")  # 2-core CI machines run several CLIs at once
+    full_env["PYTHONUNBUFFERED"] = "1"
+    full_env.update(env or {})
+    cmd = [exe] + [str(a) for a in args[1:]]
+    # a fresh empty working directory unless told otherwise: nothing lands in the checkout
+    with tempfile.TemporaryDirectory(prefix="longmem-cli-") as scratch:
+        try:
+            proc = subprocess.run(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                timeout=timeout, env=full_env, cwd=cwd or scratch,
+            )
+        except subprocess.TimeoutExpired as e:
+            out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+            raise CLIError(
+                f"timed out after {timeout}s: {' '.join(cmd)}\n{_log_tail(out)}"
+            ) from None
+    if check and proc.returncode != 0:
+        raise CLIError(
+            f"exit status {proc.returncode}: {' '.join(cmd)}\n--- log tail ---\n"
+            f"{_log_tail(proc.stdout)}"
+        )
+    return proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# synthetic corpus
+
+WORDS = (
+    "the a cat dog bird sat ran flew on under over mat log tree red blue green big small old "
+    "and then it was very long day night"
+).split()
+
+
+def make_documents(n_docs: int, seed: int, min_words: int = 8,
+                   max_words: int = 120) -> List[List[str]]:
+    """``n_docs`` documents, each a list of non-empty lines (1-12 words), of widely varying
+    length, so that documents span from part of one segment to several."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n_docs):
+        n_words = rng.randint(min_words, max_words)
+        words = [rng.choice(WORDS) for _ in range(n_words)]
+        lines, i = [], 0
+        while i < n_words:
+            k = rng.randint(1, 12)
+            lines.append(" ".join(words[i:i + k]))
+            i += k
+        docs.append(lines)
+    return docs
+
+
+def corpus_text(docs: List[List[str]]) -> str:
+    """fairseq's ``complete_doc`` layout: one line per line, one empty line between documents."""
+    return "\n\n".join("\n".join(lines) for lines in docs) + "\n"
+
+
+def document_tokens(docs: List[List[str]]) -> List[int]:
+    """Tokens per document once binarized: the words of each line plus its ``</s>``."""
+    return [sum(len(line.split()) + 1 for line in lines) for lines in docs]
+
+
+@dataclass
+class Corpus:
+    text_dir: str  # {split}.txt
+    data_dir: str  # fairseq-preprocess output: dict.txt, {split}.bin/.idx
+    docs: Dict[str, List[List[str]]]  # split -> documents -> lines
+
+    def num_tokens(self, split: str) -> int:
+        return sum(document_tokens(self.docs[split]))
+
+
+# segment length used throughout the CLI tests: short, so that documents span several segments
+TOKENS_PER_SAMPLE = 32
+SPLITS = {"train": (40, 0), "valid": (12, 1), "test": (12, 2)}  # split -> (documents, seed)
+
+
+def stream_dataset(corpus: Corpus, split: str, bsz_per_shard: int, shard_id: int = 0,
+                   num_shards: int = 1):
+    """The task's ``DocumentStreamDataset`` over ``split``'s document lengths (token values are
+    zeros: for tests of the batch layout, not of the contents)."""
+    import torch
+
+    from fairseq_longmem.tasks.longmem_lm import DocumentStreamDataset
+
+    docs = [torch.zeros(n, dtype=torch.int32) for n in document_tokens(corpus.docs[split])]
+    return DocumentStreamDataset(docs, pad=1, eos=2, segment_len=TOKENS_PER_SAMPLE,
+                                 bsz_per_shard=bsz_per_shard, shard_id=shard_id,
+                                 num_shards=num_shards)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Corpus:
+    root = tmp_path_factory.mktemp("corpus")
+    text_dir, data_dir = root / "text", root / "bin"
+    text_dir.mkdir()
+    docs = {}
+    for split, (n, seed) in SPLITS.items():
+        docs[split] = make_documents(n, seed)
+        (text_dir / f"{split}.txt").write_text(corpus_text(docs[split]))
+    run_cli([
+        "fairseq-preprocess", "--only-source",
+        "--trainpref", text_dir / "train.txt", "--validpref", text_dir / "valid.txt",
+        "--testpref", text_dir / "test.txt", "--destdir", data_dir, "--workers", "1",
+    ], timeout=120)
+    return Corpus(str(text_dir), str(data_dir), docs)
+
+
+@pytest.fixture(scope="session")
+def backbone(corpus, tmp_path_factory) -> str:
+    """Path of a ``gpt2_lm_tiny`` checkpoint trained for a few updates by ``fairseq-train``."""
+    save_dir = tmp_path_factory.mktemp("backbone")
+    run_cli([
+        "fairseq-train", corpus.data_dir, "--user-dir", USER_DIR,
+        "--task", "language_modeling", "--arch", "gpt2_lm_tiny",
+        "--tokens-per-sample", TOKENS_PER_SAMPLE, "--batch-size", "8", "--max-update", "10",
+        "--optimizer", "adam", "--lr", "1e-3", "--cpu", "--seed", "1",
+        "--num-workers", "0", "--disable-validation", "--no-epoch-checkpoints",
+        "--save-dir", save_dir,
+    ], timeout=180)
+    path = os.path.join(save_dir, "checkpoint_last.pt")
+    assert os.path.isfile(path), path
+    return path
