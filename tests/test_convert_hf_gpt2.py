@@ -304,3 +304,37 @@ def test_existing_output_needs_force(capsys, tmp_path):
 def test_dict_ids_skip_eos():
     assert gpt2_dict_ids(6) == [0, 1, 2, 3, 4]
     assert gpt2_dict_ids(6, eos_id=2) == [0, 1, 3, 4, 5]
+
+
+def test_converted_checkpoint_is_a_longmem_backbone(converted):
+    """--backbone-path takes the converter's output: the frozen backbone holds exactly the
+    converted weights, and the special-symbol masking travels into the LongMem model."""
+    from fairseq import options, tasks, utils
+
+    from fairseq_longmem.user_dir import path as user_dir
+
+    name = "gpt2-safetensors"
+    _, out_dir, _ = converted(name)
+    d, layers, heads = CONFIGS[name][1], CONFIGS[name][2], CONFIGS[name][3]
+    utils.import_user_module(Namespace(user_dir=user_dir()))
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, [
+        str(out_dir), "--user-dir", user_dir(), "--task", "longmem_lm", "--arch", "longmem_gpt2_tiny",
+        "--embed-dim", str(d), "--num-layers", str(layers), "--num-heads", str(heads),
+        "--memory-layer", "1", "--backbone-path", str(out_dir / "checkpoint.pt"),
+        "--tokens-per-sample", "16", "--batch-size", "2", "--memory-size", "64",
+        "--retrieved-tokens", "8", "--cpu",
+    ])
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    cfg = convert_namespace_to_omegaconf(args)  # what fairseq-train does
+    task = tasks.setup_task(cfg.task)
+    model = task.build_model(cfg.model).eval()
+    saved = torch.load(out_dir / "checkpoint.pt", weights_only=True)["model"]
+    for key, t in model.decoder.backbone.state_dict().items():
+        assert torch.equal(t, saved["decoder.backbone." + key]), key
+    assert model.decoder.cfg.mask_special_logits
+    tokens = torch.randint(4, len(task.source_dictionary), (2, 16))
+    with torch.no_grad():
+        logits, _ = model(src_tokens=tokens, new_document=torch.tensor([True, True]))
+    assert torch.isneginf(logits[..., [0, 1, 3]]).all() and torch.isfinite(logits[..., 4:]).all()

@@ -25,7 +25,7 @@ from ..compat import load_checkpoint_file
 from ..modules.gpt2 import GPT2Backbone, GPT2Dims
 from ..modules.memory_bank import ChunkedMemoryBank
 from ..modules.sidenet import SideNet
-from .gpt2_lm import GPT2LanguageModel, check_vocab, register_size_archs
+from .gpt2_lm import GPT2LanguageModel, check_vocab, register_size_archs, special_logit_mask
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +81,9 @@ class LongMemGPT2Config(FairseqDataclass):
     max_target_positions: Optional[int] = II("task.tokens_per_sample")
 
 
-def load_backbone(path: str, dims: GPT2Dims, dictionary) -> GPT2Backbone:
-    """Build the backbone from a gpt2_lm checkpoint and check it is the one --arch describes."""
+def load_backbone(path: str, dims: GPT2Dims, dictionary):
+    """Build the backbone from a gpt2_lm checkpoint and check it is the one --arch describes;
+    returns the backbone and the checkpoint's model config."""
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"--backbone-path: no checkpoint at {path} (evaluating a LongMem checkpoint? pass "
@@ -115,7 +116,7 @@ def load_backbone(path: str, dims: GPT2Dims, dictionary) -> GPT2Backbone:
     dims.layer_norm_eps = model_cfg.get("layer_norm_eps", dims.layer_norm_eps)
     backbone = GPT2Backbone(dims)
     backbone.load_state_dict(weights)
-    return backbone
+    return backbone, model_cfg
 
 
 class LongMemDecoder(FairseqDecoder):
@@ -131,10 +132,7 @@ class LongMemDecoder(FairseqDecoder):
         if cfg.disable_memory:
             # an unused parameter would stall data-parallel gradient reduction
             self.sidenet.memory_attention.gate.requires_grad_(False)
-        mask = None
-        if cfg.mask_special_logits:
-            mask = torch.zeros(len(dictionary), dtype=torch.bool)
-            mask[[dictionary.bos(), dictionary.pad(), dictionary.unk()]] = True
+        mask = special_logit_mask(dictionary, len(dictionary)) if cfg.mask_special_logits else None
         self.register_buffer("special_mask", mask, persistent=False)
         # one memory per mode, so that validation never reads training text; built lazily with
         # the batch size, device and dtype of the first batch; never part of the state dict
@@ -231,9 +229,11 @@ class LongMemGPT2Model(FairseqLanguageModel):
                 "--backbone-path is required: a gpt2_lm checkpoint to freeze as the backbone"
             )
         else:
-            backbone = load_backbone(cfg.backbone_path, dims, task.target_dictionary)
+            backbone, backbone_cfg = load_backbone(cfg.backbone_path, dims, task.target_dictionary)
+            # saved with the LongMem checkpoint, which then needs no --backbone-path
             cfg.max_positions = dims.max_positions
             cfg.layer_norm_eps = dims.layer_norm_eps
+            cfg.mask_special_logits = bool(backbone_cfg.get("mask_special_logits", False))
         if (cfg.max_target_positions or 0) > dims.max_positions:
             raise ValueError(
                 f"--tokens-per-sample ({cfg.max_target_positions}) exceeds the backbone's "
