@@ -1,0 +1,157 @@
+"""LongMem learns to read its memory: key-value recall across segments (a few minutes on 2 cores).
+
+Each document holds four key-value facts in its first segment, two filler segments, then asks for
+the four values in its last segment: the answer is three segments back, beyond the local window,
+so only the memory can supply it. A fact is one token ``c_{i,j}`` (key i, value j); an ask is the
+key token ``k_i`` followed by the value token ``v_j``. The backbone's token embeddings are
+compositional (``c_{i,j} = (k_i + v_j) / sqrt 2``), standing in for what pretraining gives a real
+LM, and its layers are first trained to do the same lookup *within* a segment, as a pretrained LM
+does in context. LongMem with memory must then extend that lookup across segments; the same model
+with memory off, trained for the same steps, can only guess (1 in 8).
+
+Memory layer 0 with reduction factor 1: the backbone learns its lookup in layer 0 (measured), and
+with r = 1 the SideNet layer that reads memory starts as a copy of that layer, so its queries start
+matched to the keys in memory (DESIGN.md section 1, step 3).
+"""
+
+import random
+
+import pytest
+import torch
+from fairseq.data import Dictionary
+
+from fairseq_longmem.models.longmem_gpt2 import LongMemGPT2Config, LongMemGPT2Model
+from fairseq_longmem.modules.gpt2 import GPT2Backbone, GPT2Dims
+from fairseq_longmem.tasks.longmem_lm import DocumentStreamDataset
+
+NK, NV, NF, T, SEGS, FACTS = 8, 8, 32, 32, 4, 4
+D, LAYERS, HEADS = 128, 4, 4
+
+DICT = Dictionary()
+KEYS = [DICT.add_symbol(f"k{i}") for i in range(NK)]
+VALUES = [DICT.add_symbol(f"v{j}") for j in range(NV)]
+FACT = {(i, j): DICT.add_symbol(f"c{i}_{j}") for i in range(NK) for j in range(NV)}
+FILLER = [DICT.add_symbol(f"f{i}") for i in range(NF)]
+
+
+def ask(segment, rng, keys, values, positions):
+    # each fact at most once per segment, so an answer is never in the local window
+    for p, n in zip(positions, rng.sample(range(FACTS), len(positions))):
+        segment[p], segment[p + 1] = KEYS[keys[n]], VALUES[values[n]]
+
+
+def make_document(rng, local):
+    keys, values = rng.sample(range(NK), FACTS), [rng.randrange(NV) for _ in range(FACTS)]
+    first = [rng.choice(FILLER) for _ in range(T)]
+    slots = rng.sample(range(T // 2) if local else range(T), FACTS)
+    for i, j, p in zip(keys, values, slots):
+        first[p] = FACT[(i, j)]
+    if local:  # backbone pretraining: facts and asks in one segment
+        ask(first, rng, keys, values, rng.sample(range(T // 2, T - 1, 2), FACTS))
+        return torch.tensor(first, dtype=torch.int32)
+    doc = first + [rng.choice(FILLER) for _ in range(T * (SEGS - 2))]
+    last = [rng.choice(FILLER) for _ in range(T)]
+    ask(last, rng, keys, values, rng.sample(range(0, T - 1, 2), FACTS))
+    return torch.tensor(doc + last, dtype=torch.int32)
+
+
+def batches(n_docs, seed, local=False, rows=8):
+    rng = random.Random(seed)
+    docs = [make_document(rng, local) for _ in range(n_docs)]
+    ds = DocumentStreamDataset(docs, DICT.pad(), DICT.eos(), T, rows, 0, 1)
+    return [ds.collater([ds[t]]) for t in range(len(ds))]
+
+
+def answers(sample):
+    src, tgt = sample["net_input"]["src_tokens"], sample["target"]
+    is_key = (src >= KEYS[0]) & (src <= KEYS[-1])
+    return is_key & (tgt >= VALUES[0]) & (tgt <= VALUES[-1])
+
+
+def accuracy(logits, sample):
+    m = answers(sample)
+    return (logits.argmax(-1)[m] == sample["target"][m]).sum().item(), m.sum().item()
+
+
+def xent(logits, target):
+    return torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), target.flatten(), ignore_index=DICT.pad())
+
+
+def dims():
+    return GPT2Dims(vocab_size=len(DICT), embed_dim=D, num_layers=LAYERS, num_heads=HEADS,
+                    max_positions=T, dropout=0.0, attention_dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def backbone_state():
+    torch.manual_seed(0)
+    bb = GPT2Backbone(dims())
+    with torch.no_grad():
+        k, v = 0.3 * torch.randn(NK, D), 0.3 * torch.randn(NV, D)
+        bb.wte.weight.normal_(0, 0.3)  # about GPT-2's embedding norm
+        for i in range(NK):
+            bb.wte.weight[KEYS[i]] = k[i]
+        for j in range(NV):
+            bb.wte.weight[VALUES[j]] = v[j]
+        for (i, j), t in FACT.items():
+            bb.wte.weight[t] = (k[i] + v[j]) / 2 ** 0.5
+    bb.wte.weight.requires_grad_(False)
+    opt = torch.optim.Adam([p for p in bb.parameters() if p.requires_grad], lr=3e-3)
+    epochs, steps = 70, 32
+    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / (epochs * steps))
+    for epoch in range(epochs):
+        for s in batches(steps * 8, 500 + epoch, local=True):
+            hiddens, _ = bb(s["net_input"]["src_tokens"])
+            loss = xent(bb.output_layer(hiddens[-1]), s["target"])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            decay.step()
+    hit = total = 0
+    with torch.no_grad():
+        for s in batches(64, 7, local=True):
+            hiddens, _ = bb(s["net_input"]["src_tokens"])
+            h, n = accuracy(bb.output_layer(hiddens[-1]), s)
+            hit, total = hit + h, total + n
+    return bb.state_dict(), hit / total
+
+
+def train_and_score(state, disable_memory):
+    cfg = LongMemGPT2Config(
+        embed_dim=D, num_layers=LAYERS, num_heads=HEADS, max_positions=T, memory_layer=0,
+        reduction_factor=1, memory_size=256, chunk_size=2, retrieved_tokens=16,
+        search_backend="torch", disable_memory=disable_memory, dropout=0.0, max_target_positions=T)
+    bb = GPT2Backbone(dims())
+    bb.load_state_dict(state)
+    torch.manual_seed(0)
+    model = LongMemGPT2Model.from_backbone(cfg, DICT, bb)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    model.train()
+    for epoch in range(8):
+        for s in batches(256, 1000 + epoch):
+            logits, _ = model(**s["net_input"])
+            loss = xent(logits, s["target"])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    hit = total = 0
+    with torch.no_grad():
+        for s in batches(128, 7):
+            logits, _ = model(**s["net_input"])
+            h, n = accuracy(logits, s)
+            hit, total = hit + h, total + n
+    assert total == 128 * FACTS
+    return hit / total
+
+
+def test_memory_is_read_for_recall_beyond_the_local_window(backbone_state):
+    state, local_lookup = backbone_state
+    assert local_lookup >= 0.9, f"backbone's in-segment lookup only {local_lookup:.2f}"
+    with_memory = train_and_score(state, disable_memory=False)
+    without_memory = train_and_score(state, disable_memory=True)
+    print(f"recall 3 segments back: memory {with_memory:.3f}, memory off {without_memory:.3f}, "
+          f"chance {1 / NV:.3f}; backbone in-segment lookup {local_lookup:.3f}")
+    assert with_memory >= 0.9
+    assert without_memory <= 1 / NV + 0.1
