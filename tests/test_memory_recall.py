@@ -68,9 +68,15 @@ def answers(sample):
     return is_key & (tgt >= VALUES[0]) & (tgt <= VALUES[-1])
 
 
-def accuracy(logits, sample):
-    m = answers(sample)
-    return (logits.argmax(-1)[m] == sample["target"][m]).sum().item(), m.sum().item()
+def recall(logits_of, samples):
+    """Share of asked values predicted right, and how many were asked; ``logits_of(sample)``."""
+    hit = total = 0
+    with torch.no_grad():
+        for s in samples:
+            m = answers(s)
+            hit += (logits_of(s).argmax(-1)[m] == s["target"][m]).sum().item()
+            total += m.sum().item()
+    return hit / total, total
 
 
 def xent(logits, target):
@@ -108,13 +114,9 @@ def backbone_state():
             loss.backward()
             opt.step()
             decay.step()
-    hit = total = 0
-    with torch.no_grad():
-        for s in batches(64, 7, local=True):
-            hiddens, _ = bb(s["net_input"]["src_tokens"])
-            h, n = accuracy(bb.output_layer(hiddens[-1]), s)
-            hit, total = hit + h, total + n
-    return bb.state_dict(), hit / total
+    local_lookup, _ = recall(
+        lambda s: bb.output_layer(bb(s["net_input"]["src_tokens"])[0][-1]), batches(64, 7, local=True))
+    return bb.state_dict(), local_lookup
 
 
 def train_and_score(state, disable_memory):
@@ -136,14 +138,9 @@ def train_and_score(state, disable_memory):
             loss.backward()
             opt.step()
     model.eval()
-    hit = total = 0
-    with torch.no_grad():
-        for s in batches(128, 7):
-            logits, _ = model(**s["net_input"])
-            h, n = accuracy(logits, s)
-            hit, total = hit + h, total + n
+    share, total = recall(lambda s: model(**s["net_input"])[0], batches(128, 7))
     assert total == 128 * FACTS
-    return hit / total
+    return share
 
 
 def test_memory_is_read_for_recall_beyond_the_local_window(backbone_state):
