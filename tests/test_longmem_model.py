@@ -201,3 +201,22 @@ def test_bad_configuration_is_refused_clearly(overrides, message):
     with pytest.raises(ValueError) as e:
         make_model(**overrides)
     assert message in str(e.value)
+
+
+def test_a_changed_batch_size_resets_the_memory():
+    model = make_model()
+    tokens = random_tokens(3, 2 * T, seed=9)
+    with torch.no_grad():
+        model(src_tokens=tokens[:2, :T], new_document=torch.tensor([True, True]))
+        _, extra = model(src_tokens=tokens[:, T:], new_document=torch.tensor([False] * 3))
+    assert float(extra["memory_stats"]["fill"]) == 0.0  # read an empty memory, not rows 0-1's
+    assert model.decoder._memories["eval"].fill().tolist() == [T, T, T]
+
+
+def test_memory_off_freezes_the_unused_gate():
+    model = make_model(disable_memory=True)
+    assert not model.decoder.sidenet.memory_attention.gate.requires_grad
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == expected_trainable(D, LAYERS, HEADS) - HEADS
+    _, extra = model(src_tokens=random_tokens(1, T, seed=10), new_document=torch.tensor([True]))
+    assert "memory_stats" not in extra and model.decoder._memories == {}
