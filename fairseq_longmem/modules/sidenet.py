@@ -45,7 +45,7 @@ class JointAttention(CausalSelfAttention):
             self.last_stats = None
             return self.merge_heads(local), (k, v)
 
-        found = memory.search(q.detach().to(memory.dtype), retrieved_tokens)
+        found = memory.search(q, retrieved_tokens)  # the bank detaches and casts to its dtype
         mem_k = found.keys.to(q.dtype)  # (B, H, T, K, hd)
         mem_v = found.values.to(q.dtype)  # (B, H, T, K, hd)
         scores = torch.einsum("bhtd,bhtkd->bhtk", q, mem_k) / math.sqrt(self.head_dim)
