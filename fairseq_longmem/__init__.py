@@ -22,6 +22,6 @@ from . import compat
 
 compat.install()
 
-from . import criterions, models, tasks  # noqa: E402,F401
+from . import criterions, models, scoring, tasks  # noqa: E402,F401
 
 __version__ = "0.1.0"

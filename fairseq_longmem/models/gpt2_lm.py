@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from fairseq.dataclass import FairseqDataclass
 from fairseq.models import (
     FairseqDecoder,
@@ -73,22 +74,37 @@ def check_vocab(state_dict, key: str, dictionary, what: str):
         )
 
 
-class GPT2Decoder(FairseqDecoder):
-    def __init__(self, cfg: GPT2LMConfig, dictionary):
+class GPT2HeadDecoder(FairseqDecoder):
+    """What every decoder here shares: a GPT-2 ``backbone`` whose token embedding is the tied
+    output layer, and -inf logits for <s>/<pad>/<unk> when ``mask_special_logits`` (a converted
+    GPT-2 has no such tokens). ``forward(..., features_only=True)`` returns the final
+    LayerNorm's output; :meth:`output_layer` turns any slice of it into logits."""
+
+    def __init__(self, dictionary, backbone: GPT2Backbone, mask_special_logits: bool):
         super().__init__(dictionary)
-        self.backbone = GPT2Backbone(dims_from_config(cfg, len(dictionary)))
-        mask = special_logit_mask(dictionary, len(dictionary)) if cfg.mask_special_logits else None
+        self.backbone = backbone
+        mask = special_logit_mask(dictionary, len(dictionary)) if mask_special_logits else None
         self.register_buffer("special_mask", mask, persistent=False)
 
-    def forward(self, src_tokens, **unused):
-        hiddens, _ = self.backbone(src_tokens)
-        logits = self.backbone.output_layer(hiddens[-1])
+    def output_layer(self, features):
+        logits = F.linear(features, self.backbone.wte.weight)  # (..., V)
         if self.special_mask is not None:
             logits = logits.masked_fill(self.special_mask, float("-inf"))
-        return logits, {"inner_states": hiddens}
+        return logits
 
     def max_positions(self):
         return self.backbone.dims.max_positions
+
+
+class GPT2Decoder(GPT2HeadDecoder):
+    def __init__(self, cfg: GPT2LMConfig, dictionary):
+        backbone = GPT2Backbone(dims_from_config(cfg, len(dictionary)))
+        super().__init__(dictionary, backbone, cfg.mask_special_logits)
+
+    def forward(self, src_tokens, features_only: bool = False, **unused):
+        hiddens, _ = self.backbone(src_tokens)
+        x = self.backbone.ln_f(hiddens[-1])  # (B, T, C)
+        return (x if features_only else self.output_layer(x)), {"inner_states": hiddens}
 
 
 @register_model("gpt2_lm", dataclass=GPT2LMConfig)

@@ -15,7 +15,6 @@ import torch
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import (
     ARCH_MODEL_REGISTRY,
-    FairseqDecoder,
     FairseqLanguageModel,
     register_model,
 )
@@ -25,7 +24,7 @@ from ..compat import load_checkpoint_file
 from ..modules.gpt2 import GPT2Backbone, GPT2Dims
 from ..modules.memory_bank import ChunkedMemoryBank
 from ..modules.sidenet import SideNet
-from .gpt2_lm import GPT2LanguageModel, check_vocab, register_size_archs, special_logit_mask
+from .gpt2_lm import GPT2HeadDecoder, GPT2LanguageModel, check_vocab, register_size_archs
 
 logger = logging.getLogger(__name__)
 
@@ -119,11 +118,25 @@ def load_backbone(path: str, dims: GPT2Dims, dictionary):
     return backbone, model_cfg
 
 
-class LongMemDecoder(FairseqDecoder):
+class BuildsLongMemFromCheckpoints:
+    """Task mixin: tells ``longmem_gpt2.build_model`` when fairseq rebuilds a saved model, so
+    that the backbone comes from the LongMem checkpoint itself and --backbone-path is not read
+    (fairseq passes ``from_checkpoint`` to the task, not to the model)."""
+
+    building_from_checkpoint = False
+
+    def build_model(self, cfg, from_checkpoint=False):
+        self.building_from_checkpoint = from_checkpoint
+        try:
+            return super().build_model(cfg, from_checkpoint)
+        finally:
+            self.building_from_checkpoint = False
+
+
+class LongMemDecoder(GPT2HeadDecoder):
     def __init__(self, cfg: LongMemGPT2Config, dictionary, backbone: GPT2Backbone):
-        super().__init__(dictionary)
+        super().__init__(dictionary, backbone, cfg.mask_special_logits)
         self.cfg = cfg
-        self.backbone = backbone
         self.backbone.requires_grad_(False)
         self.backbone.eval()
         self.sidenet = SideNet(
@@ -132,8 +145,6 @@ class LongMemDecoder(FairseqDecoder):
         if cfg.disable_memory:
             # an unused parameter would stall data-parallel gradient reduction
             self.sidenet.memory_attention.gate.requires_grad_(False)
-        mask = special_logit_mask(dictionary, len(dictionary)) if cfg.mask_special_logits else None
-        self.register_buffer("special_mask", mask, persistent=False)
         # one memory per mode, so that validation never reads training text; built lazily with
         # the batch size, device and dtype of the first batch; never part of the state dict
         self._memories = {}
@@ -166,13 +177,48 @@ class LongMemDecoder(FairseqDecoder):
         """Forget every stream's memory (both modes)."""
         self._memories = {}
 
-    def forward(self, src_tokens, src_lengths=None, new_document=None, **unused):
+    def new_memory(self, num_rows: int, memory_size: int, like: torch.Tensor,
+                   fingerprint: str = "") -> ChunkedMemoryBank:
+        """An empty memory shaped for this model (heads, head size, chunk size, search backend),
+        with ``like``'s device and dtype, that the caller owns and passes to :meth:`forward`."""
+        dims = self.backbone.dims
+        return ChunkedMemoryBank(
+            num_rows, dims.num_heads, dims.head_dim, self.cfg.chunk_size, memory_size,
+            dtype=like.dtype, device=like.device, backend=self.cfg.search_backend,
+            fingerprint=fingerprint,
+        )
+
+    @torch.no_grad()
+    def memory_keys_values(self, src_tokens):
+        """The frozen backbone's layer-m keys and values (B, H, T, hd) of ``src_tokens``: what
+        the forward pass writes into memory, computed without the SideNet or later layers."""
+        _, kv = self.backbone(src_tokens, kv_layer=self.cfg.memory_layer, stop_at_kv_layer=True)
+        return kv
+
+    def forward(self, src_tokens, src_lengths=None, new_document=None, memory=None,
+                write_memory: bool = True, features_only: bool = False, **unused):
+        """Score a segment (B, T); returns logits (B, T, V) and an ``extra`` dict.
+
+        By default each row reads and then extends its own stream's memory, cleared first for
+        rows flagged in ``new_document``. A caller may pass its own ``memory`` instead (a
+        :class:`ChunkedMemoryBank` from :meth:`new_memory` with B rows, or one row that every
+        row reads) and ``write_memory=False`` to read without writing, as scoring does.
+        """
         B, T = src_tokens.shape
         cfg = self.cfg
         with torch.no_grad():
             hiddens, (mem_k, mem_v) = self.backbone(src_tokens, kv_layer=cfg.memory_layer)
         bank = None
-        if not cfg.disable_memory:
+        if memory is not None:
+            if cfg.disable_memory:
+                raise ValueError("this model runs with disable_memory: it reads no memory")
+            if write_memory and memory.num_rows != B:
+                raise ValueError(
+                    f"a memory of {memory.num_rows} row(s) shared by {B} batch rows is "
+                    "read-only: pass write_memory=False"
+                )
+            bank = memory
+        elif not cfg.disable_memory:
             bank = self.memory(B, mem_k)
             if new_document is not None:
                 rows = new_document.nonzero().flatten()
@@ -184,10 +230,7 @@ class LongMemDecoder(FairseqDecoder):
                     "(use --task longmem_lm, which streams documents and sets them)"
                 )
                 self._warned_no_flags = True
-        x = self.sidenet(hiddens, memory=bank, retrieved_tokens=cfg.retrieved_tokens)
-        logits = torch.nn.functional.linear(x, self.backbone.wte.weight)  # (B, T, V)
-        if self.special_mask is not None:
-            logits = logits.masked_fill(self.special_mask, float("-inf"))
+        x = self.sidenet(hiddens, memory=bank, retrieved_tokens=cfg.retrieved_tokens)  # (B, T, C)
 
         extra = {"inner_states": [x]}
         if bank is not None:
@@ -197,14 +240,12 @@ class LongMemDecoder(FairseqDecoder):
                 "gate": stats.gate,
                 "memory_share": stats.memory_share,
             }
-            lengths = src_lengths
-            if lengths is None:
-                lengths = src_tokens.ne(self.dictionary.pad()).sum(dim=1)
-            bank.add(mem_k, mem_v, lengths=lengths)  # write after read
-        return logits, extra
-
-    def max_positions(self):
-        return self.backbone.dims.max_positions
+            if write_memory:
+                lengths = src_lengths
+                if lengths is None:
+                    lengths = src_tokens.ne(self.dictionary.pad()).sum(dim=1)
+                bank.add(mem_k, mem_v, lengths=lengths)  # write after read
+        return (x if features_only else self.output_layer(x)), extra
 
 
 @register_model("longmem_gpt2", dataclass=LongMemGPT2Config)

@@ -144,10 +144,11 @@ class GPT2Backbone(nn.Module):
         return self.drop(self.wte(tokens) + self.wpe(pos))  # (B, T, C)
 
     def forward(
-        self, tokens, kv_layer: Optional[int] = None
+        self, tokens, kv_layer: Optional[int] = None, stop_at_kv_layer: bool = False
     ) -> Tuple[List[torch.Tensor], Optional[Tuple[torch.Tensor, torch.Tensor]]]:
         """Return all hidden states ``[h_0 .. h_L]`` (each B x T x C, before ``ln_f``) and the
-        per-head keys/values (B, H, T, hd) of block ``kv_layer`` (0-based) if asked for."""
+        per-head keys/values (B, H, T, hd) of block ``kv_layer`` (0-based) if asked for.
+        ``stop_at_kv_layer`` skips the blocks after ``kv_layer`` (when only its K/V are needed)."""
         x = self.embed(tokens)
         hiddens, kv_out = [x], None
         for i, block in enumerate(self.h):
@@ -155,6 +156,8 @@ class GPT2Backbone(nn.Module):
             hiddens.append(x)
             if i == kv_layer:
                 kv_out = kv
+                if stop_at_kv_layer:
+                    break
         return hiddens, kv_out
 
     def output_layer(self, x):

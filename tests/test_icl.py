@@ -1,0 +1,436 @@
+"""Memory-augmented in-context learning (task ``longmem_icl``, scorer ``icl_accuracy``): the sets'
+readers, exact prompt tokens, the scoring rules on a model whose logits are known, the shared
+read-only memory, and fairseq-generate end to end on a tiny GPT-2-vocabulary LongMem."""
+
+import hashlib
+import os
+import random
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import USER_DIR, run_cli
+from fairseq_longmem import icl_data, memory_scoring
+from fairseq_longmem.scoring import ICLAccuracyScorer
+
+EOS = 2
+POS_ID, NEG_ID = 3967 + 4, 4633 + 4  # " positive", " negative": GPT-2 id + 4
+
+# --------------------------------------------------------------------------- hand-made data
+
+POSITIVE = "great fine lovely superb wonderful".split()
+NEGATIVE = "awful dull bad boring poor".split()
+NOUNS = "film movie story plot cast".split()
+
+
+def review(rng):
+    y = rng.randrange(2)
+    return f"the {rng.choice(NOUNS)} was {rng.choice(POSITIVE if y else NEGATIVE)} .", y
+
+
+def write_tsv_set(folder, n_train=60, n_test=12, seed=0):
+    rng = random.Random(seed)
+    os.makedirs(folder, exist_ok=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        with open(os.path.join(folder, f"{split}.tsv"), "w") as f:
+            f.writelines(f"{y}\t{t}\n" for t, y in (review(rng) for _ in range(n)))
+    return folder
+
+
+# --------------------------------------------------------------------------- readers, sampling
+
+
+def test_readers_parse_the_authors_layouts(tmp_path):
+    (tmp_path / "SST-2").mkdir()
+    (tmp_path / "SST-2" / "train.tsv").write_text("sentence\tlabel\na fine , fun film\t1\n")
+    (tmp_path / "SST-2" / "dev.tsv").write_text("sentence\tlabel\ndull\t0\n")
+    (tmp_path / "sst-5").mkdir()
+    (tmp_path / "sst-5" / "stsa.fine.train").write_text("4 a stirring film\n2 it is a movie\n")
+    (tmp_path / "sst-5" / "stsa.fine.dev").write_text("0 awful\n")
+    for name in ("mr", "subj"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train.csv").write_text('0," "" analyze that "" , sadly"\n1,plain text\n')
+        (tmp_path / name / "test.csv").write_text("1,fine\n")
+    sst2 = icl_data.load_set("sst2", str(tmp_path))
+    assert sst2.train == [icl_data.Example("a fine , fun film", 1)]
+    assert sst2.test == [icl_data.Example("dull", 0)] and sst2.labels == ["negative", "positive"]
+    sst5 = icl_data.load_set("sst5", str(tmp_path))
+    assert [(x.text, sst5.labels[x.label]) for x in sst5.train] == [
+        ("a stirring film", "great"), ("it is a movie", "okay")]
+    mr = icl_data.load_set("mr", str(tmp_path))
+    # CSV quotes are removed and commas inside them kept
+    assert mr.train[0] == icl_data.Example('" analyze that " , sadly', 0)
+    subj = icl_data.load_set("subj", str(tmp_path))
+    assert subj.labels == ["subjective", "objective"]
+    assert subj.template == "Input: {x} Type: {y}. "
+    # the set's own folder works too, and tsv labels may be words or indices
+    (tmp_path / "own").mkdir()
+    (tmp_path / "own" / "train.tsv").write_text("positive\tgood\n0\tbad\n")
+    (tmp_path / "own" / "test.tsv").write_text("1\tfine\n")
+    own = icl_data.load_set("tsv", str(tmp_path / "own"), labels=["negative", "positive"])
+    assert [x.label for x in own.train] == [1, 0]
+
+
+def test_template_cuts_the_query_before_the_label():
+    t = icl_data.Template("Review: {x} Sentiment: {y}. ")
+    assert t.demonstration("a film", "positive") == "Review: a film Sentiment: positive. "
+    assert t.query("a film") == "Review: a film Sentiment:"
+    assert t.continuation("positive") == " positive"
+    with pytest.raises(icl_data.ICLDataError, match="--icl-template"):
+        icl_data.Template("{y} then {x}")
+
+
+def test_sampling_is_the_authors_random_sample():
+    train = [icl_data.Example(f"t{i}", i % 2) for i in range(50)]
+    context, memory = icl_data.sample_demonstrations(train, 5, 20, seed=3)
+    random.seed(3)
+    assert context == random.sample(train, 5)
+    assert memory == random.sample(train, 20)
+    with pytest.raises(icl_data.ICLDataError, match="--demos-in-memory 51: expected 0 to 50"):
+        icl_data.sample_demonstrations(train, 5, 51, seed=3)
+
+
+# --------------------------------------------------------------------------- the task in-process
+
+
+def make_task(gpt2_files, data_dir, **overrides):
+    from fairseq_longmem.tasks.longmem_icl import LongMemICLConfig, LongMemICLTask
+
+    enc, vocab, dict_txt = gpt2_files
+    options = dict(data=os.path.dirname(dict_txt), icl_dataset="tsv", icl_data_dir=str(data_dir),
+                   icl_labels="negative,positive", icl_template=None, demos_in_context=2, demos_in_memory=0,
+                   icl_seed=1, icl_decision="labels", memory_file=None, tokens_per_sample=64,
+                   bpe_cfg={"_name": "gpt2", "gpt2_encoder_json": enc, "gpt2_vocab_bpe": vocab},
+                   fp16=False, bf16=False)
+    options.update(overrides)
+    from omegaconf import OmegaConf
+
+    task = LongMemICLTask.setup_task(OmegaConf.create(options))
+    task.load_dataset("test")
+    return task
+
+
+def test_prompt_tokens_are_exact(gpt2_files, tmp_path):
+    (tmp_path / "train.tsv").write_text("positive\ta fine film\nnegative\ta dull film\n")
+    (tmp_path / "test.tsv").write_text("negative\tthe plot\n")
+    random.seed(1)
+    order = random.sample([0, 1], 2)  # which train line comes first in context
+    task = make_task(gpt2_files, tmp_path)
+    demo = {0: [14832, 25, 257, 3734, 2646, 11352, 3681, 25, 3967, 13, 220],  # ...fine...positive.
+            1: [14832, 25, 257, 19222, 2646, 11352, 3681, 25, 4633, 13, 220]}  # ...dull...negative.
+    query = [14832, 25, 262, 7110, 11352, 3681, 25]  # "Review: the plot Sentiment:"
+    expected = [EOS] + [i + 4 for i in demo[order[0]]] + [EOS] + [i + 4 for i in demo[order[1]]] \
+        + [EOS] + [i + 4 for i in query]
+    ds = task.datasets["test"]
+    assert ds.prompts[0].tolist() == expected
+    assert ds.queries[0].tolist() == [i + 4 for i in query]
+    assert [c.tolist() for c in ds.candidates] == [[NEG_ID], [POS_ID]]
+    sample = ds.collater([0])
+    assert sample["target"].tolist() == [[NEG_ID]] and sample["label"].tolist() == [0]
+
+    # left truncation: room for one demonstration only drops the oldest one, whole
+    short = make_task(gpt2_files, tmp_path, tokens_per_sample=len(expected) - 12)
+    assert short.datasets["test"].prompts[0].tolist() == expected[12:]
+    # no room for any: the query keeps its last tokens behind </s>
+    tiny = make_task(gpt2_files, tmp_path, tokens_per_sample=5)
+    assert tiny.datasets["test"].prompts[0].tolist() == [EOS] + [i + 4 for i in query[-4:]]
+
+
+class KnownLogits(nn.Module):
+    """A 'language model' whose next-token logits are fixed: ``favoured`` gets +5 everywhere."""
+
+    def __init__(self, vocab, favoured):
+        super().__init__()
+        self.decoder = SimpleNamespace(output_layer=lambda x: x)
+        self.vocab, self.favoured = vocab, favoured
+        self.weight = nn.Parameter(torch.zeros(1))
+
+    def forward(self, src_tokens, src_lengths=None, features_only=True, **unused):
+        logits = torch.zeros(*src_tokens.shape, self.vocab)
+        logits[..., self.favoured] = 5.0
+        return logits, {}
+
+    def max_positions(self):
+        return 1024
+
+
+def accuracy(task, model, nbest=2):
+    """Score the whole test set as fairseq-generate does: (accuracy line, hypotheses)."""
+    generator = task.build_generator([model], SimpleNamespace(nbest=nbest, beam=5))
+    ds = task.datasets["test"]
+    sample = ds.collater(list(range(len(ds))))
+    hypos = generator.generate(sample)
+    scorer = ICLAccuracyScorer(SimpleNamespace(icl_decision=task.cfg.icl_decision))
+    text = lambda t: task.bpe.decode(task.dictionary.string(t))  # noqa: E731
+    for i, h in enumerate(hypos):
+        scorer.add_string(text(sample["target"][i]), text(h[0]["tokens"]))
+    return scorer.result_string(), hypos
+
+
+@pytest.mark.parametrize("decision", ["labels", "vocab"])
+def test_scoring_picks_the_model_s_label_and_fails_when_labels_swap(gpt2_files, tmp_path,
+                                                                      decision):
+    (tmp_path / "train.tsv").write_text("1\ta fine film\n0\ta dull film\n")
+    (tmp_path / "test.tsv").write_text("".join(f"1\tfilm {i}\n" for i in range(5)))
+    task = make_task(gpt2_files, tmp_path, icl_decision=decision)
+    vocab = len(task.dictionary)
+    line, hypos = accuracy(task, KnownLogits(vocab, POS_ID))
+    assert line == "Accuracy 100.00 (5/5)"
+    top = hypos[0][0]
+    assert top["tokens"].tolist() == [POS_ID]
+    # the model puts logit 5 on one token and 0 on the others
+    expected = 5.0 - torch.logsumexp(torch.tensor([5.0] + [0.0] * (vocab - 1)), 0).item()
+    assert top["score"] == pytest.approx(expected, abs=1e-5)
+    if decision == "labels":
+        assert [h["tokens"].tolist() for h in hypos[0]] == [[POS_ID], [NEG_ID]]
+    swapped = make_task(gpt2_files, tmp_path, icl_decision=decision,
+                        icl_labels="positive,negative")
+    assert accuracy(swapped, KnownLogits(vocab, POS_ID))[0] == "Accuracy 0.00 (0/5)"
+
+
+# --------------------------------------------------------------------------- the model's memory
+
+
+def tiny_longmem(vocab, **overrides):
+    from fairseq.data import Dictionary
+
+    from fairseq_longmem.models.longmem_gpt2 import LongMemGPT2Config, LongMemGPT2Model
+    from fairseq_longmem.modules.gpt2 import GPT2Backbone, GPT2Dims
+
+    d = Dictionary()
+    for i in range(vocab - d.nspecial):
+        d.add_symbol(f"w{i}")
+    torch.manual_seed(0)
+    bb = GPT2Backbone(GPT2Dims(vocab_size=len(d), embed_dim=32, num_layers=2, num_heads=2,
+                               max_positions=64, dropout=0.0, attention_dropout=0.0))
+    options = dict(embed_dim=32, num_layers=2, num_heads=2, max_positions=64, memory_layer=1,
+                   reduction_factor=1, memory_size=64, chunk_size=2, retrieved_tokens=4,
+                   search_backend="torch", dropout=0.0, max_target_positions=16)
+    options.update(overrides)
+    model = LongMemGPT2Model.from_backbone(LongMemGPT2Config(**options), d, bb)
+    with torch.no_grad():
+        model.decoder.sidenet.memory_attention.gate.fill_(1.0)  # memory weighs in visibly
+    return model.eval(), d
+
+
+def test_write_stream_equals_streaming_the_tokens_through_the_model():
+    model, d = tiny_longmem(30)
+    stream = torch.randint(4, 30, (37,))
+    bulk = model.decoder.new_memory(1, 64, next(model.parameters()))
+    memory_scoring.write_stream(model, bulk, stream, segment_len=16, pad=d.pad(), rows_per_batch=2)
+    step = model.decoder.new_memory(1, 64, next(model.parameters()))
+    for s in range(0, 37, 16):
+        seg = stream[s:s + 16][None]
+        model(src_tokens=seg, memory=step, write_memory=True)
+    assert bulk.fill().tolist() == step.fill().tolist() == [36] and bulk.staged().tolist() == [1]
+    for name in ("_keys", "_values", "_summaries", "_stage_keys"):
+        assert torch.equal(getattr(bulk, name), getattr(step, name)), name
+
+
+def test_one_shared_memory_reads_as_per_row_copies_and_is_not_written(tmp_path):
+    model, d = tiny_longmem(30)
+    like = next(model.parameters())
+    shared = model.decoder.new_memory(1, 64, like)
+    memory_scoring.write_stream(model, shared, torch.randint(4, 30, (40,)), 16, d.pad())
+    shared.save(tmp_path / "shared.safetensors")
+    copies = model.decoder.new_memory(3, 64, like)
+    for row in range(3):
+        copies.load(tmp_path / "shared.safetensors", rows=[row])
+    before = {n: getattr(shared, n).clone() for n in ("_keys", "_values", "_summaries")}
+    tokens = torch.randint(4, 30, (3, 12))
+    with torch.no_grad():
+        a, _ = model(src_tokens=tokens, memory=shared, write_memory=False)
+        b, _ = model(src_tokens=tokens, memory=copies, write_memory=False)
+        off, _ = model(src_tokens=tokens, memory=model.decoder.new_memory(1, 64, like),
+                       write_memory=False)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, off)  # the memory was read
+    assert all(torch.equal(before[n], getattr(shared, n)) for n in before)
+    assert shared.fill().tolist() == [40]
+    with pytest.raises(ValueError, match="read-only"):
+        model(src_tokens=tokens, memory=shared, write_memory=True)
+
+
+def test_multi_token_continuations_score_as_a_full_forward():
+    model, d = tiny_longmem(30)
+    like = next(model.parameters())
+    memory = model.decoder.new_memory(1, 64, like)
+    memory_scoring.write_stream(model, memory, torch.randint(4, 30, (24,)), 16, d.pad())
+    prompts = [torch.randint(4, 30, (n,)) for n in (5, 9)]
+    conts = [torch.tensor([7, 8, 9]), torch.tensor([11])]
+    got = memory_scoring.continuation_logprobs(model, prompts, conts, d.pad(), memory)
+    for b, p in enumerate(prompts):
+        for c, cont in enumerate(conts):
+            full = torch.cat([p, cont])[None, :-1]
+            with torch.no_grad():
+                logits, _ = model(src_tokens=full, memory=memory, write_memory=False)
+            lp = logits[0].float().log_softmax(-1)[len(p) - 1:].gather(1, cont[:, None])[:, 0]
+            assert torch.allclose(got[b][c], lp, atol=1e-5), (b, c)
+
+
+# --------------------------------------------------------------------------- fairseq-generate
+
+
+@pytest.fixture(scope="module")
+def icl_setup(gpt2_files, tmp_path_factory):
+    """A hand-made tsv set, text in its format binarized with GPT-2's dict, a tiny gpt2_lm
+    backbone and a LongMem on top (a few updates each: enough to be a real checkpoint)."""
+    from argparse import Namespace
+
+    from fairseq.data import encoders
+
+    enc, vocab, dict_txt = gpt2_files
+    root = tmp_path_factory.mktemp("icl")
+    data = write_tsv_set(str(root / "set"))
+    bpe = encoders.build_bpe(Namespace(bpe="gpt2", gpt2_encoder_json=enc, gpt2_vocab_bpe=vocab))
+    rng = random.Random(1)
+    with open(root / "lm.txt", "w") as f:
+        for _ in range(16):
+            for _ in range(8):
+                text, y = review(rng)
+                f.write(bpe.encode(f"Review: {text} Sentiment: {['negative', 'positive'][y]}. ")
+                        + "\n")
+            f.write("\n")
+    run_cli(["fairseq-preprocess", "--only-source", "--srcdict", dict_txt, "--trainpref",
+             root / "lm.txt", "--destdir", root / "bin", "--workers", "1"], timeout=120)
+    common = ["--tokens-per-sample", "32", "--optimizer", "adam", "--lr", "1e-3", "--cpu",
+              "--num-workers", "0", "--disable-validation", "--no-epoch-checkpoints", "--seed", "1"]
+    run_cli(["fairseq-train", root / "bin", "--user-dir", USER_DIR, "--task", "language_modeling",
+             "--arch", "gpt2_lm_tiny", "--batch-size", "4", "--max-update", "3",
+             "--save-dir", root / "backbone", *common], timeout=300)
+    backbone = str(root / "backbone" / "checkpoint_last.pt")
+    run_cli(["fairseq-train", root / "bin", "--user-dir", USER_DIR, "--task", "longmem_lm",
+             "--arch", "longmem_gpt2_tiny", "--criterion", "longmem_cross_entropy",
+             "--backbone-path", backbone, "--batch-size", "2", "--memory-size", "256",
+             "--chunk-size", "4", "--retrieved-tokens", "16", "--max-update", "2",
+             "--save-dir", root / "longmem", *common], timeout=300)
+    return SimpleNamespace(root=root, data=data, backbone=backbone,
+                           longmem=str(root / "longmem" / "checkpoint_last.pt"), files=gpt2_files)
+
+
+def generate(s, *extra, path=None, check=True):
+    enc, vocab, dict_txt = s.files
+    return run_cli([
+        "fairseq-generate", os.path.dirname(dict_txt), "--user-dir", USER_DIR,
+        "--task", "longmem_icl", "--path", path or s.longmem, "--icl-dataset", "tsv",
+        "--icl-data-dir", s.data, "--icl-labels", "negative,positive",
+        "--demos-in-context", "3", "--demos-in-memory", "40", "--scoring", "icl_accuracy",
+        "--batch-size", "4", "--bpe", "gpt2", "--gpt2-encoder-json", enc, "--gpt2-vocab-bpe",
+        vocab, "--cpu", "--nbest", "2", *extra], check=check)
+
+
+def parse(log):
+    """{id: (target, [(label, score), ...])} and the accuracy line's (percent, right, total)."""
+    out = {}
+    for line in log.splitlines():
+        kind, _, rest = line.partition("-")
+        if kind in ("T", "D") and rest.split("\t")[0].isdigit():
+            fields = rest.split("\t")
+            entry = out.setdefault(int(fields[0]), [None, []])
+            if kind == "T":
+                entry[0] = fields[1].strip()
+            else:
+                entry[1].append((fields[2].strip(), float(fields[1])))
+    m = re.search(r"Generate test with beam=1: Accuracy ([\d.]+) \((\d+)/(\d+)\)", log)
+    assert m, log[-2000:]
+    return out, (float(m.group(1)), int(m.group(2)), int(m.group(3)))
+
+
+def test_generate_prints_every_candidate_and_the_accuracy(icl_setup):
+    log = generate(icl_setup)
+    rows, (pct, right, total) = parse(log)
+    assert sorted(rows) == list(range(12)) and total == 12
+    for target, hyps in rows.values():
+        assert target in ("negative", "positive")
+        assert sorted(label for label, _ in hyps) == ["negative", "positive"]
+        assert hyps[0][1] >= hyps[1][1]  # best first
+    assert right == sum(target == hyps[0][0] for target, hyps in rows.values())
+    assert pct == pytest.approx(100 * right / 12, abs=0.01)
+    assert re.search(r"S-0\tReview: .* Sentiment:$", log, re.M)
+    assert "40 in memory" in log and "written in 1 segments" in log
+
+
+def test_memory_file_is_built_once_then_reused_with_identical_scores(icl_setup, tmp_path):
+    path = str(tmp_path / "memory.safetensors")
+    first = generate(icl_setup, "--memory-file", path)
+    assert "memory saved to" in first and os.path.isfile(path)
+    digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    second = generate(icl_setup, "--memory-file", path)
+    assert "loaded from" in second and "written in" not in second
+    assert parse(first) == parse(second)
+    assert hashlib.sha256(open(path, "rb").read()).hexdigest() == digest
+    # another memory layer makes other keys: the file is refused, named, and left alone
+    log = generate(icl_setup, "--memory-file", path, "--model-overrides",
+                   "{'memory_layer': 2}", check=False)
+    assert re.search(r"--memory-file .* holds another memory; it differs in: memory_layer "
+                     r"\(file 3, this run 2\)", log)
+    assert hashlib.sha256(open(path, "rb").read()).hexdigest() == digest
+
+
+def test_batch_size_does_not_change_predictions(icl_setup):
+    one, _ = parse(generate(icl_setup, "--batch-size", "1"))
+    eight, _ = parse(generate(icl_setup, "--batch-size", "8"))
+    for i in one:
+        assert [lbl for lbl, _ in one[i][1]] == [lbl for lbl, _ in eight[i][1]]
+        for (_, a), (_, b) in zip(one[i][1], eight[i][1]):
+            assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_memory_off_backbone_zero_shot_chunk_size_and_vocab_rule(icl_setup):
+    on, _ = parse(generate(icl_setup))
+    off_log = generate(icl_setup, "--model-overrides", "{'disable_memory': True}")
+    assert "reads no memory" in off_log
+    off, _ = parse(off_log)
+    assert off != on  # the memory changes the scores
+    parse(generate(icl_setup, "--demos-in-memory", "0", path=icl_setup.backbone))
+    zero, _ = parse(generate(icl_setup, "--demos-in-context", "0", "--demos-in-memory", "0"))
+    assert len(zero) == 12
+    csz2 = generate(icl_setup, "--model-overrides", "{'chunk_size': 2}")
+    assert "chunk size 2" in csz2
+    parse(csz2)
+    vocab = generate(icl_setup, "--icl-decision", "vocab", "--nbest", "3")
+    rows, (_, _, total) = parse(vocab)
+    assert total == 12 and all(len(h) == 3 for _, h in rows.values())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--icl-dataset", "nope"], "invalid choice: 'nope'"),
+    (["--icl-data-dir", "/nonexistent/icl"], "ICL data not found: /nonexistent/icl/train.tsv"),
+    (["--icl-labels", "negative,very positive", "--icl-decision", "vocab"],
+     "--icl-decision vocab compares one predicted token with the label, but ' very positive' "
+     "is 2 tokens"),
+    (["--demos-in-context", "61"], "--demos-in-context 61: expected 0 to 60"),
+    (["--demos-in-memory", "100"], "--demos-in-memory 100: expected 0 to 60"),
+    (["--gen-subset", "valid"], "--gen-subset valid: longmem_icl scores the set's evaluation"),
+])
+def test_bad_input_is_refused_in_one_line_and_writes_nothing(icl_setup, tmp_path, args, message):
+    path = tmp_path / "memory.safetensors"
+    log = generate(icl_setup, "--memory-file", str(path), *args, check=False)
+    assert message in log
+    assert "Accuracy" not in log
+    assert not path.exists()
+
+
+def test_memory_is_filled_once_and_left_bit_identical_by_scoring(icl_setup, monkeypatch):
+    from fairseq import checkpoint_utils
+
+    task = make_task(icl_setup.files, icl_setup.data, demos_in_context=3, demos_in_memory=40)
+    models, _ = checkpoint_utils.load_model_ensemble([icl_setup.longmem], task=task)
+    writes = []
+    real = memory_scoring.write_stream
+    monkeypatch.setattr(memory_scoring, "write_stream",
+                        lambda *a, **k: writes.append(a[2].numel()) or real(*a, **k))
+    generator = task.build_generator(models, SimpleNamespace(nbest=2, beam=5))
+    memory = generator.memory
+    names = ("_keys", "_values", "_summaries", "_stage_keys", "_stage_values")
+    before = {n: getattr(memory, n).clone() for n in names}
+    fill = memory.fill().tolist()
+    ds = task.datasets["test"]
+    for i in range(0, len(ds), 5):
+        generator.generate(ds.collater(list(range(i, min(i + 5, len(ds))))))
+    assert writes == [len(task.memory_stream)] and fill[0] > 0
+    assert all(torch.equal(before[n], getattr(memory, n)) for n in names)
+    assert memory.fill().tolist() == fill
