@@ -434,3 +434,47 @@ def test_memory_is_filled_once_and_left_bit_identical_by_scoring(icl_setup, monk
     assert writes == [len(task.memory_stream)] and fill[0] > 0
     assert all(torch.equal(before[n], getattr(memory, n)) for n in names)
     assert memory.fill().tolist() == fill
+
+
+def test_run_icl_prints_the_three_conditions_from_its_logs(icl_setup, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    enc, vocab, dict_txt = icl_setup.files
+    cmd = [sys.executable, os.path.join(REPO, "examples", "icl", "run_icl.py"),
+           "--path", icl_setup.longmem, "--dict-dir", os.path.dirname(dict_txt),
+           "--dataset", "tsv", "--data-dir", icl_setup.data, "--labels", "negative,positive",
+           "--out", str(tmp_path), "--seeds", "1-2", "--k", "2", "--n", "10", "--", "--cpu"]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.load(open(tmp_path / "tsv" / "summary.json"))
+    assert summary["zero"]["seeds"] == [1] and summary["memory"]["seeds"] == [1, 2]
+    for condition in ("zero", "context", "memory"):
+        for seed, acc in zip(summary[condition]["seeds"], summary[condition]["accuracy"]):
+            log = open(tmp_path / "tsv" / f"{condition}_seed{seed}.log").read()
+            assert f"Accuracy {acc:.2f} (" in log
+    mean = sum(summary["memory"]["accuracy"]) / 2
+    assert re.search(rf"^\| memory \| 2 \| 10 \| {mean:.2f} \+- ", res.stdout, re.M)
+    assert os.path.isfile(tmp_path / "tsv" / "memory_seed2.safetensors")
+    # a second call reads the finished logs instead of running again
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert again.stdout.splitlines()[:6] == res.stdout.splitlines()[:6]
+
+
+def test_vader_ratings_become_labels():
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, os.path.join(REPO, "examples"))
+    try:
+        import get_vader_sets
+    finally:
+        sys.path.remove(os.path.join(REPO, "examples"))
+    rows = get_vader_sets.read_rated("1\t2.5\tA fine\tfilm.\r\n2\t-0.1\tdull\r\n3\t0.0\tmeh\r\n")
+    assert rows == [("A fine film.", "positive"), ("dull", "negative")]
+    train, test = get_vader_sets.split(rows * 5, 3, seed=1)
+    assert len(train) == 7 and len(test) == 3 and sorted(train + test) == sorted(rows * 5)

@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -60,7 +61,9 @@ def run(args, out_dir, condition, seed, tok):
             return tuple(float(g) for g in m.groups()), float(t.group(1))
     k = 0 if condition == "zero" else args.k
     n = args.n if condition == "memory" else 0
-    cmd = ["fairseq-generate", args.dict_dir, "--user-dir", os.path.join(REPO, "fairseq_longmem"),
+    # the console script of the interpreter running this file, so that a venv need not be active
+    exe = shutil.which("fairseq-generate", path=os.path.dirname(sys.executable)) or "fairseq-generate"
+    cmd = [exe, args.dict_dir, "--user-dir", os.path.join(REPO, "fairseq_longmem"),
            "--task", "longmem_icl", "--path", args.path, "--icl-dataset", args.dataset,
            "--icl-data-dir", args.data_dir, "--demos-in-context", str(k),
            "--demos-in-memory", str(n), "--icl-seed", str(seed), "--icl-decision", args.decision,
