@@ -1,4 +1,4 @@
-"""LongMem's residual SideNet and its memory-reading joint attention (DESIGN.md section 1).
+"""LongMem's residual SideNet and its memory-reading joint attention (docs/DESIGN.md, section 1).
 
 The SideNet runs beside a frozen GPT-2 backbone: side layer i takes the previous side state plus
 the backbone's change over its ``r`` layers, and one side layer reads the long-term memory.
