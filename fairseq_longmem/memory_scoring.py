@@ -8,7 +8,7 @@ memory here is a :class:`~fairseq_longmem.modules.memory_bank.ChunkedMemoryBank`
 """
 
 import logging
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import torch
 
@@ -59,6 +59,23 @@ def write_stream(model, memory, stream: torch.Tensor, segment_len: int, pad: int
     return int(stream.numel())
 
 
+@torch.no_grad()
+def write_streams(model, memory, streams: Sequence[torch.Tensor], segment_len: int, pad: int):
+    """Write ``streams[r]`` into row r of ``memory`` (one row per stream), segment by segment as
+    the model streams documents: forward s carries segment s of every stream still running."""
+    if memory.num_rows != len(streams):
+        raise ValueError(f"{len(streams)} streams for a memory of {memory.num_rows} rows")
+    device, _ = _device_dtype(model)
+    longest = max((len(s) for s in streams), default=0)
+    for start in range(0, longest, segment_len):
+        segs = [s[start:start + segment_len].long() for s in streams]
+        tokens, lengths = pad_rows([seg if len(seg) else seg.new_tensor([pad]) for seg in segs],
+                                   pad)
+        lengths = torch.tensor([len(seg) for seg in segs])
+        k, v = model.decoder.memory_keys_values(tokens.to(device))  # (R, H, T, hd)
+        memory.add(k, v, lengths=lengths)
+
+
 def _features(model, tokens, lengths, memory):
     """Final hidden states (B, T, C) of ``tokens``, reading ``memory`` without writing it."""
     kwargs = dict(src_tokens=tokens, src_lengths=lengths, features_only=True)
@@ -83,33 +100,36 @@ def next_token_logprobs(model, prompts: torch.Tensor, lengths: torch.Tensor,
 
 @torch.no_grad()
 def continuation_logprobs(model, prompts: Sequence[torch.Tensor],
-                          continuations: Sequence[torch.Tensor], pad: int,
+                          continuations: Sequence[Sequence[torch.Tensor]], pad: int,
                           memory=None) -> List[List[torch.Tensor]]:
-    """Log-probabilities of every continuation after every prompt: ``out[b][c]`` is a float32
-    tensor of ``len(continuations[c])`` per-token log-probs of continuation c after prompt b.
+    """Log-probabilities of continuations after prompts: ``continuations[b]`` are prompt b's
+    candidates (the same number for every prompt), and ``out[b][c]`` is a float32 tensor of the
+    per-token log-probs of ``continuations[b][c]`` after prompt b.
 
     ``memory`` (optional) has 1 row (read by every prompt) or ``len(prompts)`` rows (prompt b
-    reads row b). One forward per continuation over all prompts (prompt + continuation minus its
-    last token); single-token continuations share one forward over the prompts alone."""
+    reads row b). One forward per candidate index over all prompts (prompt + candidate minus its
+    last token); when every candidate is one token, one forward over the prompts alone."""
     device, _ = _device_dtype(model)
-    B = len(prompts)
-    out = [[None] * len(continuations) for _ in range(B)]
-    if all(len(c) == 1 for c in continuations):
+    B, C = len(prompts), len(continuations[0])
+    if any(len(cands) != C for cands in continuations):
+        raise ValueError("every prompt needs the same number of candidates")
+    out = [[None] * C for _ in range(B)]
+    if all(len(c) == 1 for cands in continuations for c in cands):
         tokens, lengths = pad_rows(prompts, pad)
         lp = next_token_logprobs(model, tokens, lengths, memory)  # (B, V)
-        ids = torch.stack([c[0] for c in continuations]).to(device)
         for b in range(B):
-            for c in range(len(continuations)):
-                out[b][c] = lp[b, ids[c]].view(1).cpu()
+            for c in range(C):
+                out[b][c] = lp[b, continuations[b][c]].cpu()
         return out
-    for c, cont in enumerate(continuations):
-        rows = [torch.cat([p, cont[:-1]]) for p in prompts]
+    for c in range(C):
+        rows = [torch.cat([p, cands[c][:-1]]) for p, cands in zip(prompts, continuations)]
         tokens, lengths = pad_rows(rows, pad)
         x = _features(model, tokens.to(device), lengths.to(device), memory)  # (B, T, C)
         for b, p in enumerate(prompts):
+            cont = continuations[b][c].to(device)
             positions = torch.arange(len(p) - 1, len(p) - 1 + len(cont), device=device)
             lp = model.decoder.output_layer(x[b, positions]).float().log_softmax(dim=-1)
-            out[b][c] = lp.gather(1, cont.to(device).view(-1, 1)).view(-1).cpu()
+            out[b][c] = lp.gather(1, cont.view(-1, 1)).view(-1).cpu()
     return out
 
 
@@ -118,9 +138,3 @@ def memory_size_for(num_tokens: int, chunk_size: int, retrieved_tokens: int) -> 
     ``retrieved_tokens`` a query asks for."""
     chunks = -(-max(num_tokens, retrieved_tokens) // chunk_size)
     return chunks * chunk_size
-
-
-def describe_memory(memory) -> Optional[str]:
-    if memory is None:
-        return None
-    return f"{int(memory.fill()[0]):,} tokens (+{int(memory.staged()[0])} staged)"

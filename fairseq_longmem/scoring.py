@@ -1,9 +1,10 @@
-"""``icl_accuracy``: fairseq-generate's scorer for ``--task longmem_icl``.
+"""fairseq-generate scorers of the scoring tasks: the share of examples whose top hypothesis is
+right, compared as decoded text with the surrounding whitespace removed.
 
-It compares each example's top hypothesis with its gold label word, as decoded text with the
-surrounding whitespace removed: equal under ``--icl-decision labels``; under ``vocab`` (the
-LongMem authors' rule) right when the predicted token is not blank and the gold label starts with
-it. Prints ``Accuracy 91.06 (794/872)``.
+``candidate_accuracy``: right when the top candidate equals the target (``longmem_suffix``).
+``icl_accuracy`` (``longmem_icl``): the same under ``--icl-decision labels``; under ``vocab``
+(the LongMem authors' rule) right when the predicted token is not blank and the gold label starts
+with it. Both print ``Accuracy 91.06 (794/872)``.
 """
 
 from dataclasses import dataclass
@@ -15,30 +16,45 @@ from omegaconf.errors import OmegaConfBaseException
 
 
 @dataclass
-class ICLAccuracyConfig(FairseqDataclass):
-    icl_decision: str = II("task.icl_decision")
+class CandidateAccuracyConfig(FairseqDataclass):
+    pass
 
 
-@register_scorer("icl_accuracy", dataclass=ICLAccuracyConfig)
-class ICLAccuracyScorer(BaseScorer):
+@register_scorer("candidate_accuracy", dataclass=CandidateAccuracyConfig)
+class CandidateAccuracyScorer(BaseScorer):
     def __init__(self, cfg):
         super().__init__(cfg)
-        try:
-            self.decision = str(cfg.icl_decision)
-        except OmegaConfBaseException:
-            raise ValueError("--scoring icl_accuracy scores --task longmem_icl") from None
         self.correct = 0
+
+    def right(self, ref: str, pred: str) -> bool:
+        return ref == pred
 
     def add_string(self, ref, pred):
         super().add_string(ref, pred)
-        ref, pred = ref.strip(), pred.strip()
-        if self.decision == "vocab":
-            self.correct += bool(pred) and ref.startswith(pred)
-        else:
-            self.correct += ref == pred
+        self.correct += self.right(ref.strip(), pred.strip())
 
     def score(self) -> float:
         return 100.0 * self.correct / len(self.ref) if self.ref else 0.0
 
     def result_string(self) -> str:
         return f"Accuracy {self.score():.2f} ({self.correct}/{len(self.ref)})"
+
+
+@dataclass
+class ICLAccuracyConfig(FairseqDataclass):
+    icl_decision: str = II("task.icl_decision")
+
+
+@register_scorer("icl_accuracy", dataclass=ICLAccuracyConfig)
+class ICLAccuracyScorer(CandidateAccuracyScorer):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        try:
+            self.decision = str(cfg.icl_decision)
+        except OmegaConfBaseException:
+            raise ValueError("--scoring icl_accuracy scores --task longmem_icl") from None
+
+    def right(self, ref: str, pred: str) -> bool:
+        if self.decision == "vocab":
+            return bool(pred) and ref.startswith(pred)
+        return ref == pred

@@ -261,7 +261,7 @@ def test_multi_token_continuations_score_as_a_full_forward():
     memory_scoring.write_stream(model, memory, torch.randint(4, 30, (24,)), 16, d.pad())
     prompts = [torch.randint(4, 30, (n,)) for n in (5, 9)]
     conts = [torch.tensor([7, 8, 9]), torch.tensor([11])]
-    got = memory_scoring.continuation_logprobs(model, prompts, conts, d.pad(), memory)
+    got = memory_scoring.continuation_logprobs(model, prompts, [conts, conts], d.pad(), memory)
     for b, p in enumerate(prompts):
         for c, cont in enumerate(conts):
             full = torch.cat([p, cont])[None, :-1]

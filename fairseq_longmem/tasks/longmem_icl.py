@@ -24,18 +24,22 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import List, Optional
 
 import numpy as np
 import torch
-from fairseq.data import Dictionary, FairseqDataset, encoders, iterators
-from fairseq.dataclass import ChoiceEnum, FairseqDataclass
-from fairseq.tasks import FairseqTask, register_task
-from omegaconf import II
+from fairseq.dataclass import ChoiceEnum
+from fairseq.tasks import register_task
 
 from .. import icl_data, memory_scoring
-from ..models.longmem_gpt2 import BuildsLongMemFromCheckpoints
 from ..modules import memory_bank
+from .candidate_scoring import (
+    CandidateScorer,
+    CandidateScoringConfig,
+    CandidateScoringTask,
+    ExamplesDataset,
+    hypo,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +48,7 @@ MEMORY_FILE_KIND = "fairseq_longmem.icl_memory/1"
 
 
 @dataclass
-class LongMemICLConfig(FairseqDataclass):
-    data: str = field(
-        default="???", metadata={"help": "folder holding the checkpoint's dict.txt"}
-    )
+class LongMemICLConfig(CandidateScoringConfig):
     icl_dataset: ChoiceEnum(sorted(icl_data.SETS)) = field(
         default="sst2",
         metadata={"help": "evaluation set: sst2, sst5, mr, subj, mpqa in the LongMem authors' "
@@ -88,42 +89,18 @@ class LongMemICLConfig(FairseqDataclass):
         metadata={"help": "reuse the demonstration memory saved here if it matches this run "
                   "(model, set, seed, N, chunk size); build and save it if the file is absent"},
     )
-    tokens_per_sample: int = field(
-        default=1024,
-        metadata={"help": "context length: longer prompts lose their oldest demonstrations; "
-                  "the memory is written in segments of this many tokens"},
-    )
-    # fairseq's own --bpe options, read here to encode the prompts
-    bpe_cfg: Any = II("bpe")
-    fp16: bool = II("common.fp16")
-    bf16: bool = II("common.bf16")
 
 
-class ICLDataset(FairseqDataset):
+class ICLDataset(ExamplesDataset):
     """Test examples as prompts (demonstrations + query) with their gold label."""
 
     def __init__(self, prompts: List[torch.Tensor], queries: List[torch.Tensor],
                  labels: List[int], candidates: List[torch.Tensor], pad: int):
+        longest = max(len(c) for c in candidates)
+        super().__init__([len(p) + longest - 1 for p in prompts])
         self.prompts, self.queries, self.labels = prompts, queries, labels
         self.candidates = candidates
         self.pad = pad
-        longest = max(len(c) for c in candidates)
-        self.sizes = np.array([len(p) + longest - 1 for p in prompts], dtype=np.int64)
-
-    def __getitem__(self, index):
-        return index
-
-    def __len__(self):
-        return len(self.prompts)
-
-    def num_tokens(self, index):
-        return int(self.sizes[index])
-
-    def size(self, index):
-        return int(self.sizes[index])
-
-    def ordered_indices(self):
-        return np.arange(len(self))  # test order: output lines follow the file
 
     def collater(self, indices):
         if not indices:
@@ -147,52 +124,12 @@ class ICLDataset(FairseqDataset):
 
 
 @register_task("longmem_icl", dataclass=LongMemICLConfig)
-class LongMemICLTask(BuildsLongMemFromCheckpoints, FairseqTask):
-    def __init__(self, cfg: LongMemICLConfig, dictionary: Dictionary, bpe):
-        super().__init__(cfg)
-        self.dictionary = dictionary
-        self.bpe = bpe
+class LongMemICLTask(CandidateScoringTask):
+    def __init__(self, cfg: LongMemICLConfig, dictionary, bpe):
+        super().__init__(cfg, dictionary, bpe)
         self.icl = None  # the set, once loaded
         self.memory_demos = []  # demonstration lines (text) for the memory
         self.memory_stream = None  # their tokens, as written into memory
-
-    @classmethod
-    def setup_task(cls, cfg: LongMemICLConfig, **kwargs):
-        if cfg.tokens_per_sample < 2:
-            raise ValueError(f"--tokens-per-sample must be >= 2, got {cfg.tokens_per_sample}")
-        dict_path = os.path.join(cfg.data, "dict.txt")
-        if not os.path.isfile(dict_path):
-            raise FileNotFoundError(f"Dictionary not found: {dict_path} (the checkpoint's dict.txt)")
-        dictionary = Dictionary.load(dict_path)
-        if cfg.bpe_cfg is None:
-            raise ValueError(
-                "--task longmem_icl needs the tokenizer the model was trained with to encode the "
-                "prompts: --bpe gpt2 --gpt2-encoder-json F --gpt2-vocab-bpe F (local files: "
-                "python examples/get_gpt2_bpe.py prints them) or --bpe sentencepiece "
-                "--sentencepiece-model F"
-            )
-        for key in ("gpt2_encoder_json", "gpt2_vocab_bpe", "sentencepiece_model"):
-            path = cfg.bpe_cfg.get(key)
-            if path is not None and "://" not in str(path) and not os.path.isfile(path):
-                raise FileNotFoundError(f"--{key.replace('_', '-')}: no file at {path}")
-        if str(cfg.bpe_cfg.get("gpt2_encoder_json", "")).startswith("http"):
-            raise ValueError(
-                "--bpe gpt2 needs local files: pass --gpt2-encoder-json and --gpt2-vocab-bpe "
-                "(python examples/get_gpt2_bpe.py fetches them from PyPI and prints the paths)"
-            )
-        return cls(cfg, dictionary, encoders.build_bpe(cfg.bpe_cfg))
-
-    # ------------------------------------------------------------------ data
-
-    def encode(self, text: str) -> torch.Tensor:
-        return self.dictionary.encode_line(
-            self.bpe.encode(text), add_if_not_exist=False, append_eos=False
-        ).long()
-
-    def _lines(self, pieces: List[torch.Tensor]) -> torch.Tensor:
-        """``</s> p_1 </s> p_2 ...``: each piece one line, as the LM was trained on lines."""
-        eos = torch.tensor([self.dictionary.eos()])
-        return torch.cat([t for p in pieces for t in (eos, p)]) if pieces else eos[:0]
 
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
         cfg = self.cfg
@@ -238,7 +175,7 @@ class LongMemICLTask(BuildsLongMemFromCheckpoints, FairseqTask):
 
         self.memory_demos = [template.demonstration(x.text, self.icl.labels[x.label])
                              for x in in_memory]
-        self.memory_stream = self._lines([self.encode(d) for d in self.memory_demos])
+        self.memory_stream = self.lines([self.encode(d) for d in self.memory_demos])
         self.count_unknowns([self.memory_stream], "memory")
         self.datasets[split] = ICLDataset(prompts, queries, [x.label for x in self.icl.test],
                                           candidates, self.dictionary.pad())
@@ -264,91 +201,23 @@ class LongMemICLTask(BuildsLongMemFromCheckpoints, FairseqTask):
         while first < len(demos) and need + sum(lengths[first:]) > limit:
             first += 1
         cut = max(0, need - limit)
-        prompt = self._lines(demos[first:] + [query[cut:]])
+        prompt = self.lines(demos[first:] + [query[cut:]])
         return prompt, first, cut
-
-    def count_unknowns(self, token_lists, what):
-        unk = self.dictionary.unk()
-        n = sum(int((t == unk).sum()) for t in token_lists)
-        if n:
-            logger.warning("%d tokens of the %s are <unk>: is dict.txt the one the model was "
-                           "trained with, and --bpe its tokenizer?", n, what)
-
-    def get_batch_iterator(self, dataset, max_tokens=None, max_sentences=None,
-                           max_positions=None, ignore_invalid_inputs=False,
-                           required_batch_size_multiple=1, seed=1, num_shards=1, shard_id=0,
-                           num_workers=0, epoch=1, data_buffer_size=0, **kwargs):
-        """Every test example, in file order, in batches of at most --batch-size examples and
-        --max-tokens tokens. (fairseq's own batching silently drops the last examples when
-        --batch-size is below --required-batch-size-multiple, 8 by default.)"""
-        batches, batch, longest = [], [], 0
-        for i in range(len(dataset)):
-            size = dataset.size(i)
-            grown = max(longest, size) * (len(batch) + 1)
-            if batch and ((max_sentences and len(batch) == max_sentences)
-                          or (max_tokens and grown > max_tokens)):
-                batches.append(batch)
-                batch, longest = [], 0
-            batch.append(i)
-            longest = max(longest, size)
-        if batch:
-            batches.append(batch)
-        return iterators.EpochBatchIterator(
-            dataset=dataset, collate_fn=dataset.collater, batch_sampler=batches, seed=seed,
-            num_shards=num_shards, shard_id=shard_id, num_workers=num_workers, epoch=epoch,
-            buffer_size=data_buffer_size, disable_shuffling=True,
-        )
-
-    # ------------------------------------------------------------------ scoring
 
     def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None, **kw):
         # fairseq-generate prints "beam=" in its final line; scoring has no beam, so say 1
         args.beam = 1
         return ICLScorer(self, models, nbest=args.nbest)
 
-    def inference_step(self, generator, models, sample, prefix_tokens=None, constraints=None):
-        return generator.generate(sample)
 
-    def build_dataset_for_inference(self, src_tokens, src_lengths, **kwargs):
-        raise NotImplementedError(
-            "longmem_icl scores a labelled set through fairseq-generate; it does not take "
-            "interactive input"
-        )
-
-    def max_positions(self):
-        return self.cfg.tokens_per_sample
-
-    @property
-    def source_dictionary(self):
-        return self.dictionary
-
-    @property
-    def target_dictionary(self):
-        return self.dictionary
-
-
-class ICLScorer:
+class ICLScorer(CandidateScorer):
     """fairseq-generate's "generator" for longmem_icl: owns the read-only demonstration memory
     (filled once, at construction) and scores every label word of every test example."""
 
     def __init__(self, task: LongMemICLTask, models, nbest: int):
-        if len(models) != 1:
-            raise ValueError(f"longmem_icl scores one model, got {len(models)} (--path a:b)")
+        super().__init__(task, models, nbest)
         cfg = task.cfg
-        self.task, self.model = task, models[0]
-        if cfg.bf16 and not cfg.fp16:
-            self.model.to(torch.bfloat16)  # fairseq-generate only casts for --fp16
-        self.model.eval()
-        self.nbest = max(1, nbest)
         self.decision = str(cfg.icl_decision)
-        self.pad = task.dictionary.pad()
-        self.eos = task.dictionary.eos()  # fairseq-generate strips it from printed tokens
-        positions = self.model.max_positions()
-        if cfg.tokens_per_sample > positions:
-            raise ValueError(
-                f"--tokens-per-sample {cfg.tokens_per_sample} exceeds the model's {positions} "
-                f"positions: pass --tokens-per-sample {positions}"
-            )
         self.memory = None
         n = len(task.memory_demos)
         if memory_scoring.reads_memory(self.model):
@@ -388,7 +257,7 @@ class ICLScorer:
         task, decoder, cfg = self.task, self.model.decoder, self.task.cfg
         ident = self.identity()
         fingerprint = json.dumps(ident, sort_keys=True)
-        like = next(self.model.parameters())
+        like = self.like
         size = memory_scoring.memory_size_for(len(task.memory_stream), decoder.cfg.chunk_size,
                                               decoder.cfg.retrieved_tokens)
         path = cfg.memory_file
@@ -432,7 +301,7 @@ class ICLScorer:
         if memory is None and memory_scoring.reads_memory(self.model):
             # no demonstrations in memory: an empty memory reads as memory off
             memory = self.model.decoder.new_memory(1, self.model.decoder.cfg.retrieved_tokens,
-                                                   next(self.model.parameters()))
+                                                   self.like)
         if self.decision == "vocab":
             tokens, lens = memory_scoring.pad_rows(prompts, self.pad)
             lp = memory_scoring.next_token_logprobs(self.model, tokens, lens, memory).cpu()
@@ -440,19 +309,9 @@ class ICLScorer:
             return [[hypo(top.indices[b, j].view(1), top.values[b, j].view(1))
                      for j in range(self.nbest)] for b in range(len(prompts))]
         cands = self.task.datasets["test"].candidates
-        scores = memory_scoring.continuation_logprobs(self.model, prompts, cands, self.pad,
-                                                      memory)
-        out = []
-        for row in scores:
-            order = sorted(range(len(cands)), key=lambda c: -float(row[c].sum()))
-            out.append([hypo(cands[c], row[c]) for c in order])
-        return out
-
-
-def hypo(tokens: torch.Tensor, positional: torch.Tensor) -> dict:
-    """A fairseq-generate hypothesis: tokens, total log-prob (base e), per-token log-probs."""
-    return {"tokens": tokens.long(), "score": float(positional.sum()),
-            "positional_scores": positional.float().clone(), "alignment": None}
+        scores = memory_scoring.continuation_logprobs(self.model, prompts,
+                                                      [cands] * len(prompts), self.pad, memory)
+        return [self.ranked(cands, row) for row in scores]
 
 
 def read_identity(path: str) -> dict:
