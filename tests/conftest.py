@@ -176,3 +176,43 @@ def backbone(corpus, tmp_path_factory) -> str:
     path = os.path.join(save_dir, "checkpoint_last.pt")
     assert os.path.isfile(path), path
     return path
+
+
+@pytest.fixture(scope="session")
+def gpt2_vocab_models(gpt2_files, tmp_path_factory):
+    """Tiny checkpoints over GPT-2's BPE vocabulary, for the scoring tasks: a ``gpt2_lm_tiny``
+    backbone and a ``longmem_gpt2_tiny`` on top, each trained for a few updates by the real
+    ``fairseq-train`` on sentiment-review lines binarized with GPT-2's dict.txt."""
+    from argparse import Namespace
+    from types import SimpleNamespace
+
+    from fairseq.data import encoders
+
+    enc, vocab, dict_txt = gpt2_files
+    root = tmp_path_factory.mktemp("gpt2_vocab")
+    bpe = encoders.build_bpe(Namespace(bpe="gpt2", gpt2_encoder_json=enc, gpt2_vocab_bpe=vocab))
+    rng = random.Random(1)
+    with open(root / "lm.txt", "w") as f:
+        for _ in range(16):
+            for _ in range(8):
+                adjective = rng.choice(["fine", "dull", "great", "awful"])
+                label = "positive" if adjective in ("fine", "great") else "negative"
+                line = f"Review: the film was {adjective} . Sentiment: {label}. "
+                f.write(bpe.encode(line) + "\n")
+            f.write("\n")
+    run_cli(["fairseq-preprocess", "--only-source", "--srcdict", dict_txt, "--trainpref",
+             root / "lm.txt", "--destdir", root / "bin", "--workers", "1"], timeout=120)
+    common = ["--tokens-per-sample", "32", "--optimizer", "adam", "--lr", "1e-3", "--cpu",
+              "--num-workers", "0", "--disable-validation", "--no-epoch-checkpoints", "--seed", "1"]
+    run_cli(["fairseq-train", root / "bin", "--user-dir", USER_DIR, "--task", "language_modeling",
+             "--arch", "gpt2_lm_tiny", "--batch-size", "4", "--max-update", "3",
+             "--save-dir", root / "backbone", *common], timeout=300)
+    backbone = str(root / "backbone" / "checkpoint_last.pt")
+    run_cli(["fairseq-train", root / "bin", "--user-dir", USER_DIR, "--task", "longmem_lm",
+             "--arch", "longmem_gpt2_tiny", "--criterion", "longmem_cross_entropy",
+             "--backbone-path", backbone, "--batch-size", "2", "--memory-size", "256",
+             "--chunk-size", "4", "--retrieved-tokens", "16", "--max-update", "2",
+             "--save-dir", root / "longmem", *common], timeout=300)
+    return SimpleNamespace(backbone=backbone, longmem=str(root / "longmem" / "checkpoint_last.pt"),
+                           files=gpt2_files)
+

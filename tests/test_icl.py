@@ -275,40 +275,10 @@ def test_multi_token_continuations_score_as_a_full_forward():
 
 
 @pytest.fixture(scope="module")
-def icl_setup(gpt2_files, tmp_path_factory):
-    """A hand-made tsv set, text in its format binarized with GPT-2's dict, a tiny gpt2_lm
-    backbone and a LongMem on top (a few updates each: enough to be a real checkpoint)."""
-    from argparse import Namespace
-
-    from fairseq.data import encoders
-
-    enc, vocab, dict_txt = gpt2_files
-    root = tmp_path_factory.mktemp("icl")
-    data = write_tsv_set(str(root / "set"))
-    bpe = encoders.build_bpe(Namespace(bpe="gpt2", gpt2_encoder_json=enc, gpt2_vocab_bpe=vocab))
-    rng = random.Random(1)
-    with open(root / "lm.txt", "w") as f:
-        for _ in range(16):
-            for _ in range(8):
-                text, y = review(rng)
-                f.write(bpe.encode(f"Review: {text} Sentiment: {['negative', 'positive'][y]}. ")
-                        + "\n")
-            f.write("\n")
-    run_cli(["fairseq-preprocess", "--only-source", "--srcdict", dict_txt, "--trainpref",
-             root / "lm.txt", "--destdir", root / "bin", "--workers", "1"], timeout=120)
-    common = ["--tokens-per-sample", "32", "--optimizer", "adam", "--lr", "1e-3", "--cpu",
-              "--num-workers", "0", "--disable-validation", "--no-epoch-checkpoints", "--seed", "1"]
-    run_cli(["fairseq-train", root / "bin", "--user-dir", USER_DIR, "--task", "language_modeling",
-             "--arch", "gpt2_lm_tiny", "--batch-size", "4", "--max-update", "3",
-             "--save-dir", root / "backbone", *common], timeout=300)
-    backbone = str(root / "backbone" / "checkpoint_last.pt")
-    run_cli(["fairseq-train", root / "bin", "--user-dir", USER_DIR, "--task", "longmem_lm",
-             "--arch", "longmem_gpt2_tiny", "--criterion", "longmem_cross_entropy",
-             "--backbone-path", backbone, "--batch-size", "2", "--memory-size", "256",
-             "--chunk-size", "4", "--retrieved-tokens", "16", "--max-update", "2",
-             "--save-dir", root / "longmem", *common], timeout=300)
-    return SimpleNamespace(root=root, data=data, backbone=backbone,
-                           longmem=str(root / "longmem" / "checkpoint_last.pt"), files=gpt2_files)
+def icl_setup(gpt2_vocab_models, tmp_path_factory):
+    data = write_tsv_set(str(tmp_path_factory.mktemp("icl") / "set"))
+    return SimpleNamespace(data=data, backbone=gpt2_vocab_models.backbone,
+                           longmem=gpt2_vocab_models.longmem, files=gpt2_vocab_models.files)
 
 
 def generate(s, *extra, path=None, check=True):
