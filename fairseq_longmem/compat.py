@@ -1,10 +1,11 @@
-"""Compatibility shims that let fairseq 0.12.3 run on numpy 2 and torch >= 2.6.
+"""Compatibility shims that let fairseq 0.12.3 run on numpy 2 and torch >= 2.6, and load
+checkpoints safely.
 
-Installed once, on import of :mod:`fairseq_longmem`; each shim only fills a gap and never
-replaces working behaviour.
+Installed once, on import of :mod:`fairseq_longmem`: ``np.compat``, and a ``torch.load`` for
+fairseq.checkpoint_utils that unpickles no code and vets the config
+(:mod:`fairseq_longmem.checkpoint_guard`).
 """
 
-import argparse
 import logging
 import os
 import pickle
@@ -13,9 +14,9 @@ import types
 import numpy as np
 import torch
 
-logger = logging.getLogger(__name__)
+from .checkpoint_guard import TRUST_ENV, safe_globals, vet
 
-TRUST_ENV = "FAIRSEQ_LONGMEM_TRUST_CHECKPOINTS"
+logger = logging.getLogger(__name__)
 
 
 def _numpy_compat():
@@ -25,19 +26,10 @@ def _numpy_compat():
         np.compat = types.SimpleNamespace(long=int)
 
 
-# Types that fairseq checkpoints legitimately contain besides tensors and containers:
-# argparse-era configs pickle a Namespace, and metrics/iterator state may hold numpy scalars.
-def _safe_globals():
-    safe = [argparse.Namespace, np.dtype, np.ndarray]
-    core = getattr(np, "_core", None) or getattr(np, "core")
-    safe.append(core.multiarray.scalar)
-    safe.append(core.multiarray._reconstruct)
-    safe.extend(type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool"))
-    return safe
-
-
 def load_checkpoint_file(f, map_location=None, **kwargs):
-    """``torch.load`` restricted to tensors, containers and the types fairseq needs.
+    """``torch.load`` restricted to tensors, containers and the types fairseq needs, and the
+    result vetted by :func:`fairseq_longmem.checkpoint_guard.vet` (no config fairseq would
+    evaluate).
 
     Unpickling arbitrary objects runs arbitrary code, so a checkpoint holding anything else is
     refused unless the user says they trust it with ``FAIRSEQ_LONGMEM_TRUST_CHECKPOINTS=1``.
@@ -45,16 +37,17 @@ def load_checkpoint_file(f, map_location=None, **kwargs):
     if os.environ.get(TRUST_ENV) == "1":
         return torch.load(f, map_location=map_location, weights_only=False)
     kwargs.pop("weights_only", None)
-    with torch.serialization.safe_globals(_safe_globals()):
+    name = getattr(f, "name", f)
+    with torch.serialization.safe_globals(safe_globals()):
         try:
-            return torch.load(f, map_location=map_location, weights_only=True)
+            state = torch.load(f, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as e:
-            name = getattr(f, "name", f)
             raise pickle.UnpicklingError(
                 f"checkpoint {name} holds objects outside the safe list (tensors, containers, "
                 f"argparse.Namespace, numpy scalars); if you trust the file, set {TRUST_ENV}=1 "
                 f"and retry. Detail: {str(e).splitlines()[0]}"
             ) from None
+    return vet(state, name)
 
 
 class _TorchWithSafeLoad(types.ModuleType):
