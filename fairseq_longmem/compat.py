@@ -1,9 +1,10 @@
-"""Compatibility shims that let fairseq 0.12.3 run on numpy 2 and torch >= 2.6, and load
-checkpoints safely.
+"""Compatibility shims that let fairseq 0.12.3 run on numpy 2 and torch >= 2.6, and load and
+write checkpoints safely.
 
-Installed once, on import of :mod:`fairseq_longmem`: ``np.compat``, and a ``torch.load`` for
+Installed once, on import of :mod:`fairseq_longmem`: ``np.compat``; a ``torch.load`` for
 fairseq.checkpoint_utils that unpickles no code and vets the config
-(:mod:`fairseq_longmem.checkpoint_guard`).
+(:mod:`fairseq_longmem.checkpoint_guard`); kill-safe checkpoint writes and resume
+(:mod:`fairseq_longmem.checkpoint_files`).
 """
 
 import logging
@@ -14,6 +15,7 @@ import types
 import numpy as np
 import torch
 
+from . import checkpoint_files
 from .checkpoint_guard import TRUST_ENV, safe_globals, vet
 
 logger = logging.getLogger(__name__)
@@ -69,3 +71,4 @@ def _checkpoint_loading():
 def install():
     _numpy_compat()
     _checkpoint_loading()
+    checkpoint_files.install()
