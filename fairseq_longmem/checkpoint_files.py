@@ -13,10 +13,11 @@ during the copy leaves a truncated ``checkpoint_last.pt`` and the next run dies 
   ``--save-dir`` are removed (they never replaced anything), so none accumulate across runs;
 - before resuming, the file fairseq is about to load is checked (zip structure and the CRC-32 of
   every record). If it is damaged and lies in ``--save-dir``, it is renamed to
-  ``<name>.damaged`` (never deleted or overwritten) and training resumes from the newest intact
-  checkpoint there (most updates, then most recent), with one log line naming both files. If no
-  checkpoint there is intact, or the damaged file was named elsewhere (``--restore-file``,
-  ``--finetune-from-model``), the run stops with a one-line error and moves nothing;
+  ``<name>.damaged`` (never deleted or overwritten), replaced by a copy of the newest intact
+  checkpoint there (most updates, then most recent), and training resumes from that one, with
+  one log line naming both files. If no checkpoint there is intact, or the damaged file was
+  named elsewhere (``--restore-file``, ``--finetune-from-model``), the run stops with a one-line
+  error and moves nothing;
 - a run resumed at ``--max-update`` trains nothing (fairseq would train one update more).
 """
 
@@ -65,6 +66,11 @@ def atomic_write(path: str, write: Callable):
             os.remove(tmp)
         raise
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def atomic_copy(src: str, dst: str):
+    with open(src, "rb") as f:
+        atomic_write(dst, lambda out: shutil.copyfileobj(f, out, 16 << 20))
 
 
 def _is_local(path: str) -> bool:
@@ -154,9 +160,12 @@ def _choose(path: str, save_dir: str, suffix: str, may_fall_back: bool) -> Tuple
             f"checkpoint {path} is {problem} and no other checkpoint in --save-dir {save_dir} is "
             "intact; nothing was moved. Move the damaged files away to start over"
         )
+    moved = _move_aside(path)
+    # so that a rerun finds ``path`` intact even if this one is killed before its first save
+    atomic_copy(fallback, path)
     logger.warning(
         "checkpoint %s is %s: moved it to %s and resuming from %s, the newest intact checkpoint "
-        "in --save-dir", path, problem, _move_aside(path), fallback,
+        "in --save-dir (copied to %s)", path, problem, moved, fallback, os.path.basename(path),
     )
     # the resumed run would write these names again: keep the damaged files under other names
     for other, other_problem in newer_damaged:
@@ -254,8 +263,7 @@ class _PathManagerWithAtomicCopy:
             return self._pm.copy(src_path, dst_path, overwrite)
         if os.path.exists(dst_path) and not overwrite:
             return False
-        with open(src_path, "rb") as src:
-            atomic_write(dst_path, lambda f: shutil.copyfileobj(src, f, 16 << 20))
+        atomic_copy(src_path, dst_path)
         return True
 
 

@@ -1,6 +1,7 @@
 """Checkpoints survive kills: fairseq-train SIGKILLed at random moments around its saves and
 resumed with the identical command ends with the weights of an uninterrupted run; a damaged
-checkpoint_last.pt is moved aside and training resumes from the newest intact checkpoint.
+checkpoint_last.pt is moved aside and training resumes from the newest intact checkpoint; a run
+resumed at --max-update trains nothing.
 
 ``--disable-memory`` makes a resumed run bit-identical to an uninterrupted one: fairseq reseeds
 every step with seed + num_updates and checkpoints restore the optimizer and the data position
@@ -203,13 +204,21 @@ def test_damaged_last_checkpoint_resumes_from_newest_intact(corpus, backbone, un
     truncated = truncate(last)
     corrupt = zero_middle(newest)  # zeros inside a tensor: torch.load reads it without complaint
 
-    log = run_cli(train_args(corpus, backbone, save_dir))
+    # resumed at --max-update: nothing is trained, but checkpoint_last.pt is intact again
+    log = run_cli(train_args(corpus, backbone, save_dir, max_update=5))
     fallback = os.path.join(save_dir, "checkpoint_1_5.pt")
     line = next(l for l in log.splitlines() if "resuming from" in l)
     assert (f"checkpoint {last} is truncated" in line and f"moved it to {last}.damaged" in line
-            and f"resuming from {fallback}, the newest intact checkpoint" in line), line
+            and f"resuming from {fallback}, the newest intact checkpoint in --save-dir (copied "
+            "to checkpoint_last.pt)" in line), line
     assert f"checkpoint {newest} is corrupt (CRC mismatch" in log  # skipped, and moved aside
     assert loaded_from(log) == (fallback, 5)
+    assert "the checkpoint is at update 5 and --max-update is 5: nothing left to train" in log
+    assert trained_updates(log) == []
+    assert open(last, "rb").read() == open(fallback, "rb").read()
+    # the identical command goes on from there
+    log = run_cli(train_args(corpus, backbone, save_dir))
+    assert loaded_from(log) == (last, 5) and "is damaged" not in log
     assert trained_updates(log) == [6, 7, 8]
     assert_same_training_state(final_state(save_dir), uninterrupted)
     # nothing the user had is lost: the damaged files are kept, byte for byte
