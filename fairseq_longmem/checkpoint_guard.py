@@ -127,8 +127,8 @@ def _problem(state: Any) -> str:
         if not names:
             return f"has no cfg.{kind}._name, expected one of {sorted(LOADABLE[kind])}"
         for name in names:
-            resolved = _model_name(name) if kind == "model" else name
-            if resolved not in LOADABLE[kind]:
+            resolved = name if kind != "model" or not isinstance(name, str) else _model_name(name)
+            if not isinstance(name, str) or resolved not in LOADABLE[kind]:
                 return (f"names {kind} {name!r}, expected one of {sorted(LOADABLE[kind])} "
                         f"(other {kind}s may evaluate strings from the file)")
     for key, value in cfg["model"].items():
@@ -152,7 +152,7 @@ def _problem(state: Any) -> str:
 def vet(state: Any, name: str) -> Any:
     """Return ``state`` if fairseq can load it without running code from it; otherwise raise
     :class:`UnsafeCheckpointError` with one line naming ``name``."""
-    problem = _problem(state)
+    problem = _problem(state).replace("\n", "\\n")  # keys come from the file: keep one line
     if problem:
         raise UnsafeCheckpointError(
             f"checkpoint {name} {problem}. Refused, since loading it could run code from the "

@@ -198,6 +198,10 @@ def test_our_checkpoints_pass(ours, tmp_path):
     (lambda s: s["cfg"]["model"].update(_name="fconv_lm"), "names model 'fconv_lm'"),
     (lambda s: s["cfg"]["model"].update(_name=None, arch="fconv_lm"), "names model 'fconv_lm'"),
     (lambda s: s["cfg"]["model"].update(_name=None), "has no cfg.model._name"),
+    (lambda s: s["cfg"]["task"].update(_name=["language_modeling"]),
+     "names task ['language_modeling']"),
+    (lambda s: s["cfg"]["common"].update({"a\nb": "${x}"}),
+     "has an interpolation in cfg.common.a\\nb"),  # a key from the file cannot break the line
     (lambda s: s["cfg"]["model"].update(embed_dim=[128]),
      "has cfg.model.embed_dim of type list, expected plain values"),
     (lambda s: s["cfg"]["common"].update(user_dir=argparse.Namespace()),
