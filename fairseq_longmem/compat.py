@@ -3,8 +3,8 @@ write checkpoints safely.
 
 Installed once, on import of :mod:`fairseq_longmem`: ``np.compat``; a ``torch.load`` for
 fairseq.checkpoint_utils that unpickles no code and vets the config
-(:mod:`fairseq_longmem.checkpoint_guard`); kill-safe checkpoint writes and resume
-(:mod:`fairseq_longmem.checkpoint_files`).
+(:mod:`fairseq_longmem.checkpoint_guard`); a ``torch.load`` for what ranks broadcast to each
+other; kill-safe checkpoint writes and resume (:mod:`fairseq_longmem.checkpoint_files`).
 """
 
 import logging
@@ -52,23 +52,40 @@ def load_checkpoint_file(f, map_location=None, **kwargs):
     return vet(state, name)
 
 
-class _TorchWithSafeLoad(types.ModuleType):
-    """Stand-in for ``torch`` inside fairseq.checkpoint_utils: same module, safe ``load``."""
+def load_from_peer(f, *args, **kwargs):
+    """``torch.load`` of what another rank of this job sent (fairseq's ``broadcast_object``).
+
+    torch >= 2.6 loads with ``weights_only=True`` by default, which cannot rebuild the OmegaConf
+    config inside the checkpoint state that rank 0 broadcasts on resume, so every multi-process
+    resume died on the other ranks. The bytes come from rank 0, which read (and vetted) the file;
+    fairseq already unpickles its peers' messages elsewhere (``all_gather_list``).
+    """
+    kwargs.setdefault("weights_only", False)
+    return torch.load(f, *args, **kwargs)
+
+
+class _TorchWithLoad(types.ModuleType):
+    """Stand-in for ``torch`` inside one fairseq module: the same module with another ``load``."""
+
+    def __init__(self, load):
+        super().__init__("torch")
+        self.load = load
 
     def __getattr__(self, name):
         return getattr(torch, name)
 
-    load = staticmethod(load_checkpoint_file)
 
-
-def _checkpoint_loading():
+def _torch_loads():
     from fairseq import checkpoint_utils
+    from fairseq.distributed import utils as distributed_utils
 
-    if not isinstance(checkpoint_utils.torch, _TorchWithSafeLoad):
-        checkpoint_utils.torch = _TorchWithSafeLoad("torch")
+    for module, load in ((checkpoint_utils, load_checkpoint_file),
+                         (distributed_utils, load_from_peer)):
+        if not isinstance(module.torch, _TorchWithLoad):
+            module.torch = _TorchWithLoad(load)
 
 
 def install():
     _numpy_compat()
-    _checkpoint_loading()
+    _torch_loads()
     checkpoint_files.install()

@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from conftest import BIN_DIR, TOKENS_PER_SAMPLE, USER_DIR, run_cli
+from test_distributed import PROBE_DIR, STREAMS_PER_RANK, WORLD, expected_streams, launch
 
 MAX_UPDATE = 8
 KILL_SEED = 20240611
@@ -248,3 +249,34 @@ def test_no_intact_checkpoint_is_a_one_line_error(corpus, backbone, tmp_path):
         assert "num_updates" not in log
     assert sorted(os.listdir(save_dir)) == ["checkpoint_last.pt"]
     assert last.read_bytes() == b"PK\x03\x04" + bytes(100) and elsewhere.read_bytes() == b""
+
+
+def test_ranks_resume_together_from_the_intact_checkpoint(corpus, backbone, tmp_path):
+    """Two data-parallel processes: rank 0 finds checkpoint_last.pt damaged, falls back, and tells
+    rank 1, so both go on from the same update with the batches that follow it."""
+    save_dir, probe_dir = tmp_path / "ck", tmp_path / "probe"
+    save_dir.mkdir()
+    probe_dir.mkdir()
+    args = [
+        corpus.data_dir, "--user-dir", PROBE_DIR, "--task", "longmem_lm",
+        "--arch", "longmem_gpt2_tiny", "--criterion", "longmem_rank_probe",
+        "--backbone-path", backbone, "--tokens-per-sample", TOKENS_PER_SAMPLE,
+        "--batch-size", STREAMS_PER_RANK, "--memory-size", "256", "--chunk-size", "4",
+        "--retrieved-tokens", "16", "--optimizer", "adam", "--lr", "1e-3", "--cpu", "--seed", "1",
+        "--num-workers", "0", "--save-interval-updates", "1", "--no-epoch-checkpoints",
+        "--log-format", "json", "--log-interval", "1", "--save-dir", save_dir,
+    ]
+    launch(args + ["--max-update", "3", "--disable-validation"], str(save_dir), str(probe_dir))
+    last = save_dir / "checkpoint_last.pt"
+    truncate(last)
+    # validation (which makes the probe write each rank's batches and weights) only at the end
+    logs = launch(args + ["--max-update", "5", "--validate-after-updates", "5"],
+                  str(save_dir), str(probe_dir))
+    fallback = save_dir / "checkpoint_1_3.pt"
+    assert (f"moved it to {last}.damaged and resuming from {fallback}" in logs[0])
+    assert loaded_from(logs[0]) == (str(fallback), 3) and trained_updates(logs[0]) == [4, 5]
+    probes = [torch.load(probe_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    for rank, probe in enumerate(probes):  # batches 4 and 5 of each rank's own streams
+        assert probe["train_rows"] == expected_streams(corpus, rank, WORLD)[3:5], rank
+    for k in probes[0]["state"]:
+        assert torch.equal(probes[0]["state"][k], probes[1]["state"][k]), k
