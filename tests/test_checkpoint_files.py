@@ -1,7 +1,7 @@
 """Checkpoints survive kills: fairseq-train SIGKILLed at random moments around its saves and
 resumed with the identical command ends with the weights of an uninterrupted run; a damaged
-checkpoint_last.pt is moved aside and training resumes from the newest intact checkpoint; a run
-resumed at --max-update trains nothing.
+checkpoint_last.pt is moved aside and training resumes from the newest intact checkpoint, in one
+process or two data-parallel ones; a run resumed at --max-update trains nothing.
 
 ``--disable-memory`` makes a resumed run bit-identical to an uninterrupted one: fairseq reseeds
 every step with seed + num_updates and checkpoints restore the optimizer and the data position
@@ -16,7 +16,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
