@@ -1,10 +1,12 @@
-"""Compatibility shims that let fairseq 0.12.3 run on numpy 2 and torch >= 2.6.
+"""Compatibility shims that let fairseq 0.12.3 run on numpy 2 and torch >= 2.6, and load and
+write checkpoints safely.
 
-Installed once, on import of :mod:`fairseq_longmem`; each shim only fills a gap and never
-replaces working behaviour.
+Installed once, on import of :mod:`fairseq_longmem`: ``np.compat``; a ``torch.load`` for
+fairseq.checkpoint_utils that unpickles no code and vets the config
+(:mod:`fairseq_longmem.checkpoint_guard`); a ``torch.load`` for what ranks broadcast to each
+other; kill-safe checkpoint writes and resume (:mod:`fairseq_longmem.checkpoint_files`).
 """
 
-import argparse
 import logging
 import os
 import pickle
@@ -13,9 +15,10 @@ import types
 import numpy as np
 import torch
 
-logger = logging.getLogger(__name__)
+from . import checkpoint_files
+from .checkpoint_guard import TRUST_ENV, safe_globals, vet
 
-TRUST_ENV = "FAIRSEQ_LONGMEM_TRUST_CHECKPOINTS"
+logger = logging.getLogger(__name__)
 
 
 def _numpy_compat():
@@ -25,19 +28,10 @@ def _numpy_compat():
         np.compat = types.SimpleNamespace(long=int)
 
 
-# Types that fairseq checkpoints legitimately contain besides tensors and containers:
-# argparse-era configs pickle a Namespace, and metrics/iterator state may hold numpy scalars.
-def _safe_globals():
-    safe = [argparse.Namespace, np.dtype, np.ndarray]
-    core = getattr(np, "_core", None) or getattr(np, "core")
-    safe.append(core.multiarray.scalar)
-    safe.append(core.multiarray._reconstruct)
-    safe.extend(type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool"))
-    return safe
-
-
 def load_checkpoint_file(f, map_location=None, **kwargs):
-    """``torch.load`` restricted to tensors, containers and the types fairseq needs.
+    """``torch.load`` restricted to tensors, containers and the types fairseq needs, and the
+    result vetted by :func:`fairseq_longmem.checkpoint_guard.vet` (no config fairseq would
+    evaluate).
 
     Unpickling arbitrary objects runs arbitrary code, so a checkpoint holding anything else is
     refused unless the user says they trust it with ``FAIRSEQ_LONGMEM_TRUST_CHECKPOINTS=1``.
@@ -45,34 +39,53 @@ def load_checkpoint_file(f, map_location=None, **kwargs):
     if os.environ.get(TRUST_ENV) == "1":
         return torch.load(f, map_location=map_location, weights_only=False)
     kwargs.pop("weights_only", None)
-    with torch.serialization.safe_globals(_safe_globals()):
+    name = getattr(f, "name", f)
+    with torch.serialization.safe_globals(safe_globals()):
         try:
-            return torch.load(f, map_location=map_location, weights_only=True)
+            state = torch.load(f, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as e:
-            name = getattr(f, "name", f)
             raise pickle.UnpicklingError(
                 f"checkpoint {name} holds objects outside the safe list (tensors, containers, "
                 f"argparse.Namespace, numpy scalars); if you trust the file, set {TRUST_ENV}=1 "
                 f"and retry. Detail: {str(e).splitlines()[0]}"
             ) from None
+    return vet(state, name)
 
 
-class _TorchWithSafeLoad(types.ModuleType):
-    """Stand-in for ``torch`` inside fairseq.checkpoint_utils: same module, safe ``load``."""
+def load_from_peer(f, *args, **kwargs):
+    """``torch.load`` of what another rank of this job sent (fairseq's ``broadcast_object``).
+
+    torch >= 2.6 loads with ``weights_only=True`` by default, which cannot rebuild the OmegaConf
+    config inside the checkpoint state that rank 0 broadcasts on resume, so every multi-process
+    resume died on the other ranks. The bytes come from rank 0, which read (and vetted) the file;
+    fairseq already unpickles its peers' messages elsewhere (``all_gather_list``).
+    """
+    kwargs.setdefault("weights_only", False)
+    return torch.load(f, *args, **kwargs)
+
+
+class _TorchWithLoad(types.ModuleType):
+    """Stand-in for ``torch`` inside one fairseq module: the same module with another ``load``."""
+
+    def __init__(self, load):
+        super().__init__("torch")
+        self.load = load
 
     def __getattr__(self, name):
         return getattr(torch, name)
 
-    load = staticmethod(load_checkpoint_file)
 
-
-def _checkpoint_loading():
+def _torch_loads():
     from fairseq import checkpoint_utils
+    from fairseq.distributed import utils as distributed_utils
 
-    if not isinstance(checkpoint_utils.torch, _TorchWithSafeLoad):
-        checkpoint_utils.torch = _TorchWithSafeLoad("torch")
+    for module, load in ((checkpoint_utils, load_checkpoint_file),
+                         (distributed_utils, load_from_peer)):
+        if not isinstance(module.torch, _TorchWithLoad):
+            module.torch = _TorchWithLoad(load)
 
 
 def install():
     _numpy_compat()
-    _checkpoint_loading()
+    _torch_loads()
+    checkpoint_files.install()

@@ -14,6 +14,7 @@ import torch
 from fairseq.criterions import register_criterion
 
 import fairseq_longmem  # noqa: F401  (registers the task, models and criterion)
+from fairseq_longmem import checkpoint_guard
 from fairseq_longmem.criterions.longmem_cross_entropy import (
     LongMemCrossEntropyConfig,
     LongMemCrossEntropyCriterion,
@@ -23,6 +24,10 @@ from fairseq_longmem.criterions.longmem_cross_entropy import (
 @dataclass
 class RankProbeConfig(LongMemCrossEntropyConfig):
     probe_dir: str = field(default="", metadata={"help": "folder for rank{R}.pt"})
+
+
+# it evaluates nothing from its config: its checkpoints may be resumed from
+checkpoint_guard.allow("criterion", "longmem_rank_probe")
 
 
 @register_criterion("longmem_rank_probe", dataclass=RankProbeConfig)
