@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from fairseq_longmem.modules.memory_bank import ChunkedMemoryBank, MemoryRetrieval
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODULE_PATH = os.path.join(REPO, "fairseq_longmem", "modules", "memory_bank.py")
+MODULES_DIR = os.path.join(REPO, "fairseq_longmem", "modules")
 
 
 class ReferenceMemory:
@@ -497,16 +497,21 @@ def test_faiss_backend_without_faiss_says_what_to_install(monkeypatch):
 
 
 def test_module_imports_neither_fairseq_nor_faiss():
+    # The package __init__ imports fairseq (for its registrations); the bank's modules must not:
+    # stand in an empty package for fairseq_longmem and make `import fairseq` fail.
     script = textwrap.dedent(f"""
-        import importlib.util, sys
-        spec = importlib.util.spec_from_file_location("memory_bank", {MODULE_PATH!r})
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
+        import sys, types
+        sys.modules["fairseq"] = None
+        pkg = types.ModuleType("fairseq_longmem")
+        pkg.__path__ = [{os.path.dirname(MODULES_DIR)!r}]
+        sys.modules["fairseq_longmem"] = pkg
         import torch
+        from fairseq_longmem.modules import memory_bank as mod
         bank = mod.ChunkedMemoryBank(1, 1, 4, 2, 8)
         bank.add(torch.randn(1, 1, 4, 4), torch.randn(1, 1, 4, 4))
         bank.search(torch.randn(1, 1, 1, 4), 2)
-        print(sorted(m for m in sys.modules if m.split(".")[0] in ("fairseq", "faiss")))
+        print(sorted(m for m in sys.modules
+                     if m.split(".")[0] in ("fairseq", "faiss", "triton") and sys.modules[m]))
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          check=True, timeout=120)

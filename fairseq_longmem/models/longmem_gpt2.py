@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 # (the paper reads layer 17 of GPT-2 medium's 24)
 DEFAULT_MEMORY_LAYER = {"tiny": 3, "small": 9, "medium": 17, "large": 25, "xl": 35}
 
-SEARCH_BACKENDS = ChoiceEnum(["auto", "torch", "faiss"])
+SEARCH_BACKENDS = ChoiceEnum(list(ChunkedMemoryBank.BACKENDS))
 
 
 @dataclass
