@@ -16,7 +16,8 @@ Each batch row (stream) and head owns ``capacity = memory_size // chunk_size`` c
 ``capacity`` chunks, the oldest are overwritten (FIFO). Its cost depends on the segment, never on
 ``memory_size``: no rebuild, no copy of the store, no device round trip. The valid chunks of a row
 are always the slots ``[0, count)`` (the pointer only wraps once the row is full, and ``clear``
-resets it to 0), which keeps masking and saving trivial.
+resets it to 0), which keeps masking and saving trivial. Keys or values that are not finite
+(inf, NaN) are refused before anything is written.
 
 *Trailing partial chunk*: if a row's appended tokens do not fill a whole chunk, the last
 ``n % chunk_size`` tokens wait in a per-row staging area. They are **not searchable** until a later
@@ -243,6 +244,7 @@ class ChunkedMemoryBank:
 
         ``lengths`` (B,): only the first ``lengths[b]`` tokens of row b are appended.
         Whole chunks become searchable; a trailing partial chunk is staged (module docstring).
+        Non-finite keys or values among the appended tokens are refused; nothing is written then.
         """
         self._check_kv("keys", keys)
         T = keys.shape[2]
@@ -256,11 +258,12 @@ class ChunkedMemoryBank:
             if lengths.shape != (B,) or lengths.is_floating_point() or lengths.dtype == torch.bool:
                 raise ValueError(f"lengths: expected an integer tensor of shape ({B},), "
                                  f"got {lengths.dtype} of shape {tuple(lengths.shape)}")
-            lengths = lengths.cpu().numpy().astype(np.int64)
-            if (lengths < 0).any() or (lengths > T).any():
-                raise ValueError(f"lengths: expected values in [0, T={T}], got {lengths.tolist()}")
-        else:
-            lengths = np.full(B, T, dtype=np.int64)
+        lengths, nonfinite = self._appended(keys, values, lengths)
+        if (lengths < 0).any() or (lengths > T).any():
+            raise ValueError(f"lengths: expected values in [0, T={T}], got {lengths.tolist()}")
+        if nonfinite:
+            raise ValueError(f"keys/values: refused, expected finite numbers, found inf or NaN "
+                             f"among the tokens appended to row(s) {nonfinite}; nothing was added")
         if T == 0:
             return
         # Common case, vectorised: rows taking all T tokens as T/csz whole chunks, nothing staged.
@@ -278,6 +281,24 @@ class ChunkedMemoryBank:
                                values_f.reshape(len(rows), H, n, S, D))
         for b in np.flatnonzero(~fast).tolist():  # ragged rows: partial chunks, staging
             self._add_row(b, keys[b], values[b], int(lengths[b]))
+
+    def _appended(self, keys, values, lengths):
+        """(lengths as numpy (B,), rows whose appended tokens hold inf or NaN).
+
+        On CUDA, ``lengths`` given as a device tensor (as the model does) must come to the host
+        anyway; the finiteness flags travel in the same copy, so the check adds no host sync.
+        With ``lengths`` None or on the CPU it costs one sync on CUDA.
+        """
+        B, _, T, _ = keys.shape
+        bad = ~(torch.isfinite(keys).all(dim=-1) & torch.isfinite(values).all(dim=-1))  # (B, H, T)
+        if lengths is None:
+            lengths = torch.full((B,), T, dtype=torch.int64, device=keys.device)
+        else:
+            lengths = lengths.to(device=keys.device, dtype=torch.int64)
+            taken = torch.arange(T, device=keys.device)[None, :] < lengths[:, None]  # (B, T)
+            bad &= taken[:, None, :]
+        host = torch.cat([lengths, bad.flatten(1).any(dim=1).long()]).cpu().numpy()
+        return host[:B], np.flatnonzero(host[B:]).tolist()
 
     def _add_row(self, b, keys, values, length):
         # keys/values: (H, T, hd); the first `length` tokens are appended after the staged ones.

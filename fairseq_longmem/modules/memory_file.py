@@ -7,12 +7,12 @@ storage dtype. The safetensors metadata key ``"longmem_memory_bank"`` holds a JS
 version, num_heads, head_dim, chunk_size, memory_size, dtype, fingerprint, and per saved row its
 source row, write pointer, chunk count, staged token count, plus a CRC-32 per tensor (catches
 corruption that keeps the file's structure intact). A bank with a fingerprint refuses a file with
-another fingerprint; a file or bank without one is accepted.
+another fingerprint or with none; a bank without one accepts any file.
 """
 
 import json
 import os
-import tempfile
+import secrets
 import zlib
 from dataclasses import dataclass
 from typing import Dict, List
@@ -40,7 +40,8 @@ def save(path, config: dict, dtype: torch.dtype, fingerprint: str, rows: List[Sa
          overwrite: bool = False):
     """Write ``rows`` to ``path`` atomically (a temporary file in the same folder, then a rename).
 
-    ``config``: num_heads, head_dim, chunk_size, memory_size.
+    ``config``: num_heads, head_dim, chunk_size, memory_size. The file gets the usual permissions
+    of a new file (0666 less the umask), like any file the user writes.
     """
     path = os.fspath(path)
     if os.path.exists(path) and not overwrite:
@@ -57,11 +58,14 @@ def save(path, config: dict, dtype: torch.dtype, fingerprint: str, rows: List[Sa
                   dtype=str(dtype).replace("torch.", ""), fingerprint=fingerprint,
                   rows=row_meta, crc32={n: crc32(t) for n, t in tensors.items()})
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
-                               dir=directory)
-    os.close(fd)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+    # created as open() would create it (0666 less the umask); safetensors writes its files 0600,
+    # so that mode is put back once it has written
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
+        mode = os.stat(tmp).st_mode & 0o777
         save_file(tensors, tmp, metadata={HEADER_KEY: json.dumps(header)})
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -87,8 +91,9 @@ def load(path, config: dict, fingerprint: str, num_rows: int) -> List[SavedRow]:
         if header.get(key) != want:
             refuse(f"configuration {key}", want, header.get(key))
     fp = header.get("fingerprint", "")
-    if fingerprint and fp and fp != fingerprint:
-        refuse("fingerprint", repr(fingerprint), repr(fp))
+    if fingerprint and fp != fingerprint:
+        refuse("fingerprint", repr(fingerprint),
+               repr(fp) if fp else "none (a file saved by a bank without a fingerprint)")
     row_meta = header.get("rows")
     if not isinstance(row_meta, list) or len(row_meta) != num_rows:
         found = len(row_meta) if isinstance(row_meta, list) else row_meta
