@@ -513,6 +513,28 @@ def test_non_finite_keys_or_values_are_refused(where, bad):
     assert bank.staged().tolist() == [(s + n) % 4 for s, n in zip(before[-1].tolist(), (9, 9, 6))]
 
 
+def test_search_results_stay_valid_while_held():
+    # on CPU the bank reuses its last K/V gather buffers, but never while anything holds them
+    bank = filled_bank(seed=15)
+    q1, q2 = torch.randn(3, 4, 5, 16), torch.randn(3, 4, 5, 16)
+    first = bank.search(q1, 16)
+    kept = first.keys.clone(), first.values.clone()
+    second = bank.search(q2, 16)
+    assert torch.equal(first.keys, kept[0]) and torch.equal(first.values, kept[1])
+    # a retrieval saved for backward (as JointAttention's einsum does) survives later searches
+    x = torch.randn(3, 4, 5, 16, requires_grad=True)
+    out = torch.einsum("bhtd,bhtkd->bhtk", x, second.keys)
+    want_grad = second.keys.sum(dim=3).clone()
+    del second
+    third = bank.search(q1, 16)
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, want_grad)
+    # once released, the buffer is reused (no fresh tens-of-MB tensor per step)
+    ptr = third.keys.data_ptr()
+    del first, third, out
+    assert bank.search(q2, 16).keys.data_ptr() == ptr
+
+
 def test_resize_rows_and_to():
     bank = filled_bank(seed=13)
     bank.resize_rows(5)

@@ -1,8 +1,9 @@
 """LongMem's long-term memory: a per-row, per-head chunked ring buffer of keys and values with exact
-top-k chunk retrieval, per-row clearing and save/load (pure torch; faiss optional).
+top-k chunk retrieval, per-row clearing and save/load (pure torch; faiss and triton optional).
 
-This module holds the interface and the storage; the search backends live in ``memory_search.py``,
-the file format in ``memory_file.py``. None of them imports fairseq.
+This module holds the interface and the storage; the search backends live in ``memory_search.py``
+(the CUDA kernels in ``memory_triton.py``), the file format in ``memory_file.py``. None of them
+imports fairseq.
 
 Layout and semantics
 --------------------
@@ -27,8 +28,8 @@ resets it to 0), which keeps masking and saving trivial. Keys or values that are
 
 *Search*: per (row, head, query token) the top ``k // chunk_size`` chunks by inner product
 ``<q, summary>`` (exact), in descending score order, expanded to their ``k`` tokens. The backends
-(``BACKENDS``: ``auto``, ``torch``, ``faiss``) and what ``auto`` picks per device are described
-in ``memory_search.py``; all return the same chunks, ties aside.
+(``BACKENDS``: ``auto``, ``torch``, ``matmul``, ``triton``, ``faiss``) and what ``auto`` picks
+per device are described in ``memory_search.py``; all return the same chunks, ties aside.
 
 *Files* (``save``/``load``): one safetensors file with a JSON header, no pickle
 (``memory_file.py``). Loading casts to the bank's own device and dtype, so a memory saved from
@@ -49,7 +50,16 @@ from . import memory_file, memory_search
 
 logger = logging.getLogger(__name__)
 
-# Upper bound on one block of the torch backend's (rows, heads, queries, chunks) score tensor.
+def _storage_use_count(t):
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+try:  # what a tensor nobody else holds reads (the count includes the temporary storage object)
+    _FREE_USE_COUNT = _storage_use_count(torch.empty(1))
+except AttributeError:  # private API gone: search results are then gathered into fresh tensors
+    _FREE_USE_COUNT = None
+
+# Upper bound on one block of a batched search's (rows, heads, queries, chunks) score tensor.
 _MAX_SCORE_BYTES = 256 * 2**20
 
 
@@ -135,6 +145,7 @@ class ChunkedMemoryBank:
         self._write_ptr = np.zeros(B, dtype=np.int64)
         self._count = np.zeros(B, dtype=np.int64)  # valid chunks; they occupy slots [0, count)
         self._stage_len = np.zeros(B, dtype=np.int64)
+        self._gather_buffers = {}  # CPU search outputs, reused (_gather)
 
     @property
     def num_rows(self) -> int:
@@ -179,6 +190,7 @@ class ChunkedMemoryBank:
         for name in ("_keys", "_values", "_summaries", "_stage_keys", "_stage_values"):
             setattr(self, name, getattr(self, name).to(device=self._device, dtype=self._dtype))
         self._device = self._keys.device
+        self._gather_buffers = {}
         return self
 
     def resize_rows(self, num_rows: int):
@@ -369,13 +381,32 @@ class ChunkedMemoryBank:
         base = (torch.arange(B, device=self._device)[:, None] * H
                 + torch.arange(H, device=self._device)[None, :]) * C  # (B, H)
         flat = (slots.clamp_min(0) + base[:, :, None, None]).reshape(-1)  # (B*H*T*nk,)
-        keys = self._keys.view(-1, S * D).index_select(0, flat).view(B, H, T, nk * S, D)
-        values = self._values.view(-1, S * D).index_select(0, flat).view(B, H, T, nk * S, D)
+        keys = self._gather("keys", self._keys, flat).view(B, H, T, nk * S, D)
+        values = self._gather("values", self._values, flat).view(B, H, T, nk * S, D)
         mask = (~missing)[..., None].expand(B, H, T, nk, S).reshape(B, H, T, nk * S)
         if bool((self._count < nk).any()):
             keys.masked_fill_(~mask[..., None], 0)
             values.masked_fill_(~mask[..., None], 0)
         return MemoryRetrieval(keys=keys, values=values, mask=mask, chunk_index=slots)
+
+    def _gather(self, name, store, flat):
+        """Chunks ``flat`` of ``store`` as a (len(flat), csz * hd) tensor.
+
+        On CPU, a fresh tensor of this size (tens of MB per step) costs more in page faults than
+        the gather that fills it, since the allocator hands such blocks back to the OS when they
+        are freed (docs/BENCHMARKS.md, "Exact search"). So the previous search's buffer is
+        reused once nothing holds it anymore: the caller only ever gets views of it, and a view
+        still alive (or saved for backward) raises its storage's use count.
+        """
+        src = store.view(-1, store.shape[-2] * store.shape[-1])
+        if self._device.type != "cpu" or _FREE_USE_COUNT is None:
+            return src.index_select(0, flat)
+        shape = (flat.numel(), src.shape[1])
+        buf = self._gather_buffers.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != src.dtype \
+                or _storage_use_count(buf) != _FREE_USE_COUNT:
+            buf = self._gather_buffers[name] = torch.empty(shape, dtype=src.dtype)
+        return torch.index_select(src, 0, flat, out=buf)
 
     # ------------------------------------------------------------------ save / load
 
