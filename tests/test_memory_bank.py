@@ -513,6 +513,17 @@ def test_non_finite_keys_or_values_are_refused(where, bad):
     assert bank.staged().tolist() == [(s + n) % 4 for s, n in zip(before[-1].tolist(), (9, 9, 6))]
 
 
+def test_huge_finite_keys_are_accepted_unless_the_storage_overflows():
+    bank = filled_bank(seed=16)
+    huge = torch.full((3, 4, 8, 16), 3e38)  # finite, though their sum overflows
+    bank.add(huge, -huge)
+    assert bank.fill().tolist() == [8, 64, 64]
+    assert torch.isfinite(bank._summaries).all()  # the chunk means too
+    half = filled_bank(seed=16, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"found inf or NaN .* row\(s\) \[0, 1, 2\]"):
+        half.add(torch.full((3, 4, 8, 16), 1e5), huge[..., :16])  # 1e5 is inf in fp16
+
+
 def test_search_results_stay_valid_while_held():
     # on CPU the bank reuses its last K/V gather buffers, but never while anything holds them
     bank = filled_bank(seed=15)

@@ -261,8 +261,9 @@ class ChunkedMemoryBank:
         self._check_kv("keys", keys)
         T = keys.shape[2]
         self._check_kv("values", values, T)
-        keys = keys.detach()
-        values = values.detach()
+        # cast first: what is checked is what gets stored (1e5 is finite in fp32, inf in fp16)
+        keys = keys.detach().to(self._dtype)
+        values = values.detach().to(self._dtype)
         B, S = self.num_rows, self.chunk_size
         if lengths is not None:
             if not isinstance(lengths, torch.Tensor):
@@ -297,20 +298,29 @@ class ChunkedMemoryBank:
     def _appended(self, keys, values, lengths):
         """(lengths as numpy (B,), rows whose appended tokens hold inf or NaN).
 
-        On CUDA, ``lengths`` given as a device tensor (as the model does) must come to the host
-        anyway; the finiteness flags travel in the same copy, so the check adds no host sync.
-        With ``lengths`` None or on the CPU it costs one sync on CUDA.
+        A sum is finite only if all its terms are, so one fp32 sum per row of its appended keys
+        and values is the check (a plain reduction: 1/25 of an elementwise isfinite on CPU);
+        only a row whose sum is not finite is looked at exactly, since a sum of huge finite
+        numbers may also overflow. On CUDA the sums travel to the host in the same copy as
+        ``lengths``, which must come over anyway when it is a device tensor (as the model
+        passes it): no extra sync then; with ``lengths`` None or on the CPU, one sync.
         """
         B, _, T, _ = keys.shape
-        bad = ~(torch.isfinite(keys).all(dim=-1) & torch.isfinite(values).all(dim=-1))  # (B, H, T)
+        sums = (keys.sum(dim=(1, 3), dtype=torch.float32)
+                + values.sum(dim=(1, 3), dtype=torch.float32))  # (B, T)
         if lengths is None:
             lengths = torch.full((B,), T, dtype=torch.int64, device=keys.device)
         else:
             lengths = lengths.to(device=keys.device, dtype=torch.int64)
             taken = torch.arange(T, device=keys.device)[None, :] < lengths[:, None]  # (B, T)
-            bad &= taken[:, None, :]
-        host = torch.cat([lengths, bad.flatten(1).any(dim=1).long()]).cpu().numpy()
-        return host[:B], np.flatnonzero(host[B:]).tolist()
+            sums = torch.where(taken, sums, 0.0)
+        host = torch.cat([lengths.double(), sums.sum(dim=1).double()]).cpu().numpy()
+        lengths = host[:B].astype(np.int64)
+        suspect = np.flatnonzero(~np.isfinite(host[B:])).tolist()
+        bad = [b for b in suspect if 0 <= lengths[b] <= T and not (
+            torch.isfinite(keys[b, :, :lengths[b]]).all()
+            and torch.isfinite(values[b, :, :lengths[b]]).all())]
+        return lengths, bad
 
     def _add_row(self, b, keys, values, length):
         # keys/values: (H, T, hd); the first `length` tokens are appended after the staged ones.
@@ -344,7 +354,9 @@ class ChunkedMemoryBank:
         base = (np.asarray(rows)[:, None] * H + np.arange(H)[None, :]) * C  # (R, H)
         flat = torch.from_numpy((base[:, :, None] + slots[:, None, :]).reshape(-1))  # (R*H*keep,)
         flat = flat.to(self._device, non_blocking=True)
-        summ = ck.float().mean(dim=3)  # (R, H, keep, hd), fp32 mean
+        # fp32 mean as a sum of x / csz: finite for any finite keys (sum / csz could overflow);
+        # the same numbers as mean() when csz is a power of two
+        summ = (ck.float() / S).sum(dim=3)  # (R, H, keep, hd)
         self._keys.view(-1, S * D).index_copy_(0, flat, ck.reshape(-1, S * D).to(self._dtype))
         self._values.view(-1, S * D).index_copy_(0, flat, cv.reshape(-1, S * D).to(self._dtype))
         self._summaries.view(-1, D).index_copy_(0, flat, summ.reshape(-1, D).to(self._dtype))
