@@ -408,7 +408,8 @@ class ChunkedMemoryBank:
         the gather that fills it, since the allocator hands such blocks back to the OS when they
         are freed (docs/BENCHMARKS.md, "Exact search"). So the previous search's buffer is
         reused once nothing holds it anymore: the caller only ever gets views of it, and a view
-        still alive (or saved for backward) raises its storage's use count.
+        still alive (or saved for backward) raises its storage's use count. The price: the bank
+        keeps its last two output buffers between searches (the memory a search needs anyway).
         """
         src = store.view(-1, store.shape[-2] * store.shape[-1])
         if self._device.type != "cpu" or _FREE_USE_COUNT is None:

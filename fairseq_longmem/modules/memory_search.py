@@ -109,8 +109,8 @@ def check_backend(backend: str):
 
 
 def block_layout(num_chunks: int, nk: int):
-    """(blk, nb) for the two-stage selection over ``num_chunks`` chunks, or None where it would not
-    pay (fewer than 16 nk chunks: one topk over all of them is as cheap)."""
+    """(blk, nb) for the two-stage selection over ``num_chunks`` chunks, or None for fewer than
+    16 nk chunks, where the blocks would be too few to leave much out (one topk then)."""
     if num_chunks < 16 * nk:
         return None
     blk = 2 ** round(math.log2(math.sqrt(num_chunks / nk)))
