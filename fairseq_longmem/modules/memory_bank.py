@@ -354,9 +354,10 @@ class ChunkedMemoryBank:
         base = (np.asarray(rows)[:, None] * H + np.arange(H)[None, :]) * C  # (R, H)
         flat = torch.from_numpy((base[:, :, None] + slots[:, None, :]).reshape(-1))  # (R*H*keep,)
         flat = flat.to(self._device, non_blocking=True)
-        # fp32 mean as a sum of x / csz: finite for any finite keys (sum / csz could overflow);
-        # the same numbers as mean() when csz is a power of two
-        summ = (ck.float() / S).sum(dim=3)  # (R, H, keep, hd)
+        # fp32 mean as a sum of x * (1/csz): finite for any finite keys, where sum / csz could
+        # overflow; mean() up to summation order when csz is a power of two (x / csz is exact)
+        weights = torch.full((S,), 1.0 / S, device=ck.device)
+        summ = torch.einsum("rhksd,s->rhkd", ck.float(), weights)  # (R, H, keep, hd)
         self._keys.view(-1, S * D).index_copy_(0, flat, ck.reshape(-1, S * D).to(self._dtype))
         self._values.view(-1, S * D).index_copy_(0, flat, cv.reshape(-1, S * D).to(self._dtype))
         self._summaries.view(-1, D).index_copy_(0, flat, summ.reshape(-1, D).to(self._dtype))
