@@ -77,7 +77,8 @@ def assert_exact_top_k(bank, queries, k, res):
         scores = (q[b] @ bank._summaries[b, :, :cnt].double().transpose(1, 2)).to(dtype).double()
         want = scores.sort(dim=-1, descending=True).values[..., :n]
         # fp32: summation-order noise; fp16/bf16: one unit in the last place of the largest score
-        atol = 1e-4 if dtype == torch.float32 else torch.finfo(dtype).eps * float(scores.abs().max())
+        atol = 1e-4 if dtype == torch.float32 else \
+            torch.finfo(dtype).eps * float(scores.abs().max())
         torch.testing.assert_close(scores.gather(-1, got), want, rtol=0, atol=atol)
         # the expansion holds those chunks' keys and values, in the same order
         for h in range(H):

@@ -16,7 +16,7 @@ import torch
 
 from fairseq_longmem.modules import memory_search
 from fairseq_longmem.modules.memory_bank import ChunkedMemoryBank
-from test_memory_search import CASES, DTYPES, assert_exact_top_k, make_bank, queries_for
+from test_memory_search import CASES, assert_exact_top_k, make_bank, queries_for
 
 HAS_TRITON = True
 try:
