@@ -235,7 +235,7 @@ def main():
     p.add_argument("--msz", type=int, default=16384, help="memory size in tokens per stream")
     p.add_argument("--K", type=int, default=64, help="retrieved tokens per query and head")
     p.add_argument("--csz", type=int, default=4, help="chunk size")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "faiss"],
+    p.add_argument("--backend", default="auto", choices=ChunkedMemoryBank.BACKENDS,
                    help="memory search backend")
     p.add_argument("--steps", type=int, default=12, help="timed steps per model and mode")
     p.add_argument("--warmup-steps", type=int, default=2,

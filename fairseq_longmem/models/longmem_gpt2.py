@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 # (the paper reads layer 17 of GPT-2 medium's 24)
 DEFAULT_MEMORY_LAYER = {"tiny": 3, "small": 9, "medium": 17, "large": 25, "xl": 35}
 
-SEARCH_BACKENDS = ChoiceEnum(["auto", "torch", "faiss"])
+SEARCH_BACKENDS = ChoiceEnum(list(ChunkedMemoryBank.BACKENDS))
 
 
 @dataclass
@@ -68,7 +68,10 @@ class LongMemGPT2Config(FairseqDataclass):
         default=64, metadata={"help": "K: memory tokens read per query and head (K/csz chunks)"}
     )
     search_backend: SEARCH_BACKENDS = field(
-        default="auto", metadata={"help": "memory search: torch, faiss, or auto (per device)"}
+        default="auto",
+        metadata={"help": "exact memory search: torch (two-stage block-max selection), matmul (all "
+                  "scores + topk), triton (fused CUDA kernels), faiss, or auto (= torch on CPU, "
+                  "where it measured fastest, and on CUDA, not measured yet; docs/BENCHMARKS.md)"}
     )
     disable_memory: bool = field(
         default=False,

@@ -1,5 +1,9 @@
 """LongMem's long-term memory: a per-row, per-head chunked ring buffer of keys and values with exact
-top-k chunk retrieval, per-row clearing and safetensors save/load (pure torch; faiss optional).
+top-k chunk retrieval, per-row clearing and save/load (pure torch; faiss and triton optional).
+
+This module holds the interface and the storage; the search backends live in ``memory_search.py``
+(the CUDA kernels in ``memory_triton.py``), the file format in ``memory_file.py``. None of them
+imports fairseq.
 
 Layout and semantics
 --------------------
@@ -13,7 +17,8 @@ Each batch row (stream) and head owns ``capacity = memory_size // chunk_size`` c
 ``capacity`` chunks, the oldest are overwritten (FIFO). Its cost depends on the segment, never on
 ``memory_size``: no rebuild, no copy of the store, no device round trip. The valid chunks of a row
 are always the slots ``[0, count)`` (the pointer only wraps once the row is full, and ``clear``
-resets it to 0), which keeps masking and saving trivial.
+resets it to 0), which keeps masking and saving trivial. Keys or values that are not finite
+(inf, NaN) are refused before anything is written.
 
 *Trailing partial chunk*: if a row's appended tokens do not fill a whole chunk, the last
 ``n % chunk_size`` tokens wait in a per-row staging area. They are **not searchable** until a later
@@ -22,75 +27,40 @@ resets it to 0), which keeps masking and saving trivial.
 ``load`` preserve them; ``fill`` does not count them.
 
 *Search*: per (row, head, query token) the top ``k // chunk_size`` chunks by inner product
-``<q, summary>`` (exact), in descending score order, expanded to their ``k`` tokens. Backends:
-``"torch"`` (matmul + topk on the storage device, query dimension blocked to bound memory) and
-``"faiss"`` (``faiss.knn`` over our own CPU storage, ``knn_gpu`` on CUDA when the installed faiss
-has GPU support). ``"auto"`` picks ``torch`` on every device: on the 2-core CPU where it was
-measured it was faster than faiss at every memory size of the benchmark (docs/BENCHMARKS.md,
-"Memory bank"); on CUDA it needs no extra package and no host synchronisation (faiss GPU could not
-be measured). Both backends return the same chunks, ties aside.
+``<q, summary>`` (exact), in descending score order, expanded to their ``k`` tokens. The backends
+(``BACKENDS``: ``auto``, ``torch``, ``matmul``, ``triton``, ``faiss``) and what ``auto`` picks
+per device are described in ``memory_search.py``; all return the same chunks, ties aside.
 
-*File format* (``save``/``load``): one safetensors file, no pickle. Tensors ``row{i}.keys``,
-``row{i}.values`` (heads, count, csz, hd), ``row{i}.summaries`` (heads, count, hd),
-``row{i}.staging_keys`` / ``row{i}.staging_values`` (heads, staged, hd), in the storage dtype.
-The safetensors metadata key ``"longmem_memory_bank"`` holds a JSON header: format version,
-num_heads, head_dim, chunk_size, memory_size, dtype, fingerprint, and per saved row its source row,
-write pointer, chunk count, staged token count, plus a CRC-32 per tensor (catches corruption that
-keeps the file's structure intact). Loading casts to the bank's own device and dtype, so a memory
-saved from fp16 on a GPU loads into an fp32 CPU bank (and vice versa; fp32 -> fp16 rounds).
+*Files* (``save``/``load``): one safetensors file with a JSON header, no pickle
+(``memory_file.py``). Loading casts to the bank's own device and dtype, so a memory saved from
+fp16 on a GPU loads into an fp32 CPU bank (and vice versa; fp32 -> fp16 rounds).
 
 The bank is a plain object, not an ``nn.Module``: its tensors never enter a model's ``state_dict``
 and are never touched by ``model.to()``/``model.half()`` or DDP buffer broadcast; call
 ``bank.to()`` yourself.
 """
 
-import json
 import logging
-import os
-import tempfile
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from . import memory_file, memory_search
+
 logger = logging.getLogger(__name__)
 
-FORMAT_NAME = "fairseq_longmem.memory_bank"
-FORMAT_VERSION = 1
-_HEADER_KEY = "longmem_memory_bank"
-_BACKENDS = ("auto", "torch", "faiss")
-# Upper bound on one block of the torch backend's (rows, heads, queries, chunks) score tensor.
+def _storage_use_count(t):
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+try:  # what a tensor nobody else holds reads (the count includes the temporary storage object)
+    _FREE_USE_COUNT = _storage_use_count(torch.empty(1))
+except AttributeError:  # private API gone: search results are then gathered into fresh tensors
+    _FREE_USE_COUNT = None
+
+# Upper bound on one block of a batched search's (rows, heads, queries, chunks) score tensor.
 _MAX_SCORE_BYTES = 256 * 2**20
-
-_faiss_gpu_resources = None
-
-
-def _import_faiss():
-    try:
-        import faiss  # noqa: F401
-    except ImportError as e:
-        raise ImportError(
-            "the faiss memory-bank backend needs faiss: pip install faiss-cpu "
-            "(or faiss-gpu-cu12 on CUDA machines), or use backend='torch'"
-        ) from e
-    return faiss
-
-
-def _faiss_gpu():
-    """faiss with torch interop and the process-wide StandardGpuResources (created once)."""
-    global _faiss_gpu_resources
-    faiss = _import_faiss()
-    if not hasattr(faiss, "StandardGpuResources"):
-        raise RuntimeError(
-            "backend='faiss' on a CUDA device needs a faiss build with GPU support "
-            "(pip install faiss-gpu-cu12); the installed faiss is CPU-only. Use backend='torch'."
-        )
-    import faiss.contrib.torch_utils  # noqa: F401  (lets knn_gpu take torch tensors)
-
-    if _faiss_gpu_resources is None:
-        _faiss_gpu_resources = faiss.StandardGpuResources()
-    return faiss, _faiss_gpu_resources
 
 
 @dataclass
@@ -108,6 +78,8 @@ class ChunkedMemoryBank:
 
     See the module docstring for the layout, the staging of partial chunks and the file format.
     """
+
+    BACKENDS = memory_search.BACKENDS
 
     def __init__(
         self,
@@ -136,8 +108,7 @@ class ChunkedMemoryBank:
                 f"chunk_size={chunk_size}"
             )
         backend = str(backend)  # fairseq's ChoiceEnum members compare and print as their value
-        if backend not in _BACKENDS:
-            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        memory_search.check_backend(backend)  # unknown name, or its package missing
         dtype = self._check_dtype(dtype)
         if not isinstance(fingerprint, str):
             raise ValueError(f"fingerprint must be a str, got {type(fingerprint).__name__}")
@@ -151,8 +122,6 @@ class ChunkedMemoryBank:
         self.max_score_bytes = _MAX_SCORE_BYTES
         self._dtype = dtype
         self._device = torch.device(device)
-        if backend == "faiss":
-            _import_faiss()  # fail at construction, not at the first search
         self._allocate(int(num_rows))
 
     # ------------------------------------------------------------------ state
@@ -176,6 +145,7 @@ class ChunkedMemoryBank:
         self._write_ptr = np.zeros(B, dtype=np.int64)
         self._count = np.zeros(B, dtype=np.int64)  # valid chunks; they occupy slots [0, count)
         self._stage_len = np.zeros(B, dtype=np.int64)
+        self._gather_buffers = {}  # CPU search outputs, reused (_gather)
 
     @property
     def num_rows(self) -> int:
@@ -220,6 +190,7 @@ class ChunkedMemoryBank:
         for name in ("_keys", "_values", "_summaries", "_stage_keys", "_stage_values"):
             setattr(self, name, getattr(self, name).to(device=self._device, dtype=self._dtype))
         self._device = self._keys.device
+        self._gather_buffers = {}
         return self
 
     def resize_rows(self, num_rows: int):
@@ -285,12 +256,14 @@ class ChunkedMemoryBank:
 
         ``lengths`` (B,): only the first ``lengths[b]`` tokens of row b are appended.
         Whole chunks become searchable; a trailing partial chunk is staged (module docstring).
+        Non-finite keys or values among the appended tokens are refused; nothing is written then.
         """
         self._check_kv("keys", keys)
         T = keys.shape[2]
         self._check_kv("values", values, T)
-        keys = keys.detach()
-        values = values.detach()
+        # cast first: what is checked is what gets stored (1e5 is finite in fp32, inf in fp16)
+        keys = keys.detach().to(self._dtype)
+        values = values.detach().to(self._dtype)
         B, S = self.num_rows, self.chunk_size
         if lengths is not None:
             if not isinstance(lengths, torch.Tensor):
@@ -298,11 +271,12 @@ class ChunkedMemoryBank:
             if lengths.shape != (B,) or lengths.is_floating_point() or lengths.dtype == torch.bool:
                 raise ValueError(f"lengths: expected an integer tensor of shape ({B},), "
                                  f"got {lengths.dtype} of shape {tuple(lengths.shape)}")
-            lengths = lengths.cpu().numpy().astype(np.int64)
-            if (lengths < 0).any() or (lengths > T).any():
-                raise ValueError(f"lengths: expected values in [0, T={T}], got {lengths.tolist()}")
-        else:
-            lengths = np.full(B, T, dtype=np.int64)
+        lengths, nonfinite = self._appended(keys, values, lengths)
+        if (lengths < 0).any() or (lengths > T).any():
+            raise ValueError(f"lengths: expected values in [0, T={T}], got {lengths.tolist()}")
+        if nonfinite:
+            raise ValueError(f"keys/values: refused, expected finite numbers, found inf or NaN "
+                             f"among the tokens appended to row(s) {nonfinite}; nothing was added")
         if T == 0:
             return
         # Common case, vectorised: rows taking all T tokens as T/csz whole chunks, nothing staged.
@@ -320,6 +294,33 @@ class ChunkedMemoryBank:
                                values_f.reshape(len(rows), H, n, S, D))
         for b in np.flatnonzero(~fast).tolist():  # ragged rows: partial chunks, staging
             self._add_row(b, keys[b], values[b], int(lengths[b]))
+
+    def _appended(self, keys, values, lengths):
+        """(lengths as numpy (B,), rows whose appended tokens hold inf or NaN).
+
+        A sum is finite only if all its terms are, so one fp32 sum per row of its appended keys
+        and values is the check (a plain reduction: 1/25 of an elementwise isfinite on CPU);
+        only a row whose sum is not finite is looked at exactly, since a sum of huge finite
+        numbers may also overflow. On CUDA the sums travel to the host in the same copy as
+        ``lengths``, which must come over anyway when it is a device tensor (as the model
+        passes it): no extra sync then; with ``lengths`` None or on the CPU, one sync.
+        """
+        B, _, T, _ = keys.shape
+        sums = (keys.sum(dim=(1, 3), dtype=torch.float32)
+                + values.sum(dim=(1, 3), dtype=torch.float32))  # (B, T)
+        if lengths is None:
+            lengths = torch.full((B,), T, dtype=torch.int64, device=keys.device)
+        else:
+            lengths = lengths.to(device=keys.device, dtype=torch.int64)
+            taken = torch.arange(T, device=keys.device)[None, :] < lengths[:, None]  # (B, T)
+            sums = torch.where(taken, sums, 0.0)
+        host = torch.cat([lengths.double(), sums.sum(dim=1).double()]).cpu().numpy()
+        lengths = host[:B].astype(np.int64)
+        suspect = np.flatnonzero(~np.isfinite(host[B:])).tolist()
+        bad = [b for b in suspect if 0 <= lengths[b] <= T and not (
+            torch.isfinite(keys[b, :, :lengths[b]]).all()
+            and torch.isfinite(values[b, :, :lengths[b]]).all())]
+        return lengths, bad
 
     def _add_row(self, b, keys, values, length):
         # keys/values: (H, T, hd); the first `length` tokens are appended after the staged ones.
@@ -353,7 +354,10 @@ class ChunkedMemoryBank:
         base = (np.asarray(rows)[:, None] * H + np.arange(H)[None, :]) * C  # (R, H)
         flat = torch.from_numpy((base[:, :, None] + slots[:, None, :]).reshape(-1))  # (R*H*keep,)
         flat = flat.to(self._device, non_blocking=True)
-        summ = ck.float().mean(dim=3)  # (R, H, keep, hd), fp32 mean
+        # fp32 mean as a sum of x * (1/csz): finite for any finite keys, where sum / csz could
+        # overflow; mean() up to summation order when csz is a power of two (x / csz is exact)
+        weights = torch.full((S,), 1.0 / S, device=ck.device)
+        summ = torch.einsum("rhksd,s->rhkd", ck.float(), weights)  # (R, H, keep, hd)
         self._keys.view(-1, S * D).index_copy_(0, flat, ck.reshape(-1, S * D).to(self._dtype))
         self._values.view(-1, S * D).index_copy_(0, flat, cv.reshape(-1, S * D).to(self._dtype))
         self._summaries.view(-1, D).index_copy_(0, flat, summ.reshape(-1, D).to(self._dtype))
@@ -361,11 +365,6 @@ class ChunkedMemoryBank:
         self._count[rows] = np.minimum(self._count[rows] + n, C)
 
     # ------------------------------------------------------------------ search
-
-    def _resolve_backend(self):
-        if self.backend != "auto":
-            return self.backend
-        return "torch"  # fastest measured on CPU; on CUDA, no extra package and no host sync
 
     def search(self, queries, k: int) -> MemoryRetrieval:
         """Top ``k // csz`` chunks per (row, head, query) by <query, chunk summary>, expanded.
@@ -381,75 +380,10 @@ class ChunkedMemoryBank:
             raise ValueError(f"k={k} asks for {k // S} chunks but a row holds at most "
                              f"capacity={C} (memory_size={self.memory_size}, chunk_size={S})")
         self._check_kv("queries", queries)
-        nk = k // S
-        queries = queries.detach()
-        backend = self._resolve_backend()
-        if backend == "torch":
-            slots = self._search_torch(queries, nk)
-        elif self._device.type == "cuda":
-            slots = self._search_faiss_gpu(queries, nk)
-        else:
-            slots = self._search_faiss_cpu(queries, nk)
+        backend = memory_search.resolve(self.backend, self._device)
+        slots = memory_search.search(backend, queries.detach().to(self._dtype), self._summaries,
+                                     self._count, k // S, self.max_score_bytes)
         return self._expand(slots)
-
-    def _search_torch(self, queries, nk):
-        B, H, T, _ = queries.shape
-        C = self.capacity
-        q = queries.to(self._dtype)
-        summ_t = self._summaries.transpose(2, 3)  # (B, H, hd, C)
-        count = torch.from_numpy(self._count).to(self._device, non_blocking=True)
-        partial = bool((self._count < C).any())
-        if partial:
-            invalid = torch.arange(C, device=self._device)[None, :] >= count[:, None]  # (B, C)
-            invalid = invalid[:, None, None, :]  # (B, 1, 1, C)
-        per_query = B * H * C * q.element_size()
-        block = max(1, min(T, self.max_score_bytes // max(per_query, 1)))
-        slots = torch.empty(B, H, T, nk, dtype=torch.long, device=self._device)
-        for t0 in range(0, T, block):
-            scores = torch.matmul(q[:, :, t0:t0 + block], summ_t)  # (B, H, tb, C)
-            if partial:
-                scores.masked_fill_(invalid, float("-inf"))
-            slots[:, :, t0:t0 + block] = scores.topk(nk, dim=-1, sorted=True).indices
-        if bool((self._count < nk).any()):
-            # topk had to pick empty slots for rows with fewer than nk chunks
-            slots.masked_fill_(slots >= count[:, None, None, None], -1)
-        return slots
-
-    def _search_faiss_cpu(self, queries, nk):
-        faiss = _import_faiss()
-        B, H, T, _ = queries.shape
-        slots = np.full((B, H, T, nk), -1, dtype=np.int64)
-        q = queries.float().contiguous().numpy()  # (B, H, T, hd)
-        for b in range(B):
-            cnt = int(self._count[b])
-            if cnt == 0 or T == 0:
-                continue
-            kk = min(nk, cnt)
-            xb_all = self._summaries[b, :, :cnt].float().contiguous().numpy()  # (H, cnt, hd)
-            for h in range(H):
-                _, idx = faiss.knn(q[b, h], xb_all[h], kk, metric=faiss.METRIC_INNER_PRODUCT)
-                slots[b, h, :, :kk] = idx
-        return torch.from_numpy(slots)
-
-    def _search_faiss_gpu(self, queries, nk):
-        faiss, res = _faiss_gpu()
-        B, H, T, _ = queries.shape
-        slots = torch.full((B, H, T, nk), -1, dtype=torch.long, device=self._device)
-        # faiss GPU brute force takes fp32/fp16 torch tensors; bf16 goes through fp32
-        dt = torch.float16 if self._dtype == torch.float16 else torch.float32
-        q = queries.to(dt)
-        for b in range(B):
-            cnt = int(self._count[b])
-            if cnt == 0 or T == 0:
-                continue
-            kk = min(nk, cnt)
-            for h in range(H):
-                xb = self._summaries[b, h, :cnt].to(dt).contiguous()
-                _, idx = faiss.knn_gpu(res, q[b, h].contiguous(), xb, kk,
-                                       metric=faiss.METRIC_INNER_PRODUCT,
-                                       device=self._device.index or 0)
-                slots[b, h, :, :kk] = idx
-        return slots
 
     def _expand(self, slots):
         """Gather the chunks named by slots (B, H, T, nk), -1 = missing, into a MemoryRetrieval."""
@@ -460,13 +394,33 @@ class ChunkedMemoryBank:
         base = (torch.arange(B, device=self._device)[:, None] * H
                 + torch.arange(H, device=self._device)[None, :]) * C  # (B, H)
         flat = (slots.clamp_min(0) + base[:, :, None, None]).reshape(-1)  # (B*H*T*nk,)
-        keys = self._keys.view(-1, S * D).index_select(0, flat).view(B, H, T, nk * S, D)
-        values = self._values.view(-1, S * D).index_select(0, flat).view(B, H, T, nk * S, D)
+        keys = self._gather("keys", self._keys, flat).view(B, H, T, nk * S, D)
+        values = self._gather("values", self._values, flat).view(B, H, T, nk * S, D)
         mask = (~missing)[..., None].expand(B, H, T, nk, S).reshape(B, H, T, nk * S)
         if bool((self._count < nk).any()):
             keys.masked_fill_(~mask[..., None], 0)
             values.masked_fill_(~mask[..., None], 0)
         return MemoryRetrieval(keys=keys, values=values, mask=mask, chunk_index=slots)
+
+    def _gather(self, name, store, flat):
+        """Chunks ``flat`` of ``store`` as a (len(flat), csz * hd) tensor.
+
+        On CPU, a fresh tensor of this size (tens of MB per step) costs more in page faults than
+        the gather that fills it, since the allocator hands such blocks back to the OS when they
+        are freed (docs/BENCHMARKS.md, "Exact search"). So the previous search's buffer is
+        reused once nothing holds it anymore: the caller only ever gets views of it, and a view
+        still alive (or saved for backward) raises its storage's use count. The price: the bank
+        keeps its last two output buffers between searches (the memory a search needs anyway).
+        """
+        src = store.view(-1, store.shape[-2] * store.shape[-1])
+        if self._device.type != "cpu" or _FREE_USE_COUNT is None:
+            return src.index_select(0, flat)
+        shape = (flat.numel(), src.shape[1])
+        buf = self._gather_buffers.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != src.dtype \
+                or _storage_use_count(buf) != _FREE_USE_COUNT:
+            buf = self._gather_buffers[name] = torch.empty(shape, dtype=src.dtype)
+        return torch.index_select(src, 0, flat, out=buf)
 
     # ------------------------------------------------------------------ save / load
 
@@ -476,37 +430,16 @@ class ChunkedMemoryBank:
 
     def save(self, path, rows=None, overwrite: bool = False):
         """Write the given rows (None = all) to ``path`` (safetensors + JSON header, atomic)."""
-        path = os.fspath(path)
-        idx = self._rows(rows)
-        if os.path.exists(path) and not overwrite:
-            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-        from safetensors.torch import save_file
-
-        tensors, row_meta = {}, []
-        for i, b in enumerate(idx):
+        saved = []
+        for b in self._rows(rows):
             cnt, s = int(self._count[b]), int(self._stage_len[b])
-            tensors[f"row{i}.keys"] = self._keys[b, :, :cnt]
-            tensors[f"row{i}.values"] = self._values[b, :, :cnt]
-            tensors[f"row{i}.summaries"] = self._summaries[b, :, :cnt]
-            tensors[f"row{i}.staging_keys"] = self._stage_keys[b, :, :s]
-            tensors[f"row{i}.staging_values"] = self._stage_values[b, :, :s]
-            row_meta.append(dict(source_row=b, write_pointer=int(self._write_ptr[b]),
-                                 count=cnt, staging=s))
-        tensors = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}
-        header = dict(format=FORMAT_NAME, version=FORMAT_VERSION, **self._config(),
-                      dtype=str(self._dtype).replace("torch.", ""), fingerprint=self.fingerprint,
-                      rows=row_meta, crc32={n: _crc32(t) for n, t in tensors.items()})
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
-                                   dir=directory)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={_HEADER_KEY: json.dumps(header)})
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+            tensors = dict(keys=self._keys[b, :, :cnt], values=self._values[b, :, :cnt],
+                           summaries=self._summaries[b, :, :cnt],
+                           staging_keys=self._stage_keys[b, :, :s],
+                           staging_values=self._stage_values[b, :, :s])
+            saved.append(memory_file.SavedRow(write_pointer=int(self._write_ptr[b]), count=cnt,
+                                              staged=s, tensors=tensors, source_row=b))
+        memory_file.save(path, self._config(), self._dtype, self.fingerprint, saved, overwrite)
 
     def load(self, path, rows=None):
         """Load a saved memory into ``rows`` of this bank (None = all; count must match the file).
@@ -514,99 +447,16 @@ class ChunkedMemoryBank:
         Everything is validated before anything is written: a refused file leaves the memory as it
         was. Tensors are cast to this bank's device and dtype.
         """
-        path = os.fspath(path)
         idx = self._rows(rows)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"Memory bank file not found: {path}")
-        header, tensors = _read_file(path)
-        pointers = self._validate(path, header, tensors, idx)
-        for i, (b, (ptr, cnt, s)) in enumerate(zip(idx, pointers)):
-            put = dict(device=self._device, dtype=self._dtype)
-            self._keys[b, :, :cnt] = tensors[f"row{i}.keys"].to(**put)
-            self._values[b, :, :cnt] = tensors[f"row{i}.values"].to(**put)
-            self._summaries[b, :, :cnt] = tensors[f"row{i}.summaries"].to(**put)
-            self._stage_keys[b, :, :s] = tensors[f"row{i}.staging_keys"].to(**put)
-            self._stage_values[b, :, :s] = tensors[f"row{i}.staging_values"].to(**put)
-            self._write_ptr[b], self._count[b], self._stage_len[b] = ptr, cnt, s
+        saved = memory_file.load(path, self._config(), self.fingerprint, len(idx))
+        put = dict(device=self._device, dtype=self._dtype)
+        for b, row in zip(idx, saved):
+            cnt, s = row.count, row.staged
+            self._keys[b, :, :cnt] = row.tensors["keys"].to(**put)
+            self._values[b, :, :cnt] = row.tensors["values"].to(**put)
+            self._summaries[b, :, :cnt] = row.tensors["summaries"].to(**put)
+            self._stage_keys[b, :, :s] = row.tensors["staging_keys"].to(**put)
+            self._stage_values[b, :, :s] = row.tensors["staging_values"].to(**put)
+            self._write_ptr[b], self._count[b], self._stage_len[b] = row.write_pointer, cnt, s
         logger.info("loaded %d memory row(s) from %s into rows %s (%s, %s)", len(idx), path, idx,
                     self._device, self._dtype)
-
-    def _validate(self, path, header, tensors, idx):
-        """Check a file's header and tensors against this bank.
-
-        Returns [(write_pointer, count, staged)] per row; raises a one-line ValueError otherwise.
-        """
-        def refuse(what, expected, found):
-            raise ValueError(f"{path}: refused, {what}: expected {expected}, found {found}")
-
-        if header.get("format") != FORMAT_NAME or header.get("version") != FORMAT_VERSION:
-            refuse("format", f"{FORMAT_NAME} v{FORMAT_VERSION}",
-                   f"{header.get('format')} v{header.get('version')}")
-        for key, want in self._config().items():
-            if header.get(key) != want:
-                refuse(f"configuration {key}", want, header.get(key))
-        fp = header.get("fingerprint", "")
-        if self.fingerprint and fp and fp != self.fingerprint:
-            refuse("fingerprint", repr(self.fingerprint), repr(fp))
-        row_meta = header.get("rows")
-        if not isinstance(row_meta, list) or len(row_meta) != len(idx):
-            found = len(row_meta) if isinstance(row_meta, list) else row_meta
-            refuse("number of rows", len(idx), found)
-        crc = header.get("crc32")
-        if not isinstance(crc, dict):
-            refuse("header crc32 table", "a dict", type(crc).__name__)
-        H, C, S, D = self.num_heads, self.capacity, self.chunk_size, self.head_dim
-        names, pointers = set(), []
-        for i, meta in enumerate(row_meta):
-            try:
-                ptr, cnt, s = (int(meta[k]) for k in ("write_pointer", "count", "staging"))
-            except (KeyError, TypeError, ValueError):
-                refuse(f"row {i} header", "write_pointer/count/staging ints", meta)
-            pointers.append((ptr, cnt, s))
-            if not (0 <= cnt <= C and 0 <= ptr < C and 0 <= s < S and (cnt == C or ptr == cnt)):
-                refuse(f"row {i} pointers", f"0<=count<={C}, write_pointer=count unless full, "
-                       f"staging<{S}", f"count={cnt}, write_pointer={ptr}, staging={s}")
-            shapes = {"keys": (H, cnt, S, D), "values": (H, cnt, S, D), "summaries": (H, cnt, D),
-                      "staging_keys": (H, s, D), "staging_values": (H, s, D)}
-            for part, shape in shapes.items():
-                name = f"row{i}.{part}"
-                names.add(name)
-                t = tensors.get(name)
-                if t is None:
-                    refuse("tensors", name, "it missing")
-                if tuple(t.shape) != shape or not t.is_floating_point():
-                    refuse(f"tensor {name}", f"float {shape}", f"{t.dtype} {tuple(t.shape)}")
-                if crc.get(name) != _crc32(t):
-                    refuse(f"tensor {name} checksum", crc.get(name), f"{_crc32(t)} (corrupt data)")
-        if set(tensors) != names:
-            refuse("tensor names", sorted(names), sorted(tensors))
-        return pointers
-
-
-def _crc32(t: torch.Tensor) -> int:
-    return zlib.crc32(t.contiguous().view(-1).view(torch.uint8).numpy())
-
-
-def _read_file(path):
-    """(header dict, tensors on CPU) of a saved bank; structural damage -> one-line ValueError."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        msg = " ".join(str(e).split())
-        raise ValueError(f"{path}: refused, expected a complete safetensors memory-bank file, "
-                         f"found an unreadable file (truncated or corrupt: {msg})") from e
-    if _HEADER_KEY not in meta:
-        raise ValueError(f"{path}: refused, expected safetensors metadata key {_HEADER_KEY!r}, "
-                         f"found keys {sorted(meta)}")
-    try:
-        header = json.loads(meta[_HEADER_KEY])
-        if not isinstance(header, dict):
-            raise ValueError(type(header).__name__)
-    except ValueError as e:
-        raise ValueError(f"{path}: refused, expected a JSON object header, "
-                         f"found invalid JSON ({e})") from e
-    return header, tensors

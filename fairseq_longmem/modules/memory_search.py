@@ -1,0 +1,297 @@
+"""Exact top-k chunk search for the memory bank: the backends, the one list of their names, and
+which one ``auto`` picks per device.
+
+Every backend returns, per (row b, head h, query t), the ``nk`` ring-buffer slots with the largest
+``<query, chunk summary>`` among the row's valid slots ``[0, count[b])``, in descending score
+order, and -1 for missing slots (a row holding fewer than nk chunks). They agree with ``matmul``
+(the reference: all scores, then ``topk``) up to the order of tied scores and, where they
+compute scores in another precision or summation order (triton, faiss), up to that rounding.
+
+Backends (``BACKENDS``; the model's ``--search-backend`` and the benchmarks use this list):
+
+- ``torch``: the exact two-stage selection below, in plain torch. On CPU it walks the (row, head)
+  pairs in tiles of queries whose scores fit in cache, with no B x H x T x C score tensor; on
+  CUDA it scores blocks of queries over all rows at once.
+- ``matmul``: all scores with one matmul, then ``topk`` (the reference; the only search before
+  the two-stage one).
+- ``triton``: fused kernels (``memory_triton.py``) that keep block maxima in registers and never
+  write the score tensor, then rescore the kept blocks; CUDA only (CPU only through Triton's
+  interpreter, for tests); needs ``triton`` (shipped with CUDA builds of torch).
+- ``faiss``: ``faiss.knn`` over our own CPU storage, ``faiss.knn_gpu`` on CUDA.
+- ``auto``: ``torch`` on every device. On CPU it is the fastest measured (docs/BENCHMARKS.md,
+  "Exact search"). On CUDA nothing of ours has been measured (no GPU was available): the choice
+  rests on the two-stage idea's measurement in issue 8 (H200, paper shapes: 12.9 ms against
+  19.3 ms for matmul + topk) and on needing no extra package. Run
+  ``examples/benchmarks/gpu_device.sh`` on a GPU before changing it.
+
+Two-stage selection (exact). The chunks are split into ``nb`` blocks of ``blk`` chunks; for each
+query take each block's maximum score, keep the ``nk`` blocks with the largest maxima, then
+take the exact top ``nk`` among the ``nk * blk`` chunks of those blocks. Why this is exact: the
+kept blocks' argmax chunks are ``nk`` distinct chunks all scoring at least m, the smallest kept
+maximum, so the true nk-th best score v satisfies v >= m. Every chunk of a block that was not
+kept scores at most its block's maximum <= m <= v. So every chunk scoring more than v lies in
+a kept block, and the kept blocks hold at least nk chunks scoring >= v: the top nk among the
+kept blocks' chunks have exactly the true top-nk scores; only which of several chunks tied at v
+is returned can differ. Rows with fewer valid chunks than ``nk``: invalid slots score -inf,
+every block holding a valid chunk has a finite maximum and is kept, so every valid chunk is a
+candidate; the -inf picks are then marked -1. Block j holds chunks ``j, j + nb, j + 2 nb, ...``
+(strided, so a block maximum is an elementwise maximum of ``blk`` contiguous rows of the score
+tile, which vectorises); ``blk ~ sqrt(C / nk)`` balances the two ``topk`` calls (``nb`` and
+``nk * blk`` scores per query instead of ``C``).
+"""
+
+import math
+
+import numpy as np
+import torch
+
+BACKENDS = ("auto", "torch", "matmul", "triton", "faiss")
+
+# Queries per score tile of the CPU two-stage search: as many as fill CPU_TILE_BYTES (about a
+# core's L2 cache, so that a tile is scored, reduced and selected without going to memory), but at
+# least CPU_MIN_TILE_QUERIES, so that reading a head's (C, hd) summaries once per tile stays small
+# against writing the tile's scores when C is large. Measured at C = 4k-65k chunks, hd = 32-64
+# (docs/BENCHMARKS.md, "Exact search").
+CPU_TILE_BYTES = 2**20
+CPU_MIN_TILE_QUERIES = 64
+
+_faiss_gpu_resources = None
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """The backend that ``backend`` stands for on ``device`` (``auto`` -> per device)."""
+    if backend != "auto":
+        return backend
+    return "torch"  # CPU: measured fastest; CUDA: see the module docstring
+
+
+def search(backend, queries, summaries, count, nk, max_score_bytes):
+    """Top-nk slots per query with a resolved ``backend``.
+
+    queries: (B, H, T, hd) in the storage dtype and device; summaries: (B, H, C, hd);
+    count: numpy (B,) valid chunks per row; returns (B, H, T, nk) long, -1 = missing.
+    """
+    if backend == "torch":
+        if queries.device.type == "cpu":
+            slots = _two_stage_tiled(queries, summaries, count, nk)
+        else:
+            slots = _two_stage_batched(queries, summaries, count, nk, max_score_bytes)
+    elif backend == "matmul":
+        slots = matmul_topk(queries, summaries, count, nk, max_score_bytes)
+    elif backend == "triton":
+        from . import memory_triton
+
+        slots = memory_triton.search(queries, summaries, count, nk, max_score_bytes)
+    elif backend == "faiss":
+        if queries.device.type == "cuda":
+            return _faiss_gpu_search(queries, summaries, count, nk)
+        return _faiss_cpu_search(queries, summaries, count, nk)
+    else:
+        raise ValueError(f"unknown search backend {backend!r}; expected one of {BACKENDS}")
+    if bool((count < nk).any()):
+        # topk had to pick empty slots for rows with fewer than nk chunks
+        counts = torch.from_numpy(count).to(slots.device, non_blocking=True)
+        slots.masked_fill_(slots >= counts[:, None, None, None], -1)
+    return slots
+
+
+def check_backend(backend: str):
+    """Fail at construction, not at the first search, when a backend's package is missing."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "faiss":
+        import_faiss()
+    elif backend == "triton":
+        import_triton()
+
+
+# ---------------------------------------------------------------- two-stage selection
+
+
+def block_layout(num_chunks: int, nk: int):
+    """(blk, nb) for the two-stage selection over ``num_chunks`` chunks, or None for fewer than
+    16 nk chunks, where the blocks would be too few to leave much out (one topk then)."""
+    if num_chunks < 16 * nk:
+        return None
+    blk = 2 ** round(math.log2(math.sqrt(num_chunks / nk)))
+    return blk, -(-num_chunks // blk)
+
+
+def select_two_stage(scores, nk: int, blk: int, nb: int):
+    """Exact top-nk chunk indices of ``scores`` (R, n, nb * blk), descending; padding columns must
+    hold -inf. Block j holds chunks j + m * nb, m < blk (module docstring)."""
+    R, n, W = scores.shape
+    v = scores.view(R, n, blk, nb)  # v[..., m, j] = score of chunk m * nb + j
+    top = v.amax(dim=2).topk(nk, dim=-1, sorted=False).indices  # (R, n, nk) kept blocks
+    cand = v.gather(3, top.unsqueeze(2).expand(R, n, blk, nk))  # (R, n, blk, nk)
+    return finish_two_stage(cand, top, nk, nb)
+
+
+def finish_two_stage(cand, top, nk: int, nb: int):
+    """Second stage: ``cand`` (R, n, blk, nk) = scores of member m of kept block ``top[..., i]``;
+    returns the chunk indices of the top nk candidates, descending."""
+    R, n, blk, _ = cand.shape
+    best = cand.reshape(R, n, blk * nk).topk(nk, dim=-1).indices  # (R, n, nk) into (blk, nk)
+    return (best // nk) * nb + top.gather(2, best % nk)  # chunk = member * nb + block
+
+
+def _two_stage_tiled(queries, summaries, count, nk):
+    """CPU: per (row, head), queries in tiles whose scores fit in ``CPU_TILE_BYTES``."""
+    B, H, T, _ = queries.shape
+    slots = torch.full((B, H, T, nk), -1, dtype=torch.long)
+    neg_inf = float("-inf")
+    for b in range(B):
+        cnt = int(count[b])
+        if cnt == 0:
+            continue
+        layout = block_layout(cnt, nk)
+        if layout is None:  # small row: one topk over all its chunks, every head at once
+            scores = torch.matmul(queries[b], summaries[b, :, :cnt].transpose(1, 2))  # (H, T, cnt)
+            k = min(nk, cnt)
+            slots[b, :, :, :k] = scores.topk(k, dim=-1, sorted=True).indices
+            continue
+        blk, nb = layout
+        W = blk * nb  # >= cnt; columns [cnt, W) stay -inf
+        tq = min(T, max(CPU_MIN_TILE_QUERIES, CPU_TILE_BYTES // (W * queries.element_size())))
+        tile = torch.empty(1, tq, W, dtype=queries.dtype)
+        tile[:, :, cnt:] = neg_inf
+        for h in range(H):
+            summ_t = summaries[b, h, :cnt].t()  # (hd, cnt)
+            for t0 in range(0, T, tq):
+                n = min(tq, T - t0)
+                scores = tile[:, :n]  # (1, n, W)
+                torch.mm(queries[b, h, t0:t0 + n], summ_t, out=scores[0, :, :cnt])
+                slots[b, h, t0:t0 + n] = select_two_stage(scores, nk, blk, nb)[0]
+    return slots
+
+
+def _query_block(B, H, T, width, element_size, max_score_bytes):
+    """Queries per block so that a (B, H, block, width) score tensor stays under the bound."""
+    return max(1, min(T, max_score_bytes // max(B * H * width * element_size, 1)))
+
+
+def _invalid_columns(count, width, device):
+    """(B, 1, 1, width) bool: slots a row does not hold (>= its count), padding included."""
+    counts = torch.from_numpy(count).to(device, non_blocking=True)
+    return (torch.arange(width, device=device)[None, :] >= counts[:, None])[:, None, None, :]
+
+
+def _two_stage_batched(queries, summaries, count, nk, max_score_bytes):
+    """CUDA: every (row, head) at once, in blocks of queries (bounded score memory)."""
+    B, H, T, _ = queries.shape
+    C = summaries.shape[2]
+    layout = block_layout(C, nk)
+    if layout is None:
+        return matmul_topk(queries, summaries, count, nk, max_score_bytes)
+    blk, nb = layout
+    W = blk * nb
+    mask = bool((count < C).any()) or W > C
+    invalid = _invalid_columns(count, W, queries.device) if mask else None
+    summ_t = summaries.transpose(2, 3)  # (B, H, hd, C)
+    tb = _query_block(B, H, T, W, queries.element_size(), max_score_bytes)
+    slots = torch.empty(B, H, T, nk, dtype=torch.long, device=queries.device)
+    for t0 in range(0, T, tb):
+        n = min(tb, T - t0)
+        scores = torch.empty(B, H, n, W, dtype=queries.dtype, device=queries.device)
+        torch.matmul(queries[:, :, t0:t0 + n], summ_t, out=scores[..., :C])
+        if mask:
+            scores.masked_fill_(invalid, float("-inf"))
+        sel = select_two_stage(scores.view(B * H, n, W), nk, blk, nb)
+        slots[:, :, t0:t0 + n] = sel.view(B, H, n, nk)
+    return slots
+
+
+def matmul_topk(queries, summaries, count, nk, max_score_bytes):
+    """The reference: all (B, H, T, C) scores (in blocks of queries), then topk."""
+    B, H, T, _ = queries.shape
+    C = summaries.shape[2]
+    partial = bool((count < C).any())
+    invalid = _invalid_columns(count, C, queries.device) if partial else None
+    summ_t = summaries.transpose(2, 3)  # (B, H, hd, C)
+    tb = _query_block(B, H, T, C, queries.element_size(), max_score_bytes)
+    slots = torch.empty(B, H, T, nk, dtype=torch.long, device=queries.device)
+    for t0 in range(0, T, tb):
+        scores = torch.matmul(queries[:, :, t0:t0 + tb], summ_t)  # (B, H, tb, C)
+        if partial:
+            scores.masked_fill_(invalid, float("-inf"))
+        slots[:, :, t0:t0 + tb] = scores.topk(nk, dim=-1, sorted=True).indices
+    return slots
+
+
+# ---------------------------------------------------------------- faiss
+
+
+def import_faiss():
+    try:
+        import faiss  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            "the faiss memory-bank backend needs faiss: pip install faiss-cpu "
+            "(or faiss-gpu-cu12 on CUDA machines), or use backend='torch'"
+        ) from e
+    return faiss
+
+
+def import_triton():
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            "the triton memory-bank backend needs triton, which CUDA builds of torch ship "
+            "(pip install triton), or use backend='torch'"
+        ) from e
+    return triton
+
+
+def _faiss_gpu():
+    """faiss with torch interop and the process-wide StandardGpuResources (created once)."""
+    global _faiss_gpu_resources
+    faiss = import_faiss()
+    if not hasattr(faiss, "StandardGpuResources"):
+        raise RuntimeError(
+            "backend='faiss' on a CUDA device needs a faiss build with GPU support "
+            "(pip install faiss-gpu-cu12); the installed faiss is CPU-only. Use backend='torch'."
+        )
+    import faiss.contrib.torch_utils  # noqa: F401  (lets knn_gpu take torch tensors)
+
+    if _faiss_gpu_resources is None:
+        _faiss_gpu_resources = faiss.StandardGpuResources()
+    return faiss, _faiss_gpu_resources
+
+
+def _faiss_cpu_search(queries, summaries, count, nk):
+    faiss = import_faiss()
+    B, H, T, _ = queries.shape
+    slots = np.full((B, H, T, nk), -1, dtype=np.int64)
+    q = queries.float().contiguous().numpy()  # (B, H, T, hd)
+    for b in range(B):
+        cnt = int(count[b])
+        if cnt == 0 or T == 0:
+            continue
+        kk = min(nk, cnt)
+        xb_all = summaries[b, :, :cnt].float().contiguous().numpy()  # (H, cnt, hd)
+        for h in range(H):
+            _, idx = faiss.knn(q[b, h], xb_all[h], kk, metric=faiss.METRIC_INNER_PRODUCT)
+            slots[b, h, :, :kk] = idx
+    return torch.from_numpy(slots)
+
+
+def _faiss_gpu_search(queries, summaries, count, nk):
+    faiss, res = _faiss_gpu()
+    B, H, T, _ = queries.shape
+    device = queries.device
+    slots = torch.full((B, H, T, nk), -1, dtype=torch.long, device=device)
+    # faiss GPU brute force takes fp32/fp16 torch tensors; bf16 goes through fp32
+    dt = torch.float16 if queries.dtype == torch.float16 else torch.float32
+    q = queries.to(dt)
+    for b in range(B):
+        cnt = int(count[b])
+        if cnt == 0 or T == 0:
+            continue
+        kk = min(nk, cnt)
+        for h in range(H):
+            xb = summaries[b, h, :cnt].to(dt).contiguous()
+            _, idx = faiss.knn_gpu(res, q[b, h].contiguous(), xb, kk,
+                                   metric=faiss.METRIC_INNER_PRODUCT, device=device.index or 0)
+            slots[b, h, :, :kk] = idx
+    return slots
