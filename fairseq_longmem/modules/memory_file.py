@@ -137,14 +137,20 @@ def crc32(t: torch.Tensor) -> int:
     return zlib.crc32(t.contiguous().view(-1).view(torch.uint8).numpy())
 
 
-def _read(path):
+def read_header(path) -> dict:
+    """The JSON header of a saved bank (e.g. its ``fingerprint``) without reading its tensors."""
+    header, _ = _read(path, tensors=False)
+    return header
+
+
+def _read(path, tensors: bool = True):
     """(header dict, tensors on CPU) of a saved bank; structural damage -> one-line ValueError."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
+            loaded = {name: f.get_tensor(name) for name in f.keys()} if tensors else {}
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         msg = " ".join(str(e).split())
         raise ValueError(f"{path}: refused, expected a complete safetensors memory-bank file, "
@@ -159,4 +165,4 @@ def _read(path):
     except ValueError as e:
         raise ValueError(f"{path}: refused, expected a JSON object header, "
                          f"found invalid JSON ({e})") from e
-    return header, tensors
+    return header, loaded

@@ -32,7 +32,7 @@ from fairseq.dataclass import ChoiceEnum
 from fairseq.tasks import register_task
 
 from .. import icl_data, memory_scoring
-from ..modules import memory_bank
+from ..modules.memory_file import read_header
 from .candidate_scoring import (
     CandidateScorer,
     CandidateScoringConfig,
@@ -317,9 +317,8 @@ class ICLScorer(CandidateScorer):
 def read_identity(path: str) -> dict:
     """The identity a saved ICL memory was built with (its bank fingerprint), or a one-line
     error if the file is not such a memory."""
-    header, _ = memory_bank._read_file(path)
     try:
-        ident = json.loads(header.get("fingerprint") or "")
+        ident = json.loads(read_header(path).get("fingerprint") or "")
         if not isinstance(ident, dict) or ident.get("kind") != MEMORY_FILE_KIND:
             raise ValueError
     except ValueError:
