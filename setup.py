@@ -38,5 +38,6 @@ setup(
         "cpu": ["faiss-cpu>=1.8"],
         "gpu": ["faiss-gpu-cu12>=1.8"],
         "test": ["pytest>=7", "transformers>=4.40", "hypothesis>=6"],
+        "plots": ["matplotlib>=3.7"],  # examples/plot_results.py
     },
 )
