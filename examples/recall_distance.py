@@ -23,6 +23,7 @@ import argparse
 import json
 import logging
 import os
+import platform
 import random
 import sys
 import time
@@ -161,6 +162,38 @@ def score(v: Vocab, model, eval_docs):
     return out
 
 
+def table(records) -> str:
+    """The markdown table of a run's records (the lines of recall_distance.jsonl)."""
+    settings = records[0]["settings"]
+    lookup = next(r["recall"] for r in records if r.get("condition") == "backbone_in_segment")
+    rows = {}
+    for r in records:
+        if "distance" in r:
+            rows.setdefault(r["label"], {})[r["distance"]] = (r["recall"], r["asked"])
+    distances = settings["distances"]
+    lines = [f"Recall of a value asked d segments after its fact ({settings['segment']}-token "
+             f"segments; chance {settings['chance']:.3f}; backbone's in-segment lookup {lookup:.3f})",
+             "", "| condition | " + " | ".join(f"d={d}" for d in distances) + " |",
+             "|---|" + "---|" * len(distances)]
+    for label, res in rows.items():
+        lines.append(f"| {label} | " + " | ".join(f"{res[d][0]:.3f}" for d in distances) + " |")
+    asked = next(iter(rows.values()))[distances[0]][1]
+    lines.append(f"\n{asked} values asked per distance and condition.")
+    return "\n".join(lines) + "\n"
+
+
+def hardware() -> str:
+    """CPU model, cores and load, for the log (Linux; elsewhere what platform knows)."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            model = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+        load = " ".join(open("/proc/loadavg", encoding="utf-8").read().split()[:3])
+    except (OSError, StopIteration):
+        load = "?"
+    return f"{model} x {os.cpu_count()} cores, load average at start {load}"
+
+
 def condition_label(cond, memory_size) -> str:
     """``memory`` / ``memory_256`` / ``memory_off`` -> a table label."""
     if cond == "memory_off":
@@ -179,7 +212,11 @@ def main(argv=None) -> int:
     p.add_argument("--memory-size", type=int, default=2048, help="msz: holds 64 segments")
     p.add_argument("--small-memory", type=int, default=256, help="msz of the extra evaluation (0: none)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (results depend on it)")
+    p.add_argument("--table", metavar="JSONL", help="only print the table of an earlier run's log")
     args = p.parse_args(argv)
+    if args.table:
+        print(table([json.loads(line) for line in open(args.table, encoding="utf-8") if line.strip()]), end="")
+        return 0
     if args.smoke:
         args.backbone_epochs, args.epochs, args.docs, args.eval_docs = 12, 1, 64, 16
     logging.basicConfig(format="%(asctime)s | %(message)s", level=logging.INFO)
@@ -190,12 +227,11 @@ def main(argv=None) -> int:
     start = time.time()
     records = [{"settings": {k: getattr(args, k) for k in vars(args)} | {
         "segment": T, "facts": FACTS, "values": NV, "chance": 1 / NV, "distances": DISTANCES,
-        "torch": torch.__version__}}]
+        "torch": torch.__version__, "hardware": hardware()}}]
 
     bb, dims, lookup = train_backbone(v, args.backbone_epochs, 32)
     logger.info("backbone: in-segment lookup %.3f (%.0fs)", lookup, time.time() - start)
     records.append({"condition": "backbone_in_segment", "recall": lookup})
-    rows = {}
     for name, disable in (("memory", False), ("memory_off", True)):
         t0 = time.time()
         model = longmem(v, bb, dims, args.memory_size, disable)
@@ -206,8 +242,7 @@ def main(argv=None) -> int:
             conditions.append((f"memory_{args.small_memory}", args.small_memory))
         for cond, msz in conditions:
             model.decoder.cfg.memory_size = msz  # the bank is built lazily with this size
-            rows[cond] = score(v, model, args.eval_docs)
-            for d, (share, total) in rows[cond].items():
+            for d, (share, total) in score(v, model, args.eval_docs).items():
                 records.append({"condition": cond, "label": condition_label(cond, args.memory_size),
                                 "memory_size": 0 if disable else msz, "distance": d,
                                 "recall": share, "asked": total})
@@ -217,14 +252,8 @@ def main(argv=None) -> int:
         for r in records:
             f.write(json.dumps(r) + "\n")
 
-    print(f"recall of a value asked d segments after its fact ({T}-token segments; chance "
-          f"{1 / NV:.3f}; backbone's in-segment lookup {lookup:.3f})")
-    print("| condition | " + " | ".join(f"d={d}" for d in DISTANCES) + " |")
-    print("|---|" + "---|" * len(DISTANCES))
-    for cond, res in rows.items():
-        print(f"| {condition_label(cond, args.memory_size)} | " + " | ".join(f"{res[d][0]:.3f}" for d in DISTANCES) + " |")
-    print(f"({rows['memory'][DISTANCES[0]][1]} values asked per distance; {time.time() - start:.0f}s; "
-          f"log: {path})")
+    print(table(records), end="")
+    print(f"({time.time() - start:.0f}s; log: {path})")
     return 0
 
 

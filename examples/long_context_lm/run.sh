@@ -25,7 +25,7 @@ PRESET=${PRESET:-cpu}
 source "$HERE/$PRESET.env"
 OUT=${OUT:-$PWD/runs/long_context_lm/$PRESET}
 BACKBONE=${BACKBONE:-}
-export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
+source examples/cpu_determinism.sh  # THREADS from the preset
 UD=$(python -m fairseq_longmem.user_dir)
 DATA="$OUT/data"
 LOGS="$OUT/logs"
@@ -50,7 +50,7 @@ step() {
 
 {
   echo "preset: $PRESET"; date -u +"date: %Y-%m-%dT%H:%MZ"
-  echo "cpu: $(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2 | xargs) x $(nproc) (threads $THREADS)"
+  echo "cpu: $(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2 | xargs) x $(getconf _NPROCESSORS_ONLN) cores (threads $THREADS)"
   python -c "import torch; print('torch', torch.__version__, '| gpu:', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none')"
   echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null)"
 } > "$LOGS/hardware.txt"
