@@ -14,13 +14,16 @@
 #   PRESET=smoke bash examples/long_context_lm/run.sh    # generated books, a few minutes
 #   PRESET=gpu bash examples/long_context_lm/run.sh      # GPU-sized (gpu.env)
 # OUT=DIR chooses the output folder (default runs/long_context_lm/$PRESET); a step whose output
-# and complete log are already there is skipped (rerun = resume); all logs go to $OUT/logs. Settings: $PRESET.env, each
-# overridable from the environment. See examples/long_context_lm/README.md.
+# and complete log are already there is skipped (a rerun resumes); all logs go to $OUT/logs.
+# Settings: $PRESET.env, each overridable from the environment. See this folder's README.md.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 cd "$HERE/../.."
 PRESET=${PRESET:-cpu}
-[ -f "$HERE/$PRESET.env" ] || { echo "error: PRESET=$PRESET: no $HERE/$PRESET.env (cpu, smoke, gpu)" >&2; exit 2; }
+if [ ! -f "$HERE/$PRESET.env" ]; then
+  echo "error: PRESET=$PRESET has no settings file $HERE/$PRESET.env; use cpu, smoke or gpu" >&2
+  exit 2
+fi
 # shellcheck source=cpu.env
 source "$HERE/$PRESET.env"
 OUT=${OUT:-$PWD/runs/long_context_lm/$PRESET}
