@@ -41,5 +41,6 @@ setup(
         # CPU machines only: runs the search kernels' tests through Triton's interpreter (286 MB
         # wheel, 1 GB installed). CUDA builds of torch ship their own triton: don't add this there.
         "triton": ["triton>=3.9"],
+        "plots": ["matplotlib>=3.7"],  # examples/plot_results.py
     },
 )

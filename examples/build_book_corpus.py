@@ -42,6 +42,9 @@ logger = logging.getLogger("build_book_corpus")
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "fairseq_longmem", "debs")
 ALL_SOURCES = ("austen", "kjv", "mobydick", "tidytext")
 SPLITS = ("train", "valid", "test")
+# sentencepiece's unigram model depends on its thread count (1, 2 and 4 threads give different
+# vocabularies): fixed, so that every machine builds the same one
+SPM_THREADS = 2
 
 
 class CorpusError(RuntimeError):
@@ -406,7 +409,7 @@ def make_encoder(kind: str, out: str, vocab_size: int, bpe_dest: Optional[str]):
     spm.SentencePieceTrainer.train(
         input=os.path.join(out, "raw", "train.txt"), model_prefix=prefix, vocab_size=vocab_size,
         model_type="unigram", character_coverage=1.0, input_sentence_size=2_000_000,
-        shuffle_input_sentence=True, num_threads=os.cpu_count() or 1, minloglevel=2,
+        shuffle_input_sentence=True, num_threads=SPM_THREADS, minloglevel=2,
     )
     bpe = encoders.build_bpe(
         Namespace(bpe="sentencepiece", sentencepiece_model=prefix + ".model",

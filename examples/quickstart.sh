@@ -9,13 +9,19 @@
 # Run from the repository root after `bash install.sh`:  bash examples/quickstart.sh
 # About 5 minutes on 2 CPU cores. WORK=DIR chooses the output folder (default ./quickstart);
 # a step whose output is already there is skipped, so a second run only re-evaluates.
-# DATA=synthetic uses generated documents instead of the books (no Debian package needed).
+# DATA=synthetic uses generated documents instead of the books (no Debian package needed);
+# UPDATES=N trains each stage for N updates instead of 1000 (a quick check of the pipeline).
+#
+# Same digits on every machine: the seeds are fixed (--seed 1; the corpus split and the
+# sentencepiece model are deterministic), and examples/cpu_determinism.sh pins the thread count
+# (THREADS, default 2) and, on x86 CPUs with AVX2, the AVX2 kernels. See README.md, "Measured
+# results", for the spread measured across thread counts and kernels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-$PWD/quickstart}
 DATA=${DATA:-austen}
-THREADS=${THREADS:-2}
-export OMP_NUM_THREADS=$THREADS
+UPDATES=${UPDATES:-1000}
+source examples/cpu_determinism.sh
 UD=$(python -m fairseq_longmem.user_dir)
 mkdir -p "$WORK"
 T=128
@@ -36,7 +42,7 @@ if [ ! -f "$WORK/backbone/checkpoint_last.pt" ]; then
   echo "== 2/4 backbone: gpt2_lm_tiny from scratch"
   fairseq-train "$WORK/data/bin" --user-dir "$UD" --task language_modeling --arch gpt2_lm_tiny \
     --tokens-per-sample $T --batch-size 16 --optimizer adam --adam-betas '(0.9,0.98)' \
-    --lr 3e-3 --lr-scheduler inverse_sqrt --warmup-updates 100 --max-update 1000 \
+    --lr 3e-3 --lr-scheduler inverse_sqrt --warmup-updates 100 --max-update $UPDATES \
     --dropout 0.0 --attention-dropout 0.0 --cpu --num-workers 0 --disable-validation \
     --no-epoch-checkpoints --save-dir "$WORK/backbone" --log-interval 50 --seed 1
 fi
@@ -46,7 +52,7 @@ if [ ! -f "$WORK/longmem/checkpoint_last.pt" ]; then
   fairseq-train "$WORK/data/bin" --user-dir "$UD" --task longmem_lm --arch longmem_gpt2_tiny \
     --criterion longmem_cross_entropy --backbone-path "$WORK/backbone/checkpoint_last.pt" \
     --tokens-per-sample $T --batch-size 4 --memory-size 16384 --chunk-size 4 --retrieved-tokens 32 \
-    --optimizer adam --adam-betas '(0.9,0.98)' --lr 1e-3 --weight-decay 0.01 --max-update 1000 \
+    --optimizer adam --adam-betas '(0.9,0.98)' --lr 1e-3 --weight-decay 0.01 --max-update $UPDATES \
     --cpu --num-workers 0 --disable-validation --no-epoch-checkpoints \
     --save-dir "$WORK/longmem" --log-interval 50 --seed 1
 fi

@@ -1,0 +1,1 @@
+python examples/build_book_corpus.py --out /work/wt-results/runs/long_context_lm/smoke/data --sources '' --input-dir /work/wt-results/runs/long_context_lm/smoke/books --valid-books 1 --test-books 1 --seed 1 --bpe sentencepiece --vocab-size 250 

@@ -1,0 +1,1 @@
+fairseq-eval-lm /work/wt-results/runs/long_context_lm/smoke/data/bin --user-dir /work/wt-results/fairseq_longmem --task longmem_lm --path /work/wt-results/runs/long_context_lm/smoke/backbone/checkpoint_last.pt --gen-subset test --tokens-per-sample 128 --batch-size 1 --num-workers 0 --model-overrides \{\} --cpu 

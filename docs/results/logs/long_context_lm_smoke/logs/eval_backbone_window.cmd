@@ -1,0 +1,1 @@
+fairseq-eval-lm /work/wt-results/runs/long_context_lm/smoke/data/bin-stream --user-dir /work/wt-results/fairseq_longmem --task language_modeling --path /work/wt-results/runs/long_context_lm/smoke/backbone/checkpoint_last.pt --gen-subset test --sample-break-mode none --tokens-per-sample 128 --context-window 64 --batch-size 16 --num-workers 0 --cpu 

@@ -1,0 +1,1 @@
+fairseq-preprocess --only-source --srcdict /work/wt-results/runs/long_context_lm/smoke/data/bin/dict.txt --testpref /work/wt-results/runs/long_context_lm/smoke/data/test.stream.tok --destdir /work/wt-results/runs/long_context_lm/smoke/data/bin-stream --workers 1 

@@ -1,0 +1,1 @@
+bash -c grep\ -v\ \"\^\$\"\ \"\$0\"\ \>\ \"\$1\" /work/wt-results/runs/long_context_lm/smoke/data/test.tok /work/wt-results/runs/long_context_lm/smoke/data/test.stream.tok 

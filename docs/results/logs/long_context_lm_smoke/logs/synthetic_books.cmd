@@ -1,0 +1,1 @@
+python examples/synthetic_documents.py --out /work/wt-results/runs/long_context_lm/smoke/books --books 10 --paragraphs 200 

@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# Long-book perplexity: what LongMem's memory buys on whole held-out books, with controls.
+#   1. a whole-book corpus split by book (the test split holds whole novels);
+#   2. a gpt2_lm backbone trained from scratch (or BACKBONE=checkpoint.pt, e.g. a converted GPT-2);
+#   3. LongMem adapted on the frozen backbone;
+#   4. fairseq-eval-lm on the test books, every condition scoring exactly the same tokens:
+#      (a) backbone alone, T-token segments  (b) backbone, sliding window (--context-window T/2)
+#      (c) LongMem, memory off (same weights) (d) LongMem with memory,
+#      a memory-size sweep and a chunk-size sweep (--model-overrides);
+#   5. loss per position bucket in the book for (a), (c), (d) (score_positions.py);
+#   6. summarize.py: tables, token-count checks, results.json.
+# Run from the repository root after `bash install.sh`:
+#   bash examples/long_context_lm/run.sh                 # CPU default, about an hour on 2 cores
+#   PRESET=smoke bash examples/long_context_lm/run.sh    # generated books, a few minutes
+#   PRESET=gpu bash examples/long_context_lm/run.sh      # GPU-sized (gpu.env)
+# OUT=DIR chooses the output folder (default runs/long_context_lm/$PRESET); a step whose output
+# and complete log are already there is skipped (a rerun resumes); all logs go to $OUT/logs.
+# Settings: $PRESET.env, each overridable from the environment. See this folder's README.md.
+set -euo pipefail
+HERE="$(cd "$(dirname "$0")" && pwd)"
+cd "$HERE/../.."
+PRESET=${PRESET:-cpu}
+if [ ! -f "$HERE/$PRESET.env" ]; then
+  echo "error: PRESET=$PRESET has no settings file $HERE/$PRESET.env; use cpu, smoke or gpu" >&2
+  exit 2
+fi
+# shellcheck source=cpu.env
+source "$HERE/$PRESET.env"
+OUT=${OUT:-$PWD/runs/long_context_lm/$PRESET}
+BACKBONE=${BACKBONE:-}
+source examples/cpu_determinism.sh  # THREADS from the preset
+UD=$(python -m fairseq_longmem.user_dir)
+DATA="$OUT/data"
+LOGS="$OUT/logs"
+mkdir -p "$LOGS"
+
+# step NAME OUTPUT COMMAND...: run COMMAND unless OUTPUT and its complete log exist. The log is
+# written to $LOGS/NAME.log.part and renamed to $LOGS/NAME.log when COMMAND succeeds; the command
+# line goes to $LOGS/NAME.cmd and the wall time to $LOGS/times.tsv.
+step() {
+  local name=$1 output=$2; shift 2
+  if [ -e "$output" ] && [ -e "$LOGS/$name.log" ]; then echo "-- $name: done"; return; fi
+  echo "== $name"
+  local start=$SECONDS
+  printf '%q ' "$@" > "$LOGS/$name.cmd"
+  if ! "$@" > "$LOGS/$name.log.part" 2>&1; then
+    echo "error: $name failed; see $LOGS/$name.log.part" >&2; tail -5 "$LOGS/$name.log.part" >&2
+    exit 1
+  fi
+  mv "$LOGS/$name.log.part" "$LOGS/$name.log"
+  printf '%s\t%s\n' "$name" "$((SECONDS - start))" >> "$LOGS/times.tsv"
+}
+
+{
+  echo "preset: $PRESET"; date -u +"date: %Y-%m-%dT%H:%MZ"
+  echo "cpu: $(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2 | xargs) x $(getconf _NPROCESSORS_ONLN) cores (threads $THREADS)"
+  python -c "import torch; print('torch', torch.__version__, '| gpu:', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none')"
+  echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null)"
+} > "$LOGS/hardware.txt"
+
+# 1. corpus -----------------------------------------------------------------------------------
+if [ -n "${SYNTHETIC_BOOKS:-}" ]; then
+  step synthetic_books "$OUT/books" python examples/synthetic_documents.py --out "$OUT/books" \
+    --books "$SYNTHETIC_BOOKS" --paragraphs "$SYNTHETIC_PARAGRAPHS"
+  SRC=(--sources '' --input-dir "$OUT/books")
+else
+  SRC=(--sources "$SOURCES")
+fi
+# shellcheck disable=SC2086
+step corpus "$DATA/bin/dict.txt" python examples/build_book_corpus.py --out "$DATA" "${SRC[@]}" $CORPUS_ARGS
+# (b) needs the test books as one token stream without the empty line between books (see README)
+step stream_text "$DATA/test.stream.tok" bash -c 'grep -v "^$" "$0" > "$1"' "$DATA/test.tok" \
+  "$DATA/test.stream.tok"
+step stream_copy "$DATA/bin-stream/test.bin" fairseq-preprocess --only-source \
+  --srcdict "$DATA/bin/dict.txt" --testpref "$DATA/test.stream.tok" --destdir "$DATA/bin-stream" --workers 1
+
+# 2. backbone ---------------------------------------------------------------------------------
+if [ -z "$BACKBONE" ]; then
+  BACKBONE="$OUT/backbone/checkpoint_last.pt"
+  # shellcheck disable=SC2086
+  step train_backbone "$BACKBONE" fairseq-train "$DATA/bin" --user-dir "$UD" --task language_modeling \
+    --arch "$BACKBONE_ARCH" --tokens-per-sample "$T" $BACKBONE_ARGS --optimizer adam \
+    --adam-betas '(0.9,0.98)' --max-update "$BACKBONE_UPDATES" --num-workers 0 --disable-validation \
+    --no-epoch-checkpoints --save-dir "$OUT/backbone" --log-interval 50 --seed 1 $DEVICE_ARGS
+fi
+
+# 3. LongMem ----------------------------------------------------------------------------------
+LONGMEM="$OUT/longmem/checkpoint_last.pt"
+# shellcheck disable=SC2086
+step train_longmem "$LONGMEM" fairseq-train "$DATA/bin" --user-dir "$UD" --task longmem_lm \
+  --arch "$LONGMEM_ARCH" --criterion longmem_cross_entropy --backbone-path "$BACKBONE" \
+  --tokens-per-sample "$T" --memory-size "$MEMORY_SIZE" --chunk-size "$CHUNK_SIZE" \
+  --retrieved-tokens "$RETRIEVED" $LONGMEM_ARGS --optimizer adam --adam-betas '(0.9,0.98)' \
+  --max-update "$LONGMEM_UPDATES" --num-workers 0 --disable-validation --no-epoch-checkpoints \
+  --save-dir "$OUT/longmem" --log-interval 50 --seed 1 $DEVICE_ARGS
+
+# 4. perplexity on the test books -------------------------------------------------------------
+# eval_streams NAME CHECKPOINT OVERRIDES: longmem_lm streams, one per test book
+eval_streams() {
+  local name=$1 path=$2 overrides=$3
+  # shellcheck disable=SC2086
+  step "eval_$name" "$LOGS/eval_$name.log" fairseq-eval-lm "$DATA/bin" --user-dir "$UD" \
+    --task longmem_lm --path "$path" --gen-subset test --tokens-per-sample "$T" \
+    --batch-size "$EVAL_BATCH" --num-workers 0 --model-overrides "$overrides" $DEVICE_ARGS
+}
+eval_streams backbone "$BACKBONE" "{}"
+# shellcheck disable=SC2086
+step eval_backbone_window "$LOGS/eval_backbone_window.log" fairseq-eval-lm "$DATA/bin-stream" \
+  --user-dir "$UD" --task language_modeling --path "$BACKBONE" --gen-subset test --sample-break-mode none \
+  --tokens-per-sample "$T" --context-window $((T / 2)) --batch-size 16 --num-workers 0 $DEVICE_ARGS
+eval_streams memory_off "$LONGMEM" "{'disable_memory': True}"
+for msz in $MEMORY_SWEEP; do
+  eval_streams "memory_${msz}_csz${CHUNK_SIZE}" "$LONGMEM" "{'memory_size': $msz}"
+done
+for csz in $CHUNK_SWEEP; do
+  [ "$csz" = "$CHUNK_SIZE" ] && continue  # the main condition, already in the memory sweep
+  eval_streams "memory_${MEMORY_SIZE}_csz${csz}" "$LONGMEM" "{'chunk_size': $csz}"
+done
+
+# 5. loss per position bucket (same streams, same tokens) -------------------------------------
+positions() {
+  local name=$1 path=$2 overrides=$3
+  # shellcheck disable=SC2086
+  step "positions_$name" "$LOGS/positions_$name.json" python "$HERE/score_positions.py" "$DATA/bin" \
+    --user-dir "$UD" --task longmem_lm --path "$path" --valid-subset test --tokens-per-sample "$T" \
+    --batch-size "$EVAL_BATCH" --num-workers 0 --criterion longmem_cross_entropy \
+    --position-buckets "$BUCKETS" --model-overrides "$overrides" \
+    --results-json "$LOGS/positions_$name.json" $DEVICE_ARGS
+}
+positions backbone "$BACKBONE" "{}"
+positions memory_off "$LONGMEM" "{'disable_memory': True}"
+positions "memory_${MEMORY_SIZE}_csz${CHUNK_SIZE}" "$LONGMEM" "{}"
+
+# 6. tables and checks ------------------------------------------------------------------------
+python "$HERE/summarize.py" "$OUT"

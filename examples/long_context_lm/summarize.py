@@ -1,0 +1,169 @@
+"""Tables and checks of a long_context_lm run, read from its logs only.
+
+    python examples/long_context_lm/summarize.py OUT     # OUT = run.sh's output folder
+
+reads ``OUT/logs`` (``eval_*.log`` from fairseq-eval-lm, ``positions_*.json`` from
+score_positions.py, ``times.tsv``, ``hardware.txt``), checks that every condition scored the same
+number of tokens and that the position buckets add up to the whole, prints markdown tables and
+writes them to ``OUT/results.md`` and the numbers to ``OUT/results.json`` (read by
+examples/plot_results.py). Exit status 1 when a check fails.
+"""
+
+import argparse
+import glob
+import json
+import math
+import os
+import re
+import sys
+
+CONDITIONS = {  # name: (label, short label for plots)
+    "backbone": ("(a) backbone alone, {T}-token segments", "(a) backbone"),
+    "backbone_window": ("(b) backbone, sliding window (context {C} + {S} new tokens)",
+                        "(b) sliding window"),
+    "memory_off": ("(c) LongMem, memory off (same weights)", "(c) memory off"),
+}
+MEMORY = re.compile(r"memory_(\d+)_csz(\d+)$")
+
+
+def read_eval_lm(path):
+    text = open(path, encoding="utf-8").read()
+    tokens = re.search(r"Evaluated ([\d,]+) tokens in ([\d.]+)s", text)
+    loss = re.search(r"Loss \(base 2\): ([\d.]+), Perplexity: ([\d.]+)", text)
+    if not tokens or not loss:
+        raise ValueError(f"{path}: no 'Evaluated ... tokens' / 'Loss (base 2)' line: did fairseq-eval-lm finish?")
+    return {"tokens": int(tokens.group(1).replace(",", "")), "seconds": float(tokens.group(2)),
+            "loss": float(loss.group(1)), "ppl": float(loss.group(2))}
+
+
+def read_settings(logs):
+    """T and the sliding window from the eval commands (the .cmd files run.sh writes)."""
+    cmd = open(os.path.join(logs, "eval_backbone_window.cmd"), encoding="utf-8").read().split()
+    T = int(cmd[cmd.index("--tokens-per-sample") + 1])
+    C = int(cmd[cmd.index("--context-window") + 1])
+    return {"T": T, "C": C, "S": T - C}
+
+
+def labels(name, settings, main):
+    """(label, short label) of a condition."""
+    if name in CONDITIONS:
+        return tuple(text.format(**settings) for text in CONDITIONS[name])
+    msz, csz = MEMORY.match(name).groups()
+    prefix = "(d) " if name == main else ""
+    return (f"{prefix}LongMem with memory, msz {int(msz):,}, csz {csz}",
+            f"{prefix}memory {int(msz):,}, csz {csz}")
+
+
+def summarize(out):
+    logs = os.path.join(out, "logs")
+    settings = read_settings(logs)
+    evals = {os.path.basename(p)[5:-4]: read_eval_lm(p)
+             for p in sorted(glob.glob(os.path.join(logs, "eval_*.log")))}
+    positions = {os.path.basename(p)[10:-5]: json.load(open(p, encoding="utf-8"))
+                 for p in sorted(glob.glob(os.path.join(logs, "positions_*.json")))}
+    mains = [n for n in positions if MEMORY.match(n)]
+    main = mains[0] if mains else None
+    problems = []
+    counts = {n: e["tokens"] for n, e in evals.items()}
+    if len(set(counts.values())) > 1:
+        problems.append(f"conditions scored different numbers of tokens: {counts}")
+    buckets = {}
+    for name, values in positions.items():
+        rows = {}
+        for key, n in values.items():
+            if key.startswith("ntokens_pos"):
+                b = key[len("ntokens_pos"):]
+                loss = values.get(f"loss_pos{b}")
+                rows[b] = {"tokens": int(n), "loss": loss, "ppl": 2 ** loss if loss is not None else None}
+        buckets[name] = dict(sorted(rows.items(), key=lambda kv: int(kv[0].split("_")[0])))
+        total = sum(r["tokens"] for r in rows.values())
+        if name in evals and total != evals[name]["tokens"]:
+            problems.append(f"positions_{name}: buckets hold {total} tokens, eval-lm scored {evals[name]['tokens']}")
+        if name in evals and abs(values["loss"] - evals[name]["loss"]) > 1e-3:
+            problems.append(f"positions_{name}: loss {values['loss']:.4f} but eval-lm's {evals[name]['loss']:.4f}")
+    times = {}
+    if os.path.exists(os.path.join(logs, "times.tsv")):
+        for line in open(os.path.join(logs, "times.tsv"), encoding="utf-8"):
+            step, sec = line.split("\t")
+            times[step] = times.get(step, 0) + int(sec)
+    hardware = open(os.path.join(logs, "hardware.txt"), encoding="utf-8").read().strip() \
+        if os.path.exists(os.path.join(logs, "hardware.txt")) else ""
+    sweeps = {"memory_size": {}, "chunk_size": {}}
+    if main:
+        main_msz, main_csz = MEMORY.match(main).groups()
+        for name, e in evals.items():
+            m = MEMORY.match(name)
+            if m and m.group(2) == main_csz:
+                sweeps["memory_size"][int(m.group(1))] = e["ppl"]
+            if m and m.group(1) == main_msz:
+                sweeps["chunk_size"][int(m.group(2))] = e["ppl"]
+    return {
+        "settings": settings, "main": main, "hardware": hardware, "seconds": times,
+        "conditions": {n: dict(e, **dict(zip(("label", "short"), labels(n, settings, main))))
+                       for n, e in evals.items()},
+        "sweeps": {k: dict(sorted(v.items())) for k, v in sweeps.items()},
+        "positions": buckets, "problems": problems,
+    }
+
+
+def order(names, main):
+    fixed = [n for n in ("backbone", "backbone_window", "memory_off") if n in names]
+    rest = sorted((n for n in names if MEMORY.match(n)), key=lambda n: tuple(map(int, MEMORY.match(n).groups())))
+    return fixed + ([main] if main in rest else []) + [n for n in rest if n != main]
+
+
+def bucket_name(b):
+    lo, hi = b.split("_")
+    return f"[{int(lo):,}, {'end' if hi == 'end' else f'{int(hi):,}'})"
+
+
+def markdown(r):
+    c, main = r["conditions"], r["main"]
+    ref = c.get("memory_off", {}).get("ppl")
+    lines = ["| condition | tokens | loss (bits) | perplexity | vs (c) |", "|---|---|---|---|---|"]
+    for n in order(c, main):
+        e = c[n]
+        rel = f"{100 * (e['ppl'] / ref - 1):+.1f}%" if ref else ""
+        lines.append(f"| {e['label']} | {e['tokens']:,} | {e['loss']:.4f} | {e['ppl']:.2f} | {rel} |")
+    out = ["### Perplexity on the test books", ""] + lines
+    for key, title in (("memory_size", "Memory size (csz fixed)"), ("chunk_size", "Chunk size (msz fixed)")):
+        if r["sweeps"][key]:
+            out += ["", f"### {title}", "", f"| {key.replace('_', ' ')} | perplexity |", "|---|---|"]
+            out += [f"| {k:,} | {v:.2f} |" for k, v in r["sweeps"][key].items()]
+    if r["positions"]:
+        names = [n for n in order(r["positions"], main)]
+        first = r["positions"][names[0]]
+        out += ["", "### Perplexity by position in the book", "",
+                "| tokens at positions | tokens | " + " | ".join(c[n]["short"] if n in c else n for n in names) + " |",
+                "|---|---|" + "---|" * len(names)]
+        for b, row in first.items():
+            cells = [f"{r['positions'][n][b]['ppl']:.2f}" if r["positions"][n][b]["ppl"] else "-" for n in names]
+            out.append(f"| {bucket_name(b)} | {row['tokens']:,} | " + " | ".join(cells) + " |")
+    if r["seconds"]:
+        total = sum(r["seconds"].values())
+        out += ["", f"Wall time: {total / 60:.1f} min (" + ", ".join(f"{k} {v}s" for k, v in r["seconds"].items()) + ")"]
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out", help="run.sh's output folder (holds logs/)")
+    args = p.parse_args(argv)
+    r = summarize(args.out)
+    text = markdown(r)
+    print(text, end="")
+    with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as f:
+        f.write(text)
+    with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(r, f, indent=1)
+    for problem in r["problems"]:
+        print(f"error: {problem}", file=sys.stderr)
+    if not r["problems"]:
+        n = {e["tokens"] for e in r["conditions"].values()}
+        print(f"check: all {len(r['conditions'])} conditions scored the same {n.pop():,} tokens; "
+              "position buckets add up to them")
+    return 1 if r["problems"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""The results tooling: recall_distance.py's documents, summarize.py's checks, and docs/RESULTS.md
+against the committed logs (every table there is regenerated from docs/results/logs)."""
+
+import glob
+import importlib.util
+import json
+import os
+import random
+
+import pytest
+
+from conftest import REPO
+
+RESULTS_MD = os.path.join(REPO, "docs", "RESULTS.md")
+LOGS = os.path.join(REPO, "docs", "results", "logs")
+
+
+def load(relpath):
+    path = os.path.join(REPO, "examples", relpath)
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+recall_distance = load("recall_distance.py")
+summarize = load(os.path.join("long_context_lm", "summarize.py"))
+
+
+# ---------------------------------------------------------------------------------------------
+# recall_distance.py
+
+
+@pytest.mark.parametrize("distance", [0, 1, 4, 32])
+def test_recall_document_asks_each_fact_once_distance_segments_later(distance):
+    rd = recall_distance
+    v = rd.Vocab()
+    doc = rd.make_document(v, random.Random(distance), distance).tolist()
+    T = rd.T
+    assert len(doc) == T * max(distance + 1, 1)
+    fact_of = {t: ij for ij, t in v.fact.items()}
+    facts = {fact_of[t][0]: fact_of[t][1] for t in doc if t in fact_of}
+    fact_positions = [p for p, t in enumerate(doc) if t in fact_of]
+    asks = [(p, v.keys.index(t), v.values.index(doc[p + 1]))
+            for p, t in enumerate(doc[:-1]) if t in v.keys]
+    assert len(facts) == rd.FACTS and len(fact_positions) == rd.FACTS
+    assert sorted(i for _, i, _ in asks) == sorted(facts)  # every fact asked exactly once
+    assert all(facts[i] == j for _, i, j in asks)  # with its own value
+    if distance == 0:  # in-segment lookup: facts in the first half, asks in the second
+        assert max(fact_positions) < T // 2 <= min(p for p, _, _ in asks)
+    else:  # facts in segment 0, asks in segment `distance`, filler in between
+        assert max(fact_positions) < T
+        assert all(distance * T <= p < (distance + 1) * T for p, _, _ in asks)
+        assert all(t in v.filler for t in doc[T:distance * T])
+
+
+def test_recall_answers_mask_marks_exactly_the_asked_values():
+    rd = recall_distance
+    v = rd.Vocab()
+    samples = rd.batches(v, (2,), rd.ROWS, seed=3)
+    assert len(samples) == 3  # 3 segments per document, one document per row
+    asked = [rd.answers(v, s).sum().item() for s in samples]
+    assert asked == [0, 0, rd.ROWS * rd.FACTS]
+
+
+# ---------------------------------------------------------------------------------------------
+# summarize.py
+
+
+def write_run(root, tokens=(1000, 1000, 1000), buckets=(400, 600)):
+    """A fake run folder: three eval-lm logs, one positions file, the window's command."""
+    logs = os.path.join(root, "logs")
+    os.makedirs(logs)
+    for name, n, loss in zip(("backbone", "memory_off", "memory_16384_csz4"), tokens, (7.0, 6.9, 6.8)):
+        with open(os.path.join(logs, f"eval_{name}.log"), "w") as f:
+            f.write(f"... | Evaluated {n:,} tokens in 3.0s (333.33 tokens/s)\n"
+                    f"... | Loss (base 2): {loss:.4f}, Perplexity: {2 ** loss:.2f}\n")
+    with open(os.path.join(logs, "eval_backbone_window.log"), "w") as f:
+        f.write(f"Evaluated {tokens[0]:,} tokens in 3.0s\nLoss (base 2): 6.9500, Perplexity: 123.63\n")
+    with open(os.path.join(logs, "eval_backbone_window.cmd"), "w") as f:
+        f.write("fairseq-eval-lm data --tokens-per-sample 256 --context-window 128 --cpu\n")
+    with open(os.path.join(logs, "positions_memory_16384_csz4.json"), "w") as f:
+        json.dump({"loss": 6.8, "ntokens_pos0_1024": buckets[0], "loss_pos0_1024": 6.9,
+                   "ntokens_pos1024_end": buckets[1], "loss_pos1024_end": 6.7333333}, f)
+    return root
+
+
+def test_summarize_checks_token_counts(tmp_path):
+    good = summarize.summarize(write_run(str(tmp_path / "good")))
+    assert good["problems"] == []
+    assert good["settings"] == {"T": 256, "C": 128, "S": 128}
+    assert good["main"] == "memory_16384_csz4"
+    assert good["sweeps"] == {"memory_size": {16384: 111.43}, "chunk_size": {4: 111.43}}
+    table = summarize.markdown(good)
+    assert "| (b) backbone, sliding window (context 128 + 128 new tokens) | 1,000 | 6.9500 | 123.63 |" in table
+    assert "| [1,024, end) | 600 |" in table
+
+    bad = summarize.summarize(write_run(str(tmp_path / "bad"), tokens=(1000, 999, 1000), buckets=(400, 599)))
+    assert len(bad["problems"]) == 2
+    assert bad["problems"][0].startswith("conditions scored different numbers of tokens")
+    assert "buckets hold 999 tokens, eval-lm scored 1000" in bad["problems"][1]
+    assert summarize.main([str(tmp_path / "bad")]) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# docs/RESULTS.md is generated from the committed logs
+
+
+def results_md():
+    return open(RESULTS_MD, encoding="utf-8").read()
+
+
+@pytest.mark.parametrize("run", sorted(glob.glob(os.path.join(LOGS, "long_context_lm*"))))
+def test_results_md_long_context_tables_come_from_the_logs(run, tmp_path):
+    r = summarize.summarize(run)
+    assert r["problems"] == []
+    text = results_md()
+    for line in summarize.markdown(r).splitlines():
+        if line.startswith("|"):
+            assert line in text, f"docs/RESULTS.md lacks this line of {run}'s table: {line}"
+
+
+@pytest.mark.parametrize("log", sorted(glob.glob(os.path.join(LOGS, "recall_distance*", "*.jsonl"))))
+def test_results_md_recall_table_comes_from_the_log(log):
+    records = [json.loads(line) for line in open(log, encoding="utf-8") if line.strip()]
+    text = results_md()
+    for line in recall_distance.table(records).splitlines():
+        if line.startswith("|"):
+            assert line in text, f"docs/RESULTS.md lacks this line of {log}'s table: {line}"
+
+
+def test_results_logs_are_committed():
+    assert glob.glob(os.path.join(LOGS, "long_context_lm*", "logs", "eval_*.log"))
+    assert glob.glob(os.path.join(LOGS, "recall_distance*", "*.jsonl"))
+
+
+def test_plots_are_drawn_from_the_logs(tmp_path):
+    pytest.importorskip("matplotlib")
+    plot_results = load("plot_results.py")
+    run = sorted(glob.glob(os.path.join(LOGS, "long_context_lm*")))[0]
+    log = sorted(glob.glob(os.path.join(LOGS, "recall_distance*", "*.jsonl")))[0]
+    assert plot_results.main(["--long-context", run, "--recall", log, "--out", str(tmp_path)]) == 0
+    names = sorted(os.listdir(tmp_path))
+    assert names == ["long_context_lm.png", "long_context_lm_positions.png",
+                     "long_context_lm_sweeps.png", "recall_distance.png"]
+    for name in names:
+        with open(tmp_path / name, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
