@@ -94,6 +94,9 @@ step train_longmem "$LONGMEM" fairseq-train "$DATA/bin" --user-dir "$UD" --task 
   --max-update "$LONGMEM_UPDATES" --num-workers 0 --disable-validation --no-epoch-checkpoints \
   --save-dir "$OUT/longmem" --log-interval 50 --seed 1 $DEVICE_ARGS
 
+# STOP_AFTER=train: only the corpus and the two models (e.g. for examples/icl/paper_table.sh)
+if [ "${STOP_AFTER:-}" = train ]; then exit 0; fi
+
 # 4. perplexity on the test books -------------------------------------------------------------
 # eval_streams NAME CHECKPOINT OVERRIDES: longmem_lm streams, one per test book
 eval_streams() {

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The in-context-learning table on the best model this project can train on a CPU:
+#   1. examples/long_context_lm/run.sh's corpus and models, but binarized with GPT-2's BPE
+#      (the ICL sets are encoded with it), trained for fewer updates (STOP_AFTER=train);
+#   2. examples/icl/run_icl.py for each set: no demonstrations / k in context / k in context +
+#      N in memory, seeds 1-6, chunk size 2 at evaluation as in the paper.
+# Usage, from the repository root after `bash install.sh`:
+#   ICL_DATA=/path/to/LongMem/data/icl/original bash examples/icl/paper_table.sh
+# ICL_DATA is the LongMem authors' data/icl/original folder (SST-2/, mr/, ...); without it only
+# the PyPI set (Rotten Tomatoes sentences, examples/get_vader_sets.py) is run.
+# OUT=DIR (default runs/icl); SETS="sst2 mr rt" chooses sets; SEEDS=1-6; finished runs are reused.
+# Time on an idle 2-core CPU: training about an hour, each set about 10-20 minutes.
+set -euo pipefail
+HERE="$(cd "$(dirname "$0")" && pwd)"
+cd "$HERE/../.."
+OUT=${OUT:-$PWD/runs/icl}
+SETS=${SETS:-sst2 mr rt}
+SEEDS=${SEEDS:-1-6}
+K=${K:-20}
+N=${N:-2000}
+# the models' context: prompts longer than this lose their oldest demonstrations (counted in the logs)
+T=${T:-256}
+export BACKBONE_UPDATES=${BACKBONE_UPDATES:-1200} LONGMEM_UPDATES=${LONGMEM_UPDATES:-600} T
+export CORPUS_ARGS=${CORPUS_ARGS:---valid-books 1 --test-books 2 --seed 1993 --bpe gpt2}
+OUT="$OUT/model" STOP_AFTER=train PRESET=cpu bash examples/long_context_lm/run.sh
+MODEL="$OUT/model/longmem/checkpoint_last.pt"
+DICT_DIR="$OUT/model/data/bin"
+source examples/cpu_determinism.sh
+
+for set in $SETS; do
+  case $set in
+    rt|amazon)
+      [ -f "$OUT/data/$set/test.tsv" ] || python examples/get_vader_sets.py --out "$OUT/data"
+      args=(--dataset tsv --data-dir "$OUT/data/$set" --labels negative,positive) ;;
+    *)
+      if [ -z "${ICL_DATA:-}" ]; then echo "-- $set: skipped (set ICL_DATA)"; continue; fi
+      args=(--dataset "$set" --data-dir "$ICL_DATA") ;;
+  esac
+  mkdir -p "$OUT/$set"
+  python examples/icl/run_icl.py --path "$MODEL" --dict-dir "$DICT_DIR" "${args[@]}" \
+    --out "$OUT/$set" --seeds "$SEEDS" --k "$K" --n "$N" --tokens-per-sample "$T" \
+    --model-overrides "{'chunk_size': 2}" -- --cpu | tee "$OUT/$set/table.md"
+done
