@@ -61,7 +61,7 @@ def copy_data(src, dst, splits=("valid",)):
 def without_fingerprint(src, dst):
     """A copy of a checkpoint as written before dictionary fingerprints existed."""
     state = torch.load(src, weights_only=False)
-    del state["cfg"]["model"]["dictionary_fingerprint"]
+    state["cfg"]["model"].pop("dictionary_fingerprint", None)
     torch.save(state, dst)
     return dst
 

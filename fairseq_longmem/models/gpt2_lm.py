@@ -26,6 +26,17 @@ from ..modules.gpt2 import GPT2_SIZES, GPT2Backbone, GPT2Dims
 logger = logging.getLogger(__name__)
 
 
+def fingerprint_field():
+    """The model option that holds the fingerprint of the dictionary a model was trained with."""
+    return field(
+        default="",
+        metadata={
+            "help": "sha256 of the dictionary's symbols in order; recorded in the checkpoint when "
+            "the model is built, checked against the task's dict.txt when it is loaded (leave unset)"
+        },
+    )
+
+
 @dataclass
 class GPT2LMConfig(FairseqDataclass):
     embed_dim: int = field(default=768, metadata={"help": "model width (n_embd)"})
@@ -44,13 +55,7 @@ class GPT2LMConfig(FairseqDataclass):
             "GPT-2 has no such tokens and their tied embedding rows would otherwise take mass"
         },
     )
-    dictionary_fingerprint: str = field(
-        default="",
-        metadata={
-            "help": "sha256 of the dictionary's symbols in order; recorded in the checkpoint when "
-            "the model is built, checked against the task's dict.txt when it is loaded (leave unset)"
-        },
-    )
+    dictionary_fingerprint: str = fingerprint_field()
     max_target_positions: Optional[int] = II("task.tokens_per_sample")
 
 

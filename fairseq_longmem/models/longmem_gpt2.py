@@ -32,6 +32,7 @@ from .gpt2_lm import (
     bind_dictionary,
     check_fingerprint,
     check_vocab,
+    fingerprint_field,
     record_in_config,
     register_size_archs,
     special_logit_mask,
@@ -89,13 +90,7 @@ class LongMemGPT2Config(FairseqDataclass):
     )
     dropout: float = field(default=0.1, metadata={"help": "SideNet dropout"})
     attention_dropout: float = field(default=0.0, metadata={"help": "SideNet attention dropout"})
-    dictionary_fingerprint: str = field(
-        default="",
-        metadata={
-            "help": "sha256 of the dictionary's symbols in order; recorded in the checkpoint when "
-            "the model is built, checked against the task's dict.txt when it is loaded (leave unset)"
-        },
-    )
+    dictionary_fingerprint: str = fingerprint_field()
     max_target_positions: Optional[int] = II("task.tokens_per_sample")
 
 
