@@ -26,7 +26,7 @@ BATCH_SIZE = 4
 MEMORY = ["--memory-size", "256", "--chunk-size", "4", "--retrieved-tokens", "16"]
 FIRST_LEG_UPDATES = 4  # mid-epoch: the train split makes 30 batches of 4 streams
 HUGE_MEMORY = 2**40  # tokens per stream: far beyond any machine
-# (symbols kept from the corpus's dict.txt) the corpus uses ids up to 31
+# dict.txt lines a short dictionary keeps: 4 + 20 symbols, fewer than the corpus's ids need
 SHORT_DICT_LINES = 20
 
 
