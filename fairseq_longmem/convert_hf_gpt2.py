@@ -63,6 +63,11 @@ def read_config(hf_dir: str) -> dict:
             config = json.load(f)
     except (OSError, ValueError) as e:
         raise ConversionError(f"cannot read {path}: {e}") from None
+    if not isinstance(config, dict):
+        raise ConversionError(
+            f"{path} holds a JSON {type(config).__name__}, expected an object of GPT-2 settings "
+            "(a Hugging Face config.json)"
+        )
     model_type = config.get("model_type")
     if model_type != "gpt2":
         raise ConversionError(
@@ -216,8 +221,9 @@ def map_state_dict(config: dict, sd: Dict[str, torch.Tensor]) -> Dict[str, torch
     return out
 
 
-def build_cfg(config: dict, out_dir: str) -> dict:
-    """A fairseq cfg (plain dicts) for model ``gpt2_lm`` and task ``language_modeling``."""
+def build_cfg(config: dict, out_dir: str, dictionary_fingerprint: str) -> dict:
+    """A fairseq cfg (plain dicts) for model ``gpt2_lm`` and task ``language_modeling``;
+    ``dictionary_fingerprint`` is the written dict.txt's (checked whenever the model is loaded)."""
     from fairseq.dataclass.configs import FairseqConfig
     from fairseq.tasks.language_modeling import LanguageModelingConfig
     from omegaconf import OmegaConf
@@ -240,6 +246,7 @@ def build_cfg(config: dict, out_dir: str) -> dict:
             attention_dropout=config.get("attn_pdrop", 0.1),
             layer_norm_eps=config.get("layer_norm_epsilon", 1e-5),
             mask_special_logits=True,
+            dictionary_fingerprint=dictionary_fingerprint,
         )
     )
     cfg.model._name = "gpt2_lm"
@@ -247,13 +254,32 @@ def build_cfg(config: dict, out_dir: str) -> dict:
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
 
 
-def normalized_config(config: dict) -> dict:
+# config.json fields the conversion computes with, and what each must be
+POSITIVE_INTS = ("n_embd", "n_layer", "n_head", "vocab_size", "n_positions")
+NUMBERS = ("layer_norm_epsilon", "resid_pdrop", "attn_pdrop")
+
+
+def normalized_config(config: dict, source: str = "config.json") -> dict:
+    """``config`` with GPT-2's defaults filled in; refuses a field of the wrong type or range
+    (``source`` names the file in the message)."""
+    fix = "fix it, or take config.json from the model's Hugging Face folder again"
     config = dict(config)
     config.setdefault("n_embd", 768)
     config.setdefault("n_layer", 12)
     config.setdefault("n_head", 12)
     config.setdefault("vocab_size", 50257)
     config.setdefault("n_positions", config.get("n_ctx", 1024))
+    for key in POSITIVE_INTS:
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConversionError(f"{source}: {key}={value!r} is not a positive integer; {fix}")
+    for key in NUMBERS:
+        value = config.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ConversionError(f"{source}: {key}={value!r} is not a non-negative number; {fix}")
+    n_inner = config.get("n_inner")
+    if n_inner is not None and (isinstance(n_inner, bool) or not isinstance(n_inner, int)):
+        raise ConversionError(f"{source}: n_inner={n_inner!r} is not an integer or null; {fix}")
     eos = config.get("eos_token_id")
     if eos is None:
         eos = config["vocab_size"] - 1
@@ -268,13 +294,20 @@ def convert(hf_dir: str, out_dir: str, force: bool = False) -> str:
     ckpt_path = os.path.join(out_dir, "checkpoint.pt")
     if os.path.exists(ckpt_path) and not force:
         raise ConversionError(f"{ckpt_path} already exists; pass --force to overwrite it")
-    config = normalized_config(read_config(hf_dir))
+    config = normalized_config(read_config(hf_dir), os.path.join(hf_dir, "config.json"))
     check_representable(config)
     model_sd = map_state_dict(config, read_weights(hf_dir))
 
+    from fairseq.data import Dictionary
+
+    from .models.gpt2_lm import dictionary_fingerprint
+
+    os.makedirs(out_dir, exist_ok=True)
+    dict_path = os.path.join(out_dir, "dict.txt")
+    n_symbols = write_gpt2_dict(dict_path, config["vocab_size"], config["eos_token_id"])
     state = {
         "args": None,
-        "cfg": build_cfg(config, out_dir),
+        "cfg": build_cfg(config, out_dir, dictionary_fingerprint(Dictionary.load(dict_path))),
         "model": model_sd,
         "criterion": None,
         "optimizer_history": [
@@ -289,8 +322,6 @@ def convert(hf_dir: str, out_dir: str, force: bool = False) -> str:
         "extra_state": {"converted_from": os.path.abspath(hf_dir)},
         "last_optimizer_state": None,
     }
-    os.makedirs(out_dir, exist_ok=True)
-    n_symbols = write_gpt2_dict(os.path.join(out_dir, "dict.txt"), config["vocab_size"], config["eos_token_id"])
     tmp = ckpt_path + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, ckpt_path)

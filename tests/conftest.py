@@ -2,14 +2,17 @@
 ``fairseq-preprocess``, a tiny ``gpt2_lm`` backbone trained with the real ``fairseq-train``, and
 ``run_cli``, which runs a fairseq console script as a subprocess and returns its log."""
 
+import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
-from typing import Dict, List
+from importlib import metadata
+from typing import Dict, List, Tuple
 
 import pytest
 
@@ -48,8 +51,8 @@ def run_cli(args: List[str], *, timeout: float = 300, check: bool = True,
     with tempfile.TemporaryDirectory(prefix="longmem-cli-") as scratch:
         try:
             proc = subprocess.run(
-                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                timeout=timeout, env=full_env, cwd=cwd or scratch,
+                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                text=True, timeout=timeout, env=full_env, cwd=cwd or scratch,
             )
         except subprocess.TimeoutExpired as e:
             out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
@@ -62,6 +65,57 @@ def run_cli(args: List[str], *, timeout: float = 300, check: bool = True,
             f"{_log_tail(proc.stdout)}"
         )
     return proc.stdout
+
+
+# A fairseq console script is ``sys.exit(<module>.cli_main())``; this runs such entry points one
+# case after another in one interpreter, so that many cases pay fairseq's import time once, and
+# prints each case's traceback as the CLI would
+CASES_DRIVER = r"""
+import importlib, json, sys, traceback
+for name, script, entry, argv in json.loads(sys.argv[1]):
+    print(f"=== case {name} ===", flush=True)
+    module, _, func = entry.partition(":")
+    sys.argv = [script] + argv
+    try:
+        getattr(importlib.import_module(module), func)()
+    except BaseException:
+        traceback.print_exc(file=sys.stdout)
+        print(f"=== failed {name} ===", flush=True)
+    else:
+        print(f"=== finished {name} ===", flush=True)
+"""
+
+
+def console_entry(script: str) -> str:
+    """``module:function`` of an installed console script (e.g. ``fairseq_cli.train:cli_main``)."""
+    found = metadata.entry_points(group="console_scripts", name=script)
+    if not found:
+        raise CLIError(f"no console script {script} is installed")
+    return next(iter(found)).value
+
+
+@dataclass
+class CaseLog:
+    log: str  # what the CLI printed for this case
+    failed: bool  # it raised, i.e. the console script would have exited non-zero
+
+    def last_line(self) -> str:
+        """The last line of the traceback: the error the user reads."""
+        lines = [l for l in self.log.splitlines() if l.strip() and not l.startswith("=== ")]
+        return lines[-1] if lines else ""
+
+
+def run_cli_cases(cases: Dict[str, Tuple[str, List[str]]],
+                  timeout: float = 300) -> Dict[str, CaseLog]:
+    """Run ``{name: (console script, argv)}`` through the scripts' own entry points, one after
+    another in one interpreter; returns each case's log and whether it failed."""
+    argvs = [(name, script, console_entry(script), [str(a) for a in argv])
+             for name, (script, argv) in cases.items()]
+    log = run_cli(["python", "-c", CASES_DRIVER, json.dumps(argvs)], timeout=timeout)
+    sections = re.split(r"^=== case (\S+) ===$", log, flags=re.M)
+    logs = dict(zip(sections[1::2], sections[2::2]))
+    assert sorted(logs) == sorted(cases), log[-3000:]
+    return {name: CaseLog(text, f"=== failed {name} ===" in text) for name, text in logs.items()}
 
 
 # ---------------------------------------------------------------------------------------------

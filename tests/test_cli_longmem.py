@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from conftest import REPO, TOKENS_PER_SAMPLE, USER_DIR, run_cli, stream_dataset
+from conftest import REPO, TOKENS_PER_SAMPLE, USER_DIR, run_cli, run_cli_cases, stream_dataset
 
 CONFIG_DIR = os.path.join(REPO, "user_dir_configs")
 BATCH_SIZE = 4
@@ -279,25 +279,6 @@ def error_cases(corpus, backbone, longmem_checkpoint, tmp):
     return cases
 
 
-# fairseq-train's console script is ``sys.exit(fairseq_cli.train.cli_main())``; this runs that
-# entry point once per case in one interpreter, so that the seven cases pay fairseq's import
-# time once, and prints each case's traceback as the CLI would
-DRIVER = r"""
-import json, sys, traceback
-from fairseq_cli.train import cli_main
-for name, argv in json.loads(sys.argv[1]):
-    print(f"=== case {name} ===", flush=True)
-    sys.argv = ["fairseq-train"] + argv
-    try:
-        cli_main()
-    except BaseException:
-        traceback.print_exc(file=sys.stdout)
-        print(f"=== failed {name} ===", flush=True)
-    else:
-        print(f"=== finished {name} ===", flush=True)
-"""
-
-
 def train_argv(case, save_dir):
     return [str(a) for a in [
         case["data"], "--user-dir", USER_DIR, "--task", "longmem_lm",
@@ -314,11 +295,10 @@ def error_logs(corpus, backbone, trained, tmp_path_factory):
     """name -> (what fairseq-train printed for that case, the message it must contain)."""
     tmp = str(tmp_path_factory.mktemp("errors"))
     cases = error_cases(corpus, backbone, os.path.join(trained[0], "checkpoint_last.pt"), tmp)
-    argvs = [(name, train_argv(case, os.path.join(tmp, name))) for name, (case, _) in cases.items()]
-    log = run_cli(["python", "-c", DRIVER, json.dumps(argvs)], timeout=180)
-    sections = re.split(r"^=== case (\w+) ===$", log, flags=re.M)
-    logs = dict(zip(sections[1::2], sections[2::2]))
-    assert sorted(logs) == sorted(cases), log[-3000:]
+    logs = run_cli_cases({
+        name: ("fairseq-train", train_argv(case, os.path.join(tmp, name)))
+        for name, (case, _) in cases.items()
+    }, timeout=180)
     return {name: (logs[name], message) for name, (_, message) in cases.items()}
 
 
@@ -330,9 +310,9 @@ ERROR_CASES = [
 
 @pytest.mark.parametrize("name", ERROR_CASES)
 def test_bad_input_fails_with_a_clear_message(error_logs, name):
-    log, message = error_logs[name]
-    assert message in log, f"expected {message!r} in:\n" + "\n".join(log.splitlines()[-15:])
-    assert f"=== failed {name} ===" in log and "num_updates" not in log  # failed before training
+    case, message = error_logs[name]
+    assert message in case.log, f"expected {message!r} in:\n" + "\n".join(case.log.splitlines()[-15:])
+    assert case.failed and "num_updates" not in case.log  # failed before training
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,7 +332,15 @@ def test_tiny_yaml_trains_with_fairseq_hydra_train(corpus, backbone, tmp_path):
     assert train, log[-2000:]
     assert finite(float(train.group(1))) and float(train.group(2)) > 0
     assert "num_updates 4 |" in log
-    assert os.path.isfile(tmp_path / "ck" / "checkpoint_last.pt")
+    # hydra's model config reaches build_model as a merged copy: what the model works out (the
+    # dictionary fingerprint, the backbone's positions) must still reach the checkpoint
+    from fairseq.data import Dictionary
+
+    from fairseq_longmem.models.gpt2_lm import dictionary_fingerprint
+
+    saved = torch.load(tmp_path / "ck" / "checkpoint_last.pt", weights_only=False)["cfg"]["model"]
+    dictionary = Dictionary.load(os.path.join(corpus.data_dir, "dict.txt"))
+    assert saved["dictionary_fingerprint"] == dictionary_fingerprint(dictionary)
 
 
 # Hydra warns that fairseq validates a config against a ConfigStore schema of the same name and

@@ -1,6 +1,7 @@
 """HF GPT-2 -> fairseq converter: logit parity with transformers through fairseq's own loader, and
 one-line refusals of inputs the converter cannot convert."""
 
+import hashlib
 import json
 import math
 import os
@@ -12,6 +13,7 @@ from argparse import Namespace
 import pytest
 import torch
 
+from conftest import run_cli_cases
 from fairseq_longmem.convert_hf_gpt2 import gpt2_dict_ids
 
 CLI = [sys.executable, "-m", "fairseq_longmem.convert_hf_gpt2"]
@@ -197,6 +199,50 @@ def test_eval_lm_cli_scores_converted_checkpoint(converted, tmp_path):
     assert abs(loss - nll / math.log(2)) < 1e-3
 
 
+def fingerprint_of(dict_txt) -> str:
+    """sha256 of a dictionary's symbols in order, fairseq's four specials first."""
+    symbols = ["<s>", "<pad>", "</s>", "<unk>"] + [l.split()[0] for l in dict_txt.read_text().splitlines()]
+    return hashlib.sha256("".join(s + "\n" for s in symbols).encode()).hexdigest()
+
+
+def test_converted_checkpoint_records_its_dictionary_fingerprint(converted):
+    _, out_dir, _ = converted("gpt2-safetensors")
+    cfg = torch.load(out_dir / "checkpoint.pt", weights_only=True)["cfg"]["model"]
+    assert cfg["dictionary_fingerprint"] == fingerprint_of(out_dir / "dict.txt")
+
+
+def test_eval_refuses_data_binarized_with_a_reordered_converted_dict(converted, tmp_path):
+    """The same GPT-2 symbols in another order would silently score other tokens: fairseq-eval-lm
+    refuses the data's dict.txt, naming it; with the converter's own dict.txt it runs."""
+    from fairseq_longmem.user_dir import path as user_dir
+
+    _, out_dir, _ = converted("gpt2-safetensors")
+    lines = (out_dir / "dict.txt").read_text().splitlines(keepends=True)
+    (tmp_path / "test.txt").write_text("5 6 7 8 9 10\n11 12 13\n")
+    dicts = {"same": lines, "reordered": [lines[1], lines[0]] + lines[2:]}
+    for name, dict_lines in dicts.items():
+        (tmp_path / f"{name}.dict.txt").write_text("".join(dict_lines))
+        subprocess.run(
+            [os.path.join(os.path.dirname(sys.executable), "fairseq-preprocess"), "--only-source",
+             "--srcdict", tmp_path / f"{name}.dict.txt", "--testpref", tmp_path / "test.txt",
+             "--destdir", tmp_path / name, "--workers", "1"],
+            check=True, capture_output=True,
+        )
+    logs = run_cli_cases({name: ("fairseq-eval-lm", [
+        tmp_path / name, "--path", out_dir / "checkpoint.pt", "--user-dir", user_dir(),
+        "--gen-subset", "test", "--cpu", "--tokens-per-sample", "16", "--batch-size", "1",
+    ]) for name in dicts})
+    assert not logs["same"].failed and "Loss (base 2)" in logs["same"].log
+    assert logs["reordered"].failed
+    expected = (
+        f"ValueError: the gpt2_lm checkpoint was trained with a dictionary of fingerprint "
+        f"{fingerprint_of(out_dir / 'dict.txt')[:12]}, but {tmp_path / 'reordered' / 'dict.txt'} "
+        f"({len(lines) + 4} symbols) has fingerprint "
+        f"{fingerprint_of(tmp_path / 'reordered' / 'dict.txt')[:12]}: "
+    )
+    assert logs["reordered"].last_line().startswith(expected), logs["reordered"].last_line()
+
+
 def write_config(d, **overrides):
     cfg = {"model_type": "gpt2", "vocab_size": 50, "n_embd": 8, "n_layer": 1, "n_head": 2, "n_positions": 16}
     cfg.update(overrides)
@@ -225,6 +271,25 @@ def assert_one_line_error(res, *needles):
     for n in needles:
         assert n in lines[0], lines[0]
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("[]", "config.json holds a JSON list, expected an object of GPT-2 settings"),
+        ('{"model_type": "gpt2", "n_head": 0}', "config.json: n_head=0 is not a positive integer"),
+        ('{"model_type": "gpt2", "n_embd": "big"}', "config.json: n_embd='big' is not a positive integer"),
+        ('{"model_type": "gpt2", "n_positions": null}', "config.json: n_positions=None is not a positive"),
+        ('{"model_type": "gpt2", "resid_pdrop": "x"}', "config.json: resid_pdrop='x' is not a non-negative number"),
+        ('{"model_type": "gpt2",', "cannot read"),
+    ],
+)
+def test_refuses_malformed_config_json(capsys, tmp_path, text, needle):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(text)
+    res = run_main(capsys, tmp_path / "hf", tmp_path / "out")
+    assert_one_line_error(res, str(tmp_path / "hf" / "config.json"), needle)
+    assert not (tmp_path / "out").exists()
 
 
 def test_refuses_bert_config(tmp_path):

@@ -193,7 +193,10 @@ def test_padding_never_enters_memory():
         (dict(memory_size=66), "multiple of --chunk-size"),
         (dict(retrieved_tokens=6), "--retrieved-tokens (6) must be a positive multiple"),
         (dict(retrieved_tokens=128), "exceeds --memory-size"),
-        (dict(memory_layer=4), "--memory-layer (4) must be a 0-based backbone layer"),
+        (dict(memory_layer=4), "--memory-layer 4 is not a layer of the 4-layer backbone: "
+                               "expected 0 to 3"),
+        (dict(memory_layer=-5), "--memory-layer -5 is not a layer of the 4-layer backbone: "
+                                "expected 0 to 3"),
         (dict(reduction_factor=3), "--reduction-factor (3)"),
     ],
 )

@@ -89,8 +89,33 @@ def dims():
                     max_positions=T, dropout=0.0, attention_dropout=0.0)
 
 
+# The backbone trains in rounds of EPOCHS x STEPS (learning rate decaying to 0 in each) until its
+# in-segment lookup reaches LOOKUP_TARGET, at most BACKBONE_ROUNDS rounds. Where floating-point
+# kernels differ (CPU instruction sets), one round reached 0.92 on one machine and 1.00 on
+# another; LongMem cannot recall across segments better than the backbone looks up within one.
+EPOCHS, STEPS, BACKBONE_ROUNDS, LOOKUP_TARGET = 70, 32, 3, 0.98
+
+
+@pytest.fixture(scope="module", autouse=True)
+def deterministic():
+    """One thread (a reduction's order, hence its rounding, depends on the thread count) and
+    deterministic kernels, whatever OMP_NUM_THREADS says: the same figures on every run."""
+    threads, strict = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(strict)
+    torch.set_num_threads(threads)
+
+
+def backbone_lookup(bb):
+    return recall(lambda s: bb.output_layer(bb(s["net_input"]["src_tokens"])[0][-1]),
+                  batches(64, 7, local=True))[0]
+
+
 @pytest.fixture(scope="module")
 def backbone_state():
+    """(state dict, in-segment lookup, rounds trained) of the pretrained backbone."""
     torch.manual_seed(0)
     bb = GPT2Backbone(dims())
     with torch.no_grad():
@@ -103,20 +128,23 @@ def backbone_state():
         for (i, j), t in FACT.items():
             bb.wte.weight[t] = (k[i] + v[j]) / 2 ** 0.5
     bb.wte.weight.requires_grad_(False)
-    opt = torch.optim.Adam([p for p in bb.parameters() if p.requires_grad], lr=3e-3)
-    epochs, steps = 70, 32
-    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / (epochs * steps))
-    for epoch in range(epochs):
-        for s in batches(steps * 8, 500 + epoch, local=True):
-            hiddens, _ = bb(s["net_input"]["src_tokens"])
-            loss = xent(bb.output_layer(hiddens[-1]), s["target"])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            decay.step()
-    local_lookup, _ = recall(
-        lambda s: bb.output_layer(bb(s["net_input"]["src_tokens"])[0][-1]), batches(64, 7, local=True))
-    return bb.state_dict(), local_lookup
+    for rounds in range(1, BACKBONE_ROUNDS + 1):
+        # later rounds continue from the last at a lower rate, on fresh documents
+        opt = torch.optim.Adam([p for p in bb.parameters() if p.requires_grad],
+                               lr=3e-3 if rounds == 1 else 1e-3)
+        decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / (EPOCHS * STEPS))
+        for epoch in range(EPOCHS):
+            for s in batches(STEPS * 8, 500 + 1000 * (rounds - 1) + epoch, local=True):
+                hiddens, _ = bb(s["net_input"]["src_tokens"])
+                loss = xent(bb.output_layer(hiddens[-1]), s["target"])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                decay.step()
+        lookup = backbone_lookup(bb)
+        if lookup >= LOOKUP_TARGET:
+            break
+    return bb.state_dict(), lookup, rounds
 
 
 def train_and_score(state, disable_memory):
@@ -129,14 +157,19 @@ def train_and_score(state, disable_memory):
     torch.manual_seed(0)
     model = LongMemGPT2Model.from_backbone(cfg, DICT, bb)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    # decaying to 0 ends training at a settled point: at a constant rate the final recall swung
+    # from 0.92 to 0.99 with the thread count (1 or 2) or the training documents; decayed, 0.97-0.99
+    epochs, steps = 8, 256 * SEGS // 8
+    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / (epochs * steps))
     model.train()
-    for epoch in range(8):
+    for epoch in range(epochs):
         for s in batches(256, 1000 + epoch):
             logits, _ = model(**s["net_input"])
             loss = xent(logits, s["target"])
             opt.zero_grad()
             loss.backward()
             opt.step()
+            decay.step()
     model.eval()
     share, total = recall(lambda s: model(**s["net_input"])[0], batches(128, 7))
     assert total == 128 * FACTS
@@ -144,11 +177,13 @@ def train_and_score(state, disable_memory):
 
 
 def test_memory_is_read_for_recall_beyond_the_local_window(backbone_state):
-    state, local_lookup = backbone_state
-    assert local_lookup >= 0.9, f"backbone's in-segment lookup only {local_lookup:.2f}"
+    state, local_lookup, rounds = backbone_state
+    assert local_lookup >= 0.9, (
+        f"backbone's in-segment lookup only {local_lookup:.3f} after {rounds} rounds")
     with_memory = train_and_score(state, disable_memory=False)
     without_memory = train_and_score(state, disable_memory=True)
     print(f"recall 3 segments back: memory {with_memory:.3f}, memory off {without_memory:.3f}, "
-          f"chance {1 / NV:.3f}; backbone in-segment lookup {local_lookup:.3f}")
+          f"chance {1 / NV:.3f}; backbone in-segment lookup {local_lookup:.3f} after {rounds} "
+          f"round(s) of {EPOCHS * STEPS} steps")
     assert with_memory >= 0.9
     assert without_memory <= 1 / NV + 0.1

@@ -4,12 +4,15 @@ Archs ``gpt2_lm_{tiny,small,medium,large,xl}`` carry OpenAI's sizes. The convert
 (:mod:`fairseq_longmem.convert_hf_gpt2`) writes checkpoints of this model.
 """
 
+import hashlib
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from fairseq import utils
 from fairseq.dataclass import FairseqDataclass
 from fairseq.models import (
     FairseqDecoder,
@@ -17,11 +20,22 @@ from fairseq.models import (
     register_model,
     register_model_architecture,
 )
-from omegaconf import II
+from omegaconf import II, OmegaConf
 
 from ..modules.gpt2 import GPT2_SIZES, GPT2Backbone, GPT2Dims
 
 logger = logging.getLogger(__name__)
+
+
+def fingerprint_field():
+    """The model option that holds the fingerprint of the dictionary a model was trained with."""
+    return field(
+        default="",
+        metadata={
+            "help": "sha256 of the dictionary's symbols in order; recorded in the checkpoint when "
+            "the model is built, checked against the task's dict.txt when it is loaded (leave unset)"
+        },
+    )
 
 
 @dataclass
@@ -42,6 +56,7 @@ class GPT2LMConfig(FairseqDataclass):
             "GPT-2 has no such tokens and their tied embedding rows would otherwise take mass"
         },
     )
+    dictionary_fingerprint: str = fingerprint_field()
     max_target_positions: Optional[int] = II("task.tokens_per_sample")
 
 
@@ -72,6 +87,82 @@ def check_vocab(state_dict, key: str, dictionary, what: str):
             f"{what} has a vocabulary of {w.size(0)} entries but the task's dictionary has "
             f"{len(dictionary)}: use the dict.txt that came with the checkpoint"
         )
+
+
+FINGERPRINT = "dictionary_fingerprint"
+
+
+def dictionary_fingerprint(dictionary) -> str:
+    """sha256 of the dictionary's symbols in order (counts left out): two dictionaries give every
+    token the same id exactly when their fingerprints agree."""
+    h = hashlib.sha256()
+    for symbol in dictionary.symbols:
+        h.update(symbol.encode("utf-8") + b"\n")
+    return h.hexdigest()
+
+
+def task_dict_path(task) -> str:
+    """Where the task's dictionary came from, for messages."""
+    # fairseq's own language_modeling task keeps its options in ``args`` (LegacyFairseqTask)
+    options = getattr(task, "cfg", None) or getattr(task, "args", None)
+    data = getattr(options, "data", None)
+    paths = utils.split_paths(data) if isinstance(data, str) else []
+    return os.path.join(paths[0], "dict.txt") if paths else "the task's dictionary"
+
+
+def check_fingerprint(recorded: Optional[str], dictionary, source: str, dict_path: str):
+    """Refuse ``dictionary`` if ``source`` (a checkpoint) recorded another fingerprint; warn if it
+    recorded none (checkpoints written before fingerprints), since then nothing can be checked."""
+    if not recorded:
+        logger.warning(
+            "%s records no dictionary fingerprint (written by an older fairseq-longmem): cannot "
+            "check that %s is the dictionary it was trained with",
+            source, dict_path,
+        )
+        return
+    actual = dictionary_fingerprint(dictionary)
+    if recorded != actual:
+        raise ValueError(
+            f"{source} was trained with a dictionary of fingerprint {recorded[:12]}, but "
+            f"{dict_path} ({len(dictionary)} symbols) has fingerprint {actual[:12]}: other "
+            "symbols or the same ones in another order, so token ids would mean other words; "
+            "binarize the data with the dict.txt that came with the checkpoint "
+            "(fairseq-preprocess --srcdict)"
+        )
+
+
+def saved_model_config(cfg):
+    """The model config node that a checkpoint held or that this run will save.
+
+    fairseq hands a model whose ``_name`` is a registered model (``--arch gpt2_lm`` or hydra's
+    ``_name: gpt2_lm``, not a sized arch) a merged copy of ``cfg.model`` whose parent is the run's
+    root config; the root's own ``model`` node is the one a checkpoint is read from or saved."""
+    if OmegaConf.is_config(cfg):
+        parent = cfg._get_parent()
+        if OmegaConf.is_dict(parent) and OmegaConf.is_dict(parent.get("model")):
+            return parent.model
+    return cfg
+
+
+def record_in_config(cfg, key: str, value):
+    """Set a model option that ``build_model`` worked out, where checkpoints will save it too."""
+    for node in {id(n): n for n in (cfg, saved_model_config(cfg))}.values():
+        setattr(node, key, value)
+
+
+def bind_dictionary(cfg, task, source: str):
+    """In ``build_model``: check the fingerprint that a loaded checkpoint's model config recorded
+    against the task's dictionary (none: written before fingerprints), or record it in a new
+    run's config, where it is empty."""
+    node = saved_model_config(cfg)
+    if OmegaConf.is_config(node):
+        recorded = node.get(FINGERPRINT)  # None: the key is absent
+    else:
+        recorded = getattr(node, FINGERPRINT, None)
+    if recorded is None or recorded:
+        check_fingerprint(recorded, task.target_dictionary, source, task_dict_path(task))
+    else:
+        record_in_config(cfg, FINGERPRINT, dictionary_fingerprint(task.target_dictionary))
 
 
 class GPT2HeadDecoder(FairseqDecoder):
@@ -116,6 +207,7 @@ class GPT2LanguageModel(FairseqLanguageModel):
                 f"--tokens-per-sample ({cfg.max_target_positions}) exceeds the model's "
                 f"--max-positions ({cfg.max_positions})"
             )
+        bind_dictionary(cfg, task, "the gpt2_lm checkpoint")
         return cls(GPT2Decoder(cfg, task.target_dictionary))
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):

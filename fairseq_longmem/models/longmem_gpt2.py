@@ -8,6 +8,7 @@ Training and evaluation keep separate memories, so validation never reads traini
 
 import logging
 import os
+import zipfile
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -24,7 +25,18 @@ from ..compat import load_checkpoint_file
 from ..modules.gpt2 import GPT2Backbone, GPT2Dims
 from ..modules.memory_bank import ChunkedMemoryBank
 from ..modules.sidenet import SideNet
-from .gpt2_lm import GPT2HeadDecoder, GPT2LanguageModel, check_vocab, register_size_archs
+from .gpt2_lm import (
+    FINGERPRINT,
+    GPT2HeadDecoder,
+    GPT2LanguageModel,
+    bind_dictionary,
+    check_fingerprint,
+    check_vocab,
+    fingerprint_field,
+    record_in_config,
+    register_size_archs,
+    task_dict_path,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -80,18 +92,48 @@ class LongMemGPT2Config(FairseqDataclass):
     )
     dropout: float = field(default=0.1, metadata={"help": "SideNet dropout"})
     attention_dropout: float = field(default=0.0, metadata={"help": "SideNet attention dropout"})
+    dictionary_fingerprint: str = fingerprint_field()
     max_target_positions: Optional[int] = II("task.tokens_per_sample")
 
 
-def load_backbone(path: str, dims: GPT2Dims, dictionary):
-    """Build the backbone from a gpt2_lm checkpoint and check it is the one --arch describes;
-    returns the backbone and the checkpoint's model config."""
+# a torch.save file is a zip archive; torch's legacy format starts with a pickle protocol byte
+_CHECKPOINT_MAGICS = (b"PK\x03\x04", b"\x80")
+
+
+def read_checkpoint(path: str, option: str) -> dict:
+    """Load a checkpoint file that an option names, refusing an empty, foreign or damaged file in
+    one line that names it (torch alone says ``EOFError`` or ``pop from empty list``)."""
+    fix = "point it at a complete gpt2_lm checkpoint (re-copy it, or re-run what wrote it)"
+    size = os.path.getsize(path)
+    if size == 0:
+        raise ValueError(f"{option} {path} is empty (0 bytes; an interrupted copy or save?): {fix}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head.startswith(_CHECKPOINT_MAGICS):
+        raise ValueError(
+            f"{option} {path} is not a torch checkpoint: it starts with {head!r}, where a "
+            f"checkpoint (a zip archive) starts with b'PK\\x03\\x04'; {fix}"
+        )
+    try:
+        return load_checkpoint_file(path, map_location="cpu")
+    except (EOFError, OSError, RuntimeError, zipfile.BadZipFile, IndexError, KeyError) as e:
+        detail = (str(e).strip() or type(e).__name__).splitlines()[0]
+        raise ValueError(
+            f"{option} {path} ({size} bytes) cannot be read as a torch checkpoint, truncated or "
+            f"damaged ({type(e).__name__}: {detail}): {fix}"
+        ) from None
+
+
+def load_backbone(path: str, dims: GPT2Dims, task):
+    """Build the backbone from a gpt2_lm checkpoint and check it is the one --arch describes and
+    that it was trained with the task's dictionary; returns the backbone and its model config."""
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"--backbone-path: no checkpoint at {path} (evaluating a LongMem checkpoint? pass "
             "--task longmem_lm, which takes the backbone from the checkpoint itself)"
         )
-    state = load_checkpoint_file(path, map_location="cpu")
+    dictionary = task.target_dictionary
+    state = read_checkpoint(path, "--backbone-path")
     model_cfg = (state.get("cfg") or {}).get("model") or {}
     weights = {
         k[len("decoder.backbone."):]: v
@@ -114,6 +156,9 @@ def load_backbone(path: str, dims: GPT2Dims, dictionary):
             "--embed-dim/--num-layers/--num-heads"
         )
     check_vocab(weights, "wte.weight", dictionary, f"--backbone-path {path}")
+    check_fingerprint(
+        model_cfg.get(FINGERPRINT), dictionary, f"--backbone-path {path}", task_dict_path(task)
+    )
     dims.max_positions = model_cfg.get("max_positions", dims.max_positions)
     dims.layer_norm_eps = model_cfg.get("layer_norm_eps", dims.layer_norm_eps)
     backbone = GPT2Backbone(dims)
@@ -273,22 +318,25 @@ class LongMemGPT2Model(FairseqLanguageModel):
                 "--backbone-path is required: a gpt2_lm checkpoint to freeze as the backbone"
             )
         else:
-            backbone, backbone_cfg = load_backbone(cfg.backbone_path, dims, task.target_dictionary)
+            backbone, backbone_cfg = load_backbone(cfg.backbone_path, dims, task)
             # saved with the LongMem checkpoint, which then needs no --backbone-path
-            cfg.max_positions = dims.max_positions
-            cfg.layer_norm_eps = dims.layer_norm_eps
-            cfg.mask_special_logits = bool(backbone_cfg.get("mask_special_logits", False))
+            record_in_config(cfg, "max_positions", dims.max_positions)
+            record_in_config(cfg, "layer_norm_eps", dims.layer_norm_eps)
+            record_in_config(cfg, "mask_special_logits",
+                             bool(backbone_cfg.get("mask_special_logits", False)))
         if (cfg.max_target_positions or 0) > dims.max_positions:
             raise ValueError(
                 f"--tokens-per-sample ({cfg.max_target_positions}) exceeds the backbone's "
                 f"{dims.max_positions} positions"
             )
+        bind_dictionary(cfg, task, "the longmem_gpt2 checkpoint")
+        check_memory_fits(cfg, dims, task)
         return cls(LongMemDecoder(cfg, task.target_dictionary, backbone))
 
     @classmethod
     def from_backbone(cls, cfg: LongMemGPT2Config, dictionary, backbone: GPT2Backbone):
         """Build around an in-memory backbone (tests, notebooks)."""
-        validate_config(cfg)
+        validate_config(cfg, num_layers=backbone.dims.num_layers)
         return cls(LongMemDecoder(cfg, dictionary, backbone))
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
@@ -299,11 +347,14 @@ class LongMemGPT2Model(FairseqLanguageModel):
         self.decoder.reset_memory()
 
 
-def validate_config(cfg):
+def validate_config(cfg, num_layers: Optional[int] = None):
+    """Refuse option values the model cannot run with, in one line each (``num_layers``: the
+    backbone's, when it is known better than ``cfg.num_layers``)."""
     def need(ok, msg):
         if not ok:
             raise ValueError(msg)
 
+    layers = cfg.num_layers if num_layers is None else num_layers
     need(cfg.chunk_size > 0, f"--chunk-size must be > 0, got {cfg.chunk_size}")
     need(cfg.memory_size > 0 and cfg.memory_size % cfg.chunk_size == 0,
          f"--memory-size ({cfg.memory_size}) must be a positive multiple of --chunk-size "
@@ -313,7 +364,66 @@ def validate_config(cfg):
          f"--chunk-size ({cfg.chunk_size})")
     need(cfg.retrieved_tokens <= cfg.memory_size,
          f"--retrieved-tokens ({cfg.retrieved_tokens}) exceeds --memory-size ({cfg.memory_size})")
-    need(cfg.memory_layer >= 0, "--memory-layer must be set (the archs set it)")
+    need(0 <= cfg.memory_layer < layers,
+         f"--memory-layer {cfg.memory_layer} is not a layer of the {layers}-layer backbone: "
+         f"expected 0 to {layers - 1} (0-based), or leave it unset with a sized arch "
+         "(longmem_gpt2_tiny ... _xl), which picks one about 3/4 deep")
+
+
+_GIB = 2**30
+
+
+def memory_bytes(rows: int, heads: int, head_dim: int, memory_size: int, chunk_size: int,
+                 itemsize: int) -> int:
+    """Bytes one memory (``ChunkedMemoryBank``) allocates up front: per row and head, keys and
+    values of ``memory_size`` tokens, one mean key per chunk, and one chunk's staging area."""
+    per_head = 2 * memory_size + memory_size // chunk_size + 2 * chunk_size  # vectors of head_dim
+    return rows * heads * per_head * head_dim * itemsize
+
+
+def free_bytes(device: torch.device) -> Optional[int]:
+    """Memory free for new tensors on ``device``: CUDA's free memory, or the host's available RAM
+    (Linux MemAvailable; free pages elsewhere). None when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_memory_fits(cfg, dims: GPT2Dims, task):
+    """Refuse a --memory-size whose memories cannot fit on the device, before anything is
+    allocated (the bank is built at the first batch, which would otherwise ask for it then)."""
+    tcfg = getattr(task, "cfg", None)
+    rows = getattr(tcfg, "batch_size", None)
+    if cfg.disable_memory or not rows:
+        return
+    cuda = not getattr(tcfg, "cpu", False) and torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    half = cuda and (getattr(tcfg, "fp16", False) or getattr(tcfg, "bf16", False))
+    # training keeps a second memory for validation, which never reads training text
+    banks = 1 if getattr(task, "building_from_checkpoint", False) else 2
+    one = memory_bytes(rows, dims.num_heads, dims.head_dim, cfg.memory_size, cfg.chunk_size,
+                       2 if half else 4)
+    free = free_bytes(device)
+    if free is not None and banks * one > free:
+        what = "a training and a validation memory" if banks == 2 else "the memory"
+        raise ValueError(
+            f"--memory-size {cfg.memory_size} needs {banks * one / _GIB:,.1f} GiB for {what} "
+            f"({rows} streams (--batch-size) x {dims.num_heads} heads x {cfg.memory_size} tokens "
+            f"x {dims.head_dim} dims x keys and values, plus chunk means, in "
+            f"{'16' if half else '32'}-bit floats), more than the {free / _GIB:,.1f} GiB free on "
+            f"{device}: lower --memory-size or --batch-size"
+        )
+    logger.info("memory: %.3f GiB per memory (%s, %d streams)", one / _GIB, device, rows)
 
 
 def _memory_layer_default(args, size):

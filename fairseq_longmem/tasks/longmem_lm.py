@@ -6,6 +6,7 @@ a rank holds segment ``t`` of each of its streams, and a per-row flag says that 
 a new document, so that the model clears that row's memory before reading it.
 """
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II
 
 from ..models.longmem_gpt2 import BuildsLongMemFromCheckpoints
+from .split_files import check_mmap_split, split_shards
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +35,11 @@ class LongMemLMConfig(FairseqDataclass):
     )
     batch_size: Optional[int] = II("dataset.batch_size")
     max_target_positions: Optional[int] = II("task.tokens_per_sample")
+    # read from the common and dataset options, for checks before anything is allocated
+    cpu: bool = II("common.cpu")
+    fp16: bool = II("common.fp16")
+    bf16: bool = II("common.bf16")
+    train_subset: str = II("dataset.train_subset")
     # filled in from torch.distributed when not given
     data_parallel_rank: Optional[int] = None
     data_parallel_size: Optional[int] = None
@@ -56,6 +63,27 @@ def assign_streams(doc_segments: List[int], num_streams: int) -> List[List[int]]
         streams[s].append(d)
         load[s] += n
     return streams
+
+
+def raise_no_documents(split: str, split_path: str, items: int):
+    """A split without documents has nothing to score (eval-lm would print a perplexity of 1.00
+    and validate divide by zero): refuse it."""
+    what = f"its {items} items are all empty lines" if items else "it holds no item"
+    raise ValueError(
+        f"{split} ({split_path}.bin) holds no document ({what}): binarize a text with documents "
+        "(one paragraph per line, one empty line between documents), or leave the split out"
+    )
+
+
+def split_fingerprint(split_path: str, documents: List[torch.Tensor]) -> dict:
+    """Identifies a split's documents by their count and lengths (cheap at any corpus size), so
+    that a resume can tell it is still reading the data its position was saved in."""
+    lengths = np.array([len(d) for d in documents], dtype=np.int64)
+    return {
+        "path": split_path,
+        "documents": len(documents),
+        "documents_sha256": hashlib.sha256(lengths.tobytes()).hexdigest(),
+    }
 
 
 class DocumentStreamDataset(FairseqDataset):
@@ -140,9 +168,24 @@ class LongMemLMTask(BuildsLongMemFromCheckpoints, FairseqTask):
     def __init__(self, cfg: LongMemLMConfig, dictionary: Dictionary):
         super().__init__(cfg)
         self.dictionary = dictionary
+        self.split_fingerprints = {}  # split -> what its documents are, see split_fingerprint
+        self._train_iterator = None  # the latest, for set_checkpoint_dict
 
     @classmethod
     def setup_task(cls, cfg: LongMemLMConfig, **kwargs):
+        if cfg.tokens_per_sample is None or cfg.tokens_per_sample < 1:
+            raise ValueError(
+                f"--tokens-per-sample must be a positive segment length (tokens per row and "
+                f"batch, e.g. 1024), got {cfg.tokens_per_sample}"
+            )
+        if not cfg.batch_size:
+            raise ValueError(
+                "--task longmem_lm needs --batch-size (streams per GPU); --max-tokens is not used"
+            )
+        if cfg.batch_size < 1:
+            raise ValueError(
+                f"--batch-size must be a positive number of streams per GPU, got {cfg.batch_size}"
+            )
         paths = utils.split_paths(cfg.data)
         if not paths:
             raise ValueError("--data: no data directory given")
@@ -162,12 +205,13 @@ class LongMemLMTask(BuildsLongMemFromCheckpoints, FairseqTask):
         return 0, 1
 
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
-        if not self.cfg.batch_size:
-            raise ValueError(
-                "--task longmem_lm needs --batch-size (streams per GPU); --max-tokens is not used"
-            )
         paths = utils.split_paths(self.cfg.data)
         split_path = os.path.join(paths[(epoch - 1) % len(paths)], split)
+        # fairseq would mmap these and fail on an empty or truncated file without naming it
+        shards = split_shards(split_path, combine)
+        for shard in shards:
+            if check_mmap_split(shard) == 0:
+                raise_no_documents(split, shard, 0)
         data = data_utils.load_indexed_dataset(split_path, self.dictionary, combine=combine)
         if data is None:
             raise FileNotFoundError(f"Dataset not found: {split} ({split_path})")
@@ -175,6 +219,17 @@ class LongMemLMTask(BuildsLongMemFromCheckpoints, FairseqTask):
             torch.cat([data[i] for i in range(a, b)]).to(torch.int32)
             for a, b in split_documents(np.asarray(data.sizes))
         ]
+        if not documents:
+            raise_no_documents(split, split_path, len(data))
+        top = max(int(d.max()) for d in documents)
+        if top >= len(self.dictionary):
+            dict_path = os.path.join(paths[0], "dict.txt")
+            raise ValueError(
+                f"{split_path}.bin holds token id {top} but {dict_path} has only "
+                f"{len(self.dictionary)} symbols (ids 0 to {len(self.dictionary) - 1}): the split "
+                "was binarized with another dictionary; use the dict.txt that fairseq-preprocess "
+                "wrote beside it"
+            )
         rank, world = self._shard()
         dataset = DocumentStreamDataset(
             documents, self.dictionary.pad(), self.dictionary.eos(), self.cfg.tokens_per_sample,
@@ -185,7 +240,16 @@ class LongMemLMTask(BuildsLongMemFromCheckpoints, FairseqTask):
             split, len(documents), sum(len(d) for d in documents), self.cfg.batch_size, world,
             len(dataset),
         )
+        idle = sum(not stream for stream in dataset.streams)
+        if idle:
+            logger.warning(
+                "%s has %d documents for %d streams (--batch-size %d x %d ranks): %d streams get "
+                "no document and compute only padding; a --batch-size of at most %d uses them all",
+                split, len(documents), len(dataset.streams), self.cfg.batch_size, world, idle,
+                max(1, len(documents) // world),
+            )
         self.datasets[split] = dataset
+        self.split_fingerprints[split] = split_fingerprint(split_path, documents)
 
     def _layout(self):
         rank, world = self._shard()
@@ -193,11 +257,17 @@ class LongMemLMTask(BuildsLongMemFromCheckpoints, FairseqTask):
 
     def get_checkpoint_dict(self):
         # saved in the checkpoint's extra_state, read back on resume by set_checkpoint_dict
-        return {type(self).__name__: {"stream_layout": self._layout()}}
+        state = {"stream_layout": self._layout()}
+        train = self.split_fingerprints.get(self.cfg.train_subset)
+        if train is not None:
+            state["train_data"] = train
+        return {type(self).__name__: state}
 
     def set_checkpoint_dict(self, state):
         """On resume fairseq restores the iterator position, which only means the same batches
-        under the same stream layout: refuse a changed one rather than skip or replay data."""
+        under the same stream layout and over the same documents: refuse a changed layout or
+        training split rather than skip, replay or mix data. (Not called with
+        --reset-dataloader, which restarts the epoch.)"""
         saved = state.get("stream_layout")
         if saved is not None and saved != self._layout():
             raise ValueError(
@@ -207,13 +277,37 @@ class LongMemLMTask(BuildsLongMemFromCheckpoints, FairseqTask):
                 "skip or replay data; keep the layout, or pass --reset-dataloader to restart "
                 "the epoch's streams"
             )
+        saved = state.get("train_data")
+        now = self.split_fingerprints.get(self.cfg.train_subset)
+        itr = self._train_iterator
+        mid_epoch = itr is None or itr.iterations_in_epoch > 0  # at 0, any data may follow
+        if saved and now and mid_epoch and saved["documents_sha256"] != now["documents_sha256"]:
+            raise ValueError(
+                f"the checkpoint stopped mid-epoch in {saved['path']} ({saved['documents']} "
+                f"documents, sizes sha256 {saved['documents_sha256'][:12]}), but this run's "
+                f"{now['path']} holds {now['documents']} documents (sha256 "
+                f"{now['documents_sha256'][:12]}): its saved position would point into other "
+                "data; resume on the same data, or pass --reset-dataloader to start the epoch "
+                "over on this one"
+            )
+
+    def build_model(self, cfg, from_checkpoint=False):
+        half = "--fp16" if self.cfg.fp16 else "--bf16" if self.cfg.bf16 else None
+        if half and not from_checkpoint and (self.cfg.cpu or not torch.cuda.is_available()):
+            # fairseq's fp16 trainer asserts CUDA; with bf16 and no CUDA it assumes a TPU
+            where = "--cpu" if self.cfg.cpu else "no CUDA device is available"
+            raise ValueError(
+                f"{half} training needs a CUDA GPU ({where}): drop {half} to train in 32-bit "
+                "floats on the CPU"
+            )
+        return super().build_model(cfg, from_checkpoint)
 
     def get_batch_iterator(self, dataset, num_workers=0, epoch=1, data_buffer_size=0,
                            skip_remainder_batch=False, **kwargs):
         # every item is a whole batch, already sharded by rank; order is time, so no shuffling.
         # Items are slices of tensors in memory: loader workers would only add start-up and
         # shutdown cost (a worker per validation pass stalled each checkpoint save by 5 s).
-        return iterators.EpochBatchIterator(
+        itr = iterators.EpochBatchIterator(
             dataset=dataset,
             collate_fn=dataset.collater,
             num_workers=0,
@@ -222,6 +316,18 @@ class LongMemLMTask(BuildsLongMemFromCheckpoints, FairseqTask):
             batch_sampler=[[i] for i in range(len(dataset))],
             disable_shuffling=True,
             skip_remainder_batch=skip_remainder_batch,
+        )
+        if dataset is self.datasets.get(self.cfg.train_subset):
+            self._train_iterator = itr
+        return itr
+
+    def build_generator(self, models, args, **kwargs):
+        # fairseq-generate and fairseq-interactive call this before they read any input
+        raise ValueError(
+            "--task longmem_lm scores documents and does not generate text, so fairseq-generate "
+            "and fairseq-interactive cannot use it: measure perplexity with fairseq-eval-lm (or "
+            "fairseq-validate) --task longmem_lm; in-context-learning scoring needs a task of "
+            "its own (README.md, 'Limits')"
         )
 
     def eval_lm_dataloader(self, dataset, max_tokens=None, batch_size=None, max_positions=None,
