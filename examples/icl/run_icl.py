@@ -78,7 +78,7 @@ def run(args, out_dir, condition, seed, tok):
     cmd += args.extra
     start = time.perf_counter()
     res = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seconds = time.perf_counter() - start
+    seconds = round(time.perf_counter() - start, 1)  # as the log keeps it, so reruns agree
     m = ACCURACY.search(res.stdout)
     if res.returncode != 0 or not m:
         tail = "\n".join(res.stdout.splitlines()[-15:])
