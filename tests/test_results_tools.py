@@ -102,6 +102,28 @@ def test_summarize_checks_token_counts(tmp_path):
     assert summarize.main([str(tmp_path / "bad")]) == 1
 
 
+def test_summarize_reads_suffix_identification(tmp_path):
+    root = write_run(str(tmp_path / "run"))
+    for name, right, total in (("backbone", 10, 43), ("memory_off", 11, 43), ("memory", 14, 43),
+                               ("memory", 9, 40)):
+        prefix = 4096 if total == 43 else 8192
+        with open(os.path.join(root, "logs", f"suffix_{name}_{prefix}.log"), "a") as f:
+            f.write(f"INFO | s.json: {total} examples, 6 candidates each (chance 16.7%), ...\n"
+                    f"Generate test with beam=1: Accuracy {100 * right / total:.2f} "
+                    f"({right}/{total})\n")
+    r = summarize.summarize(root)
+    assert r["suffix"][4096]["memory"] == {"accuracy": 32.56, "right": 14, "total": 43,
+                                           "candidates": 6}
+    assert r["problems"] == []
+    table = summarize.markdown(r)
+    assert "| LongMem with memory | 32.56 (14/43) | 22.50 (9/40) |" in table
+    assert "| backbone alone | 23.26 (10/43) | - |" in table
+    with open(os.path.join(root, "logs", "suffix_backbone_8192.log"), "w") as f:
+        f.write("INFO | s.json: 41 examples, 6 candidates each\n"
+                "Generate test with beam=1: Accuracy 10.00 (4/41)\n")
+    assert "different numbers of examples" in summarize.summarize(root)["problems"][0]
+
+
 # ---------------------------------------------------------------------------------------------
 # docs/RESULTS.md is generated from the committed logs
 

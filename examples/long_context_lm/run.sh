@@ -8,7 +8,8 @@
 #      (c) LongMem, memory off (same weights) (d) LongMem with memory,
 #      a memory-size sweep and a chunk-size sweep (--model-overrides);
 #   5. loss per position bucket in the book for (a), (c), (d) (score_positions.py);
-#   6. summarize.py: tables, token-count checks, results.json.
+#   6. suffix identification on the test books' chapter boundaries (task longmem_suffix);
+#   7. summarize.py: tables, token-count checks, results.json.
 # Run from the repository root after `bash install.sh`:
 #   bash examples/long_context_lm/run.sh                 # CPU default, about an hour on 2 cores
 #   PRESET=smoke bash examples/long_context_lm/run.sh    # generated books, a few minutes
@@ -134,5 +135,33 @@ positions backbone "$BACKBONE" "{}"
 positions memory_off "$LONGMEM" "{'disable_memory': True}"
 positions "memory_${MEMORY_SIZE}_csz${CHUNK_SIZE}" "$LONGMEM" "{}"
 
-# 6. tables and checks ------------------------------------------------------------------------
+# 6. suffix identification on the test books (ChapterBreak's protocol, docs/SUFFIX.md) ---------
+# every chapter boundary of the test books with SUFFIX_CTX_WORDS words before it; the prefix's
+# last T - SUFFIX_TOKENS tokens in context, the rest in memory; 6 candidates, chance 1/6
+if [ -n "${SUFFIX_PREFIXES:-}" ]; then
+if [ -f "$DATA/spm.model" ]; then
+  BPE_ARGS=(--bpe sentencepiece --sentencepiece-model "$DATA/spm.model")
+else
+  read -r ENC VOCAB _ < <(python examples/get_gpt2_bpe.py | tr '\n' ' ')
+  BPE_ARGS=(--bpe gpt2 --gpt2-encoder-json "$ENC" --gpt2-vocab-bpe "$VOCAB")
+fi
+step suffix_data "$DATA/suffix.json" python examples/suffix/build_chapterbreak.py --corpus "$DATA" \
+  --splits test --out "$DATA/suffix.json" --ctx-words "$SUFFIX_CTX_WORDS"
+suffix() {
+  local name=$1 path=$2 overrides=$3 prefix=$4
+  # shellcheck disable=SC2086
+  step "suffix_${name}_$prefix" "$LOGS/suffix_${name}_$prefix.log" fairseq-generate "$DATA/bin" \
+    --user-dir "$UD" --task longmem_suffix --path "$path" --suffix-data "$DATA/suffix.json" \
+    --prefix-tokens "$prefix" --tokens-per-sample "$T" --suffix-tokens "$SUFFIX_TOKENS" \
+    --scoring candidate_accuracy --batch-size 4 --nbest 6 --num-workers 0 "${BPE_ARGS[@]}" \
+    --model-overrides "$overrides" $DEVICE_ARGS
+}
+for prefix in $SUFFIX_PREFIXES; do
+  suffix backbone "$BACKBONE" "{}" "$prefix"
+  suffix memory_off "$LONGMEM" "{'disable_memory': True}" "$prefix"
+  suffix memory "$LONGMEM" "{}" "$prefix"
+done
+fi
+
+# 7. tables and checks ------------------------------------------------------------------------
 python "$HERE/summarize.py" "$OUT"

@@ -36,6 +36,22 @@ def read_eval_lm(path):
             "loss": float(loss.group(1)), "ppl": float(loss.group(2))}
 
 
+SUFFIX = re.compile(r"suffix_(backbone|memory_off|memory)_(\d+)$")
+SUFFIX_LABELS = {"backbone": "backbone alone", "memory_off": "LongMem, memory off",
+                 "memory": "LongMem with memory"}
+
+
+def read_suffix(path):
+    """Accuracy of a longmem_suffix run (fairseq-generate's scorer line) and its example count."""
+    text = open(path, encoding="utf-8").read()
+    acc = re.search(r"Generate test with beam=\d+: Accuracy ([\d.]+) \((\d+)/(\d+)\)", text)
+    info = re.search(r"(\d+) examples, (\d+) candidates each", text)
+    if not acc or not info:
+        raise ValueError(f"{path}: no accuracy line: did fairseq-generate finish?")
+    return {"accuracy": float(acc.group(1)), "right": int(acc.group(2)),
+            "total": int(acc.group(3)), "candidates": int(info.group(2))}
+
+
 def read_settings(logs):
     """T and the sliding window from the eval commands (the .cmd files run.sh writes)."""
     cmd = open(os.path.join(logs, "eval_backbone_window.cmd"), encoding="utf-8").read().split()
@@ -88,6 +104,15 @@ def summarize(out):
             times[step] = times.get(step, 0) + int(sec)
     hardware = open(os.path.join(logs, "hardware.txt"), encoding="utf-8").read().strip() \
         if os.path.exists(os.path.join(logs, "hardware.txt")) else ""
+    suffix = {}
+    for path in sorted(glob.glob(os.path.join(logs, "suffix_*.log"))):
+        m = SUFFIX.match(os.path.basename(path)[:-4])
+        if m:
+            suffix.setdefault(int(m.group(2)), {})[m.group(1)] = read_suffix(path)
+    for prefix, runs in suffix.items():
+        if len({r["total"] for r in runs.values()}) > 1:
+            problems.append(f"suffix identification at prefix {prefix}: conditions scored "
+                            f"different numbers of examples: {runs}")
     sweeps = {"memory_size": {}, "chunk_size": {}}
     if main:
         main_msz, main_csz = MEMORY.match(main).groups()
@@ -102,7 +127,7 @@ def summarize(out):
         "conditions": {n: dict(e, **dict(zip(("label", "short"), labels(n, settings, main))))
                        for n, e in evals.items()},
         "sweeps": {k: dict(sorted(v.items())) for k, v in sweeps.items()},
-        "positions": buckets, "problems": problems,
+        "positions": buckets, "suffix": dict(sorted(suffix.items())), "problems": problems,
     }
 
 
@@ -139,6 +164,20 @@ def markdown(r):
         for b, row in first.items():
             cells = [f"{r['positions'][n][b]['ppl']:.2f}" if r["positions"][n][b]["ppl"] else "-" for n in names]
             out.append(f"| {bucket_name(b)} | {row['tokens']:,} | " + " | ".join(cells) + " |")
+    if r.get("suffix"):
+        prefixes = list(r["suffix"])
+        first = next(iter(r["suffix"].values()))
+        any_run = next(iter(first.values()))
+        out += ["", "### Suffix identification (chapter boundaries of the test books)", "",
+                f"{any_run['total']} examples, {any_run['candidates']} candidates each (chance "
+                f"{100 / any_run['candidates']:.1f}%); accuracy (%) by prefix length in tokens:", "",
+                "| condition | " + " | ".join(f"prefix {p:,}" for p in prefixes) + " |",
+                "|---|" + "---|" * len(prefixes)]
+        for name, label in SUFFIX_LABELS.items():
+            cells = [f"{r['suffix'][p][name]['accuracy']:.2f} ({r['suffix'][p][name]['right']}/"
+                     f"{r['suffix'][p][name]['total']})" if name in r["suffix"][p] else "-"
+                     for p in prefixes]
+            out.append(f"| {label} | " + " | ".join(cells) + " |")
     if r["seconds"]:
         total = sum(r["seconds"].values())
         out += ["", f"Wall time: {total / 60:.1f} min (" + ", ".join(f"{k} {v}s" for k, v in r["seconds"].items()) + ")"]
