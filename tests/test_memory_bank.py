@@ -423,7 +423,7 @@ def test_fingerprint_rules(tmp_path):
     # a bank without a fingerprint takes any file
     ChunkedMemoryBank(3, 4, 16, 4, 64, fingerprint="").load(tmp_path / "a.safetensors")
     ChunkedMemoryBank(3, 4, 16, 4, 64, fingerprint="").load(tmp_path / "b.safetensors")
-    # a bank with one refuses a file without one (issue 10), memory unchanged
+    # a bank with one refuses a file without one, memory unchanged
     victim = filled_bank(seed=13, fingerprint="y")
     before = state(victim)
     with pytest.raises(ValueError, match="fingerprint: expected 'y', found none") as err:
