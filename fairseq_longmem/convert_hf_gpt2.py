@@ -23,6 +23,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from . import require_fairseq
+
 SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
 # HF buffers that are not parameters: the causal mask and the masked-score constant.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
@@ -291,6 +293,7 @@ def normalized_config(config: dict, source: str = "config.json") -> dict:
 
 def convert(hf_dir: str, out_dir: str, force: bool = False) -> str:
     """Convert ``hf_dir`` into ``out_dir``/{checkpoint.pt,dict.txt,README.txt}; return the checkpoint."""
+    require_fairseq("python -m fairseq_longmem.convert_hf_gpt2")  # it writes a fairseq config
     ckpt_path = os.path.join(out_dir, "checkpoint.pt")
     if os.path.exists(ckpt_path) and not force:
         raise ConversionError(f"{ckpt_path} already exists; pass --force to overwrite it")
