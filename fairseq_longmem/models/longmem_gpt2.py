@@ -6,6 +6,7 @@ appends the backbone's layer-``m`` keys/values to that row's memory (write after
 Training and evaluation keep separate memories, so validation never reads training text.
 """
 
+import dataclasses
 import logging
 import os
 import zipfile
@@ -32,6 +33,7 @@ from .gpt2_lm import (
     bind_dictionary,
     check_fingerprint,
     check_vocab,
+    dims_from_config,
     fingerprint_field,
     record_in_config,
     register_size_archs,
@@ -301,16 +303,9 @@ class LongMemGPT2Model(FairseqLanguageModel):
     @classmethod
     def build_model(cls, cfg: LongMemGPT2Config, task):
         validate_config(cfg)
-        dims = GPT2Dims(
-            vocab_size=len(task.target_dictionary),
-            embed_dim=cfg.embed_dim,
-            num_layers=cfg.num_layers,
-            num_heads=cfg.num_heads,
-            max_positions=cfg.max_positions,
-            dropout=0.0,
-            attention_dropout=0.0,
-            layer_norm_eps=cfg.layer_norm_eps,
-        )
+        # cfg.dropout is the SideNet's; the frozen backbone has none
+        dims = dataclasses.replace(dims_from_config(cfg, len(task.target_dictionary)),
+                                   dropout=0.0, attention_dropout=0.0)
         if getattr(task, "building_from_checkpoint", False):
             backbone = GPT2Backbone(dims)  # weights come with the LongMem checkpoint
         elif not cfg.backbone_path:
