@@ -160,6 +160,22 @@ def test_a_new_document_starts_with_an_empty_memory():
     assert not torch.allclose(out[1, 2 * T:], fresh[1], atol=1e-3)
 
 
+def test_memory_statistics_come_in_the_extra_of_the_call_that_read():
+    model = make_model()
+    tokens = random_tokens(2, 2 * T, seed=11)
+    gate = float(torch.sigmoid(model.decoder.sidenet.memory_attention.gate).mean())
+    with torch.no_grad():
+        _, first = model(src_tokens=tokens[:, :T], new_document=torch.tensor([True, True]))
+        _, second = model(src_tokens=tokens[:, T:], new_document=torch.tensor([False, True]))
+    first, second = first["memory_stats"], second["memory_stats"]
+    assert float(first["fill"]) == 0.0 and float(first["memory_share"]) == 0.0  # nothing to read
+    assert float(first["gate"]) == pytest.approx(gate) and float(second["gate"]) == pytest.approx(gate)
+    # row 0 continues its document (T tokens in memory), row 1 starts one (cleared): every query
+    # of row 0 reads memory and none of row 1's, so the share is half the mean gate
+    assert float(second["fill"]) == T / 2
+    assert float(second["memory_share"]) == pytest.approx(gate / 2)
+
+
 def test_training_and_evaluation_memories_never_mix():
     model = make_model()
     tokens = random_tokens(2, 2 * T, seed=7)

@@ -280,11 +280,10 @@ class LongMemDecoder(GPT2HeadDecoder):
                     "(use --task longmem_lm, which streams documents and sets them)"
                 )
                 self._warned_no_flags = True
-        x = self.sidenet(hiddens, memory=bank, retrieved_tokens=cfg.retrieved_tokens)  # (B, T, C)
+        x, stats = self.sidenet(hiddens, memory=bank, retrieved_tokens=cfg.retrieved_tokens)
 
         extra = {"inner_states": [x]}
         if bank is not None:
-            stats = self.sidenet.memory_attention.last_stats
             extra["memory_stats"] = {
                 "fill": bank.fill().float().mean(),
                 "gate": stats.gate,
