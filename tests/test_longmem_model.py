@@ -188,7 +188,29 @@ def test_training_and_evaluation_memories_never_mix():
     with torch.no_grad():
         logits, extra = model(src_tokens=tokens[:, :T], new_document=evaluation)
     assert float(extra["memory_stats"]["fill"]) == 0.0
-    assert model.decoder._memories["train"].fill().tolist() == [2 * T, 2 * T]
+    assert model.decoder.stream_memory("train").fill().tolist() == [2 * T, 2 * T]
+
+
+def test_reset_memory_forgets_both_modes():
+    model = make_model()
+    tokens = random_tokens(2, 2 * T, seed=12)
+    flags = torch.tensor([True, True])
+    with torch.no_grad():
+        model.train()
+        model(src_tokens=tokens[:, :T], new_document=flags)
+        model.eval()
+        model(src_tokens=tokens[:, :T], new_document=flags)
+        assert [model.decoder.stream_memory(m).fill().tolist() for m in ("train", "eval")] == [
+            [T, T], [T, T]]
+        model.decoder.reset_memory()
+        assert [model.decoder.stream_memory(m) for m in ("train", "eval")] == [None, None]
+        # the next segment, not flagged as a new document, reads nothing: as a fresh model does
+        after, extra = model(src_tokens=tokens[:, T:], new_document=~flags)
+        fresh, _ = make_model()(src_tokens=tokens[:, T:], new_document=~flags)
+    assert float(extra["memory_stats"]["fill"]) == 0.0
+    assert torch.equal(after, fresh)
+    with pytest.raises(ValueError, match="mode 'valid', expected one of"):
+        model.decoder.stream_memory("valid")
 
 
 def test_padding_never_enters_memory():
@@ -197,7 +219,7 @@ def test_padding_never_enters_memory():
     src[1, 10:] = DICT.pad()
     with torch.no_grad():
         model(src_tokens=src, src_lengths=torch.tensor([T, 10]), new_document=torch.tensor([True, True]))
-    bank = model.decoder._memories["eval"]
+    bank = model.decoder.stream_memory("eval")
     assert bank.fill().tolist() == [T, 8]  # 10 tokens: two full chunks, two staged
     assert bank.staged().tolist() == [0, 2]
 
@@ -229,7 +251,7 @@ def test_a_changed_batch_size_resets_the_memory():
         model(src_tokens=tokens[:2, :T], new_document=torch.tensor([True, True]))
         _, extra = model(src_tokens=tokens[:, T:], new_document=torch.tensor([False] * 3))
     assert float(extra["memory_stats"]["fill"]) == 0.0  # read an empty memory, not rows 0-1's
-    assert model.decoder._memories["eval"].fill().tolist() == [T, T, T]
+    assert model.decoder.stream_memory("eval").fill().tolist() == [T, T, T]
 
 
 def test_memory_off_freezes_the_unused_gate():
@@ -238,4 +260,5 @@ def test_memory_off_freezes_the_unused_gate():
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == expected_trainable(D, LAYERS, HEADS) - HEADS
     _, extra = model(src_tokens=random_tokens(1, T, seed=10), new_document=torch.tensor([True]))
-    assert "memory_stats" not in extra and model.decoder._memories == {}
+    assert "memory_stats" not in extra
+    assert [model.decoder.stream_memory(m) for m in ("train", "eval")] == [None, None]

@@ -293,7 +293,7 @@ def main():
         t0 = time.perf_counter()
         for b in fill_b:
             on.fill(b, train)  # the memory-off model has no memory to fill
-        bank = on.model.decoder._memories["train" if train else "eval"]
+        bank = on.model.decoder.stream_memory(mode)
         fill = bank.fill()
         assert int(fill.min()) == args.msz, fill
         print(f"# {mode}: memory filled with {fill_segments} segments per row "
