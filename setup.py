@@ -19,6 +19,8 @@ FAIRSEQ_RUNTIME = [
     "scikit-learn",  # imported by fairseq.tasks at start-up
 ]
 
+CORPUS = ["rdata>=1.0"]
+
 setup(
     name="fairseq-longmem",
     version="0.1.0",
@@ -37,7 +39,9 @@ setup(
     extras_require={
         "cpu": ["faiss-cpu>=1.8"],
         "gpu": ["faiss-gpu-cu12>=1.8"],
-        "test": ["pytest>=7", "transformers>=4.40", "hypothesis>=6"],
+        # examples/build_book_corpus.py: the packaged books kept in R data files
+        "corpus": CORPUS,
+        "test": ["pytest>=7", "transformers>=4.40", "hypothesis>=6"] + CORPUS,
         # CPU machines only: runs the search kernels' tests through Triton's interpreter (286 MB
         # wheel, 1 GB installed). CUDA builds of torch ship their own triton: don't add this there.
         "triton": ["triton>=3.9"],

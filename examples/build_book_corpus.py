@@ -1,7 +1,8 @@
 """Build a long-document corpus of whole public-domain books and binarize it for fairseq.
 
 Books come from Debian packages (``apt-get download`` + ``dpkg -x`` into a cache; nothing is
-installed, no R is needed) and/or a folder of the user's own ``.txt`` files (one book per file):
+installed, no R is needed: R's data files are read with the ``rdata`` package, ``pip install -e
+'.[corpus]'``) and/or a folder of the user's own ``.txt`` files (one book per file):
 
 * ``austen``    r-cran-janeaustenr: Jane Austen's six novels (R lazy-load database)
 * ``kjv``       bible-kjv + bible-kjv-text: the King James Bible, one document per biblical book
@@ -23,14 +24,13 @@ writes ``OUT/raw/{split}.txt``, ``OUT/{split}.tok``, ``OUT/bin`` (for fairseq) a
 """
 
 import argparse
-import gzip
+import importlib.util
 import json
 import logging
 import os
 import random
 import re
 import shutil
-import struct
 import subprocess
 import sys
 import zlib
@@ -63,135 +63,51 @@ class Book:
         return len(self.text)
 
 
-# --------------------------------------------------------------------------- R serialization
+# --------------------------------------------------------------------------- R data files
 
-# R's serialize() "XDR" format: big-endian ints; each item starts with a flags word whose low byte
-# is the SEXP type, bit 9 = has attributes, bit 10 = has tag. Only what data packages use is read.
-NILVALUE, REFSXP, ALTREP = 254, 255, 238
-SPECIAL_ENVS = {254, 253, 252, 251, 250, 242, 241}  # nil, global/empty/base env, missing arg...
-PAIRLISTS = {2, 3, 5, 6, 17, 239, 240}  # list, closure, promise, language, dots, attr variants
-VECTORS = {10: "i", 13: "i", 14: "d", 16: None, 19: None, 20: None, 24: "raw"}
+RDATA = "rdata>=1.0"  # reads R's serialization format (pip install -e '.[corpus]')
+R_SOURCES = ("austen", "mobydick", "tidytext")
 
 
-class RVector(list):
-    """An R vector: a list of its elements plus its attributes as a dict (``names`` etc)."""
+def _rdata():
+    if importlib.util.find_spec("rdata") is None:
+        raise CorpusError(f"the sources {','.join(R_SOURCES)} are R data files, read with the rdata "
+                          f"package: pip install '{RDATA}' (or pass --input-dir)")
+    import rdata
 
-    def __init__(self, values, attributes=None):
-        super().__init__(values)
-        self.attributes = attributes or {}
-
-
-class RUnserializer:
-    def __init__(self, data: bytes):
-        self.data, self.pos, self.refs = data, 0, []
-
-    def int(self) -> int:
-        (v,) = struct.unpack_from(">i", self.data, self.pos)
-        self.pos += 4
-        return v
-
-    def read(self):
-        if self.data[:2] != b"X\n":
-            raise ValueError(f"not an R XDR serialization (starts with {self.data[:2]!r})")
-        self.pos = 2
-        version = self.int()
-        self.int(), self.int()  # writer's R version, minimal R version
-        if version == 3:
-            n = self.int()
-            self.pos += n  # native encoding name
-        return self.item()
-
-    def item(self):
-        flags = self.int()
-        kind, has_attr, has_tag = flags & 0xFF, flags & (1 << 9), flags & (1 << 10)
-        if kind in SPECIAL_ENVS:
-            return None
-        if kind == REFSXP:
-            return self.refs[(flags >> 8 or self.int()) - 1]
-        if kind in (247, 248, 249):  # persistent name, package/namespace env: a string vector
-            self.int()
-            value = [self.item() for _ in range(self.int())]
-            self.refs.append(value)
-            return value
-        if kind == 1:  # symbol: its name
-            name = self.item()
-            self.refs.append(name)
-            return name
-        if kind in PAIRLISTS:
-            attr = self.item() if has_attr else None
-            tag = self.item() if has_tag else None
-            car = self.item()
-            return ("pairlist", tag, car, self.item(), attr)
-        if kind == 4:  # environment: registered before its contents, which may refer to it
-            env = {}
-            self.refs.append(env)
-            self.int()
-            for _ in range(4):  # enclosure, frame, hash table, attributes
-                self.item()
-            return env
-        if kind == 9:  # CHARSXP
-            n = self.int()
-            if n == -1:
-                return None  # NA_character_
-            s = self.data[self.pos : self.pos + n].decode("utf-8", "replace")
-            self.pos += n
-            return s
-        if kind in VECTORS:
-            n = self.int()
-            if n == -1:  # long vector
-                n = (self.int() << 32) + self.int()
-            fmt = VECTORS[kind]
-            if fmt in ("i", "d"):
-                size = 4 if fmt == "i" else 8
-                values = list(struct.unpack_from(f">{n}{fmt}", self.data, self.pos))
-                self.pos += size * n
-            elif fmt == "raw":
-                values = list(self.data[self.pos : self.pos + n])
-                self.pos += n
-            else:
-                values = [self.item() for _ in range(n)]
-            return RVector(values, pairlist_dict(self.item()) if has_attr else None)
-        if kind == ALTREP:  # e.g. compact row names: class info, state, attributes
-            return ("altrep", self.item(), self.item(), self.item())
-        raise ValueError(f"unsupported R object type {kind} at byte {self.pos - 4}")
+    return rdata
 
 
-def pairlist_dict(p) -> Dict[str, object]:
-    out = {}
-    while isinstance(p, tuple) and p[0] == "pairlist":
-        out[p[1]] = p[2]
-        p = p[3]
-    return out
-
-
-def read_rdx(path: str):
-    raw = open(path, "rb").read()
-    # saveRDS() gzips the index; accept the lazy-load "4-byte length + zlib" form as well
-    data = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else zlib.decompress(raw[4:])
-    return RUnserializer(data).read()
+def unserialize(data: bytes):
+    """An R object from serialize()'s bytes (gzip'd or not) as Python objects (numpy arrays,
+    dicts for named lists, pandas data frames)."""
+    rdata = _rdata()
+    return rdata.conversion.convert(rdata.parser.parse_data(data, extension=".rds"))
 
 
 def read_lazyload_db(base: str) -> Dict[str, object]:
-    """All objects of an R lazy-load database ``base.rdx`` + ``base.rdb``, by name."""
-    index = read_rdx(base + ".rdx")
-    variables = index[index.attributes["names"].index("variables")]
+    """All objects of an R lazy-load database ``base.rdx`` + ``base.rdb``, by name: the index
+    (.rdx) is a named list whose ``variables`` give each object's (offset, length) in the .rdb,
+    where an object is a 4-byte big-endian length and a zlib stream of its serialization."""
+    with open(base + ".rdx", "rb") as f:
+        raw = f.read()
+    # saveRDS() gzips the index; accept the lazy-load "4-byte length + zlib" form as well
+    index = unserialize(raw if raw[:2] == b"\x1f\x8b" else zlib.decompress(raw[4:]))
     out = {}
     with open(base + ".rdb", "rb") as f:
-        for name, (offset, length) in zip(variables.attributes["names"], variables):
-            f.seek(offset)
-            blob = f.read(length)
-            # each object: 4-byte big-endian uncompressed length, then a zlib stream
-            out[name] = RUnserializer(zlib.decompress(blob[4:])).read()
+        for name, (offset, length) in index["variables"].items():
+            f.seek(int(offset))
+            out[str(name)] = unserialize(zlib.decompress(f.read(int(length))[4:]))
     return out
 
 
 def read_rda(path: str) -> Dict[str, object]:
-    """A (gzip'd) ``.rda`` file saved by ``save()``: ``RDX2\\n`` + a pairlist of named objects."""
-    raw = open(path, "rb").read()
-    data = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
-    if data[:4] not in (b"RDX2", b"RDX3"):
-        raise ValueError(f"{path} is not an R save() file")
-    return pairlist_dict(RUnserializer(data[5:]).read())
+    """The objects of an ``.rda`` file saved by ``save()``, by name; a tibble reads as the data
+    frame it is."""
+    rdata = _rdata()
+    classes = {**rdata.conversion.DEFAULT_CLASS_MAP,
+               "tbl_df": rdata.conversion.dataframe_constructor}
+    return rdata.read_rda(path, constructor_dict=classes)
 
 
 # --------------------------------------------------------------------------- text handling
@@ -276,13 +192,9 @@ def mobydick_books(cache: str) -> List[Book]:
 def tidytext_books(cache: str) -> List[Book]:
     root = fetch_debs(["r-cran-tidytext"], cache)["r-cran-tidytext"]
     frame = read_rda(os.path.join(root, R_LIB, "tidytext", "extdata", "books.rda"))["books"]
-    columns = dict(zip(frame.attributes["names"], frame))
-    titles = columns["title"]
-    if isinstance(titles, RVector) and "levels" in titles.attributes:  # a factor
-        titles = [titles.attributes["levels"][i - 1] for i in titles]
     by_title: Dict[str, List[str]] = {}
-    for title, line in zip(titles, columns["text"]):
-        by_title.setdefault(title, []).append(line or "")
+    for title, line in zip(frame["title"], frame["text"].fillna("")):  # NA text: an empty line
+        by_title.setdefault(str(title), []).append(line)
     return [Book(t, "r-cran-tidytext", paragraphs(lines)) for t, lines in by_title.items()]
 
 
@@ -438,6 +350,8 @@ def build(args) -> dict:
         raise CorpusError(f"unknown source {unknown[0]!r}; choose from {','.join(ALL_SOURCES)}")
     if not sources and not args.input_dir:
         raise CorpusError("nothing to build: give --sources and/or --input-dir")
+    if set(sources) & set(R_SOURCES):
+        _rdata()  # refused before anything is downloaded
     if sources and not args.input_dir and shutil.which("apt-get") is None:
         raise CorpusError("apt-get is not available to fetch the packaged books; pass --input-dir with .txt books")
     books = collect_books(sources, args.input_dir, args.cache)

@@ -23,12 +23,15 @@ from typing import Dict, List, Optional
 
 import torch
 
+from . import require_fairseq
+from .modules.gpt2 import GPT2Backbone, GPT2Dims
+
 SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
 # HF buffers that are not parameters: the causal mask and the masked-score constant.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+# HF keeps these in Conv1D modules, whose weight is (in, out): the transpose of nn.Linear's
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 NUM_FAIRSEQ_SPECIALS = 4  # <s>, <pad>, </s>, <unk>
-FAIRSEQ_EOS = 2
 
 
 class ConversionError(ValueError):
@@ -149,27 +152,21 @@ def read_weights(hf_dir: str) -> Dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- mapping
 
 
+def is_conv1d(name: str) -> bool:
+    return name.split(".", 2)[-1] in CONV1D_WEIGHTS  # h.<i>.attn.c_attn.weight -> attn.c_attn...
+
+
 def expected_shapes(config: dict) -> Dict[str, tuple]:
-    """HF tensor names (without ``transformer.``) and their HF shapes (Conv1D is in x out)."""
-    C, V, P = config["n_embd"], config["vocab_size"], config["n_positions"]
-    shapes = {"wte.weight": (V, C), "wpe.weight": (P, C), "ln_f.weight": (C,), "ln_f.bias": (C,)}
-    per_layer = {
-        "ln_1.weight": (C,),
-        "ln_1.bias": (C,),
-        "attn.c_attn.weight": (C, 3 * C),
-        "attn.c_attn.bias": (3 * C,),
-        "attn.c_proj.weight": (C, C),
-        "attn.c_proj.bias": (C,),
-        "ln_2.weight": (C,),
-        "ln_2.bias": (C,),
-        "mlp.c_fc.weight": (C, 4 * C),
-        "mlp.c_fc.bias": (4 * C,),
-        "mlp.c_proj.weight": (4 * C, C),
-        "mlp.c_proj.bias": (C,),
-    }
-    for i in range(config["n_layer"]):
-        shapes.update({f"h.{i}.{k}": s for k, s in per_layer.items()})
-    return shapes
+    """HF tensor names (without ``transformer.``) and their HF shapes, read off our backbone
+    built on the ``meta`` device (no memory, no initialisation): its parameters carry HF's
+    names; the Conv1D weights are stored transposed there (in x out)."""
+    dims = GPT2Dims(vocab_size=config["vocab_size"], embed_dim=config["n_embd"],
+                    num_layers=config["n_layer"], num_heads=config["n_head"],
+                    max_positions=config["n_positions"])
+    with torch.device("meta"):
+        backbone = GPT2Backbone(dims)
+    return {name: tuple(t.shape[::-1] if is_conv1d(name) else t.shape)
+            for name, t in backbone.state_dict().items()}
 
 
 def normalize_keys(sd: Dict[str, torch.Tensor]):
@@ -215,7 +212,7 @@ def map_state_dict(config: dict, sd: Dict[str, torch.Tensor]) -> Dict[str, torch
     out = {}
     for name in shapes:
         t = new_wte if name == "wte.weight" else tensors[name]
-        if name.split(".", 2)[-1] in CONV1D_WEIGHTS:
+        if is_conv1d(name):
             t = t.t()  # Conv1D (in, out) -> nn.Linear (out, in)
         out[f"decoder.backbone.{name}"] = t.contiguous().clone()
     return out
@@ -291,6 +288,7 @@ def normalized_config(config: dict, source: str = "config.json") -> dict:
 
 def convert(hf_dir: str, out_dir: str, force: bool = False) -> str:
     """Convert ``hf_dir`` into ``out_dir``/{checkpoint.pt,dict.txt,README.txt}; return the checkpoint."""
+    require_fairseq("python -m fairseq_longmem.convert_hf_gpt2")  # it writes a fairseq config
     ckpt_path = os.path.join(out_dir, "checkpoint.pt")
     if os.path.exists(ckpt_path) and not force:
         raise ConversionError(f"{ckpt_path} already exists; pass --force to overwrite it")

@@ -9,10 +9,14 @@ with it. Both print ``Accuracy 91.06 (794/872)``.
 
 from dataclasses import dataclass
 
-from fairseq.dataclass import FairseqDataclass
-from fairseq.scoring import BaseScorer, register_scorer
-from omegaconf import II
-from omegaconf.errors import OmegaConfBaseException
+from . import require_fairseq
+
+require_fairseq("fairseq_longmem.scoring")
+
+from fairseq.dataclass import FairseqDataclass  # noqa: E402
+from fairseq.scoring import BaseScorer, register_scorer  # noqa: E402
+from omegaconf import II  # noqa: E402
+from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
 
 @dataclass

@@ -185,7 +185,8 @@ def test_our_checkpoints_pass(ours, tmp_path):
 
     assert vet(ours, "backbone") is ours
     config = normalized_config({"n_embd": 16, "n_layer": 2, "n_head": 2, "vocab_size": 40})
-    converted = dict(ours, cfg=build_cfg(config, str(tmp_path)), extra_state={})
+    fingerprint = "0" * 64  # a dict.txt's sha256, which the converter records
+    converted = dict(ours, cfg=build_cfg(config, str(tmp_path), fingerprint), extra_state={})
     assert vet(converted, "converted") is converted
 
 

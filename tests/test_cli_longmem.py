@@ -81,6 +81,20 @@ def test_train_logs_finite_losses_and_memory_stats(trained):
         assert {"valid_mem_gate", "valid_mem_share"} <= v.keys()
 
 
+def test_sentence_avg_divides_by_the_segments_of_the_batch(corpus, backbone, tmp_path):
+    # a sentence is a segment: a batch row whose stream has not run out yet
+    ds = stream_dataset(corpus, "train", BATCH_SIZE)
+    segments = [sum(t < len(stream) for stream in ds.my_streams) for t in range(len(ds))]
+    assert min(segments) < BATCH_SIZE  # the epoch's tail has rows whose stream ran out
+    log = run_cli(longmem_args(corpus, backbone, str(tmp_path), "--sentence-avg", "--max-epoch",
+                               "1", "--disable-validation", "--no-save"))
+    inner = records(log, "train_inner")
+    assert [int(r["bsz"]) for r in inner] == segments
+    for r in inner:  # loss per segment; nll_loss per token, what ppl is derived from
+        assert r["loss"] == pytest.approx(r["nll_loss"] * r["wpb"] / r["bsz"], rel=1e-3)
+        assert r["ppl"] == pytest.approx(2 ** r["nll_loss"], rel=1e-3)
+
+
 def eval_lm(corpus, checkpoint, *extra):
     log = run_cli([
         "fairseq-eval-lm", corpus.data_dir, "--task", "longmem_lm", "--user-dir", USER_DIR,

@@ -1,5 +1,5 @@
-"""examples/build_book_corpus.py on a folder of small synthetic books (no network), and its R
-serialization reader on hand-built bytes."""
+"""examples/build_book_corpus.py on a folder of small synthetic books (no network), and its reading
+of R data files (through the rdata package) on hand-built bytes."""
 
 import gzip
 import json
@@ -150,15 +150,28 @@ def r_serialize(item, version=3):
 
 @pytest.mark.parametrize("version", [2, 3])
 def test_r_character_vector(version):
+    pytest.importorskip("rdata")
     data = r_serialize(r_strsxp(["EMMA", "", "By Jane Austen", None, "caf\u00e9"]), version)
-    v = bbc.RUnserializer(data).read()
-    assert list(v) == ["EMMA", "", "By Jane Austen", None, "caf\u00e9"]
-    named = bbc.RUnserializer(r_serialize(r_strsxp(["x", "y"], names=["a", "b"]))).read()
-    assert list(named) == ["x", "y"] and named.attributes == {"names": ["a", "b"]}
+    assert list(bbc.unserialize(data)) == ["EMMA", "", "By Jane Austen", None, "caf\u00e9"]
+    assert list(bbc.unserialize(gzip.compress(data))) == list(bbc.unserialize(data))
+
+
+def test_r_sources_without_rdata_say_what_to_install(tmp_path, monkeypatch, capsys):
+    find_spec = bbc.importlib.util.find_spec
+    monkeypatch.setattr(bbc.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "rdata" else find_spec(name, *a))
+    rc = bbc.main(["--out", str(tmp_path / "out"), "--sources", "kjv,mobydick",
+                   "--cache", str(tmp_path / "c")])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: the sources austen,mobydick,tidytext are R data files, read with the "
+                   "rdata package: pip install 'rdata>=1.0' (or pass --input-dir)"]
+    assert not (tmp_path / "c").exists()  # refused before downloading anything
 
 
 def test_r_lazyload_db(tmp_path):
     """A two-object lazy-load database (.rdb blobs + gzip'd .rdx index) read back by name."""
+    pytest.importorskip("rdata")
     objects = {"emma": ["EMMA", "", "Chapter 1"], "persuasion": ["Persuasion", "by Jane Austen"]}
     rdb, offsets = b"", []
     for values in objects.values():

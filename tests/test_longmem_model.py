@@ -160,6 +160,22 @@ def test_a_new_document_starts_with_an_empty_memory():
     assert not torch.allclose(out[1, 2 * T:], fresh[1], atol=1e-3)
 
 
+def test_memory_statistics_come_in_the_extra_of_the_call_that_read():
+    model = make_model()
+    tokens = random_tokens(2, 2 * T, seed=11)
+    gate = float(torch.sigmoid(model.decoder.sidenet.memory_attention.gate).mean())
+    with torch.no_grad():
+        _, first = model(src_tokens=tokens[:, :T], new_document=torch.tensor([True, True]))
+        _, second = model(src_tokens=tokens[:, T:], new_document=torch.tensor([False, True]))
+    first, second = first["memory_stats"], second["memory_stats"]
+    assert float(first["fill"]) == 0.0 and float(first["memory_share"]) == 0.0  # nothing to read
+    assert float(first["gate"]) == pytest.approx(gate) and float(second["gate"]) == pytest.approx(gate)
+    # row 0 continues its document (T tokens in memory), row 1 starts one (cleared): every query
+    # of row 0 reads memory and none of row 1's, so the share is half the mean gate
+    assert float(second["fill"]) == T / 2
+    assert float(second["memory_share"]) == pytest.approx(gate / 2)
+
+
 def test_training_and_evaluation_memories_never_mix():
     model = make_model()
     tokens = random_tokens(2, 2 * T, seed=7)
@@ -172,7 +188,29 @@ def test_training_and_evaluation_memories_never_mix():
     with torch.no_grad():
         logits, extra = model(src_tokens=tokens[:, :T], new_document=evaluation)
     assert float(extra["memory_stats"]["fill"]) == 0.0
-    assert model.decoder._memories["train"].fill().tolist() == [2 * T, 2 * T]
+    assert model.decoder.stream_memory("train").fill().tolist() == [2 * T, 2 * T]
+
+
+def test_reset_memory_forgets_both_modes():
+    model = make_model()
+    tokens = random_tokens(2, 2 * T, seed=12)
+    flags = torch.tensor([True, True])
+    with torch.no_grad():
+        model.train()
+        model(src_tokens=tokens[:, :T], new_document=flags)
+        model.eval()
+        model(src_tokens=tokens[:, :T], new_document=flags)
+        assert [model.decoder.stream_memory(m).fill().tolist() for m in ("train", "eval")] == [
+            [T, T], [T, T]]
+        model.decoder.reset_memory()
+        assert [model.decoder.stream_memory(m) for m in ("train", "eval")] == [None, None]
+        # the next segment, not flagged as a new document, reads nothing: as a fresh model does
+        after, extra = model(src_tokens=tokens[:, T:], new_document=~flags)
+        fresh, _ = make_model()(src_tokens=tokens[:, T:], new_document=~flags)
+    assert float(extra["memory_stats"]["fill"]) == 0.0
+    assert torch.equal(after, fresh)
+    with pytest.raises(ValueError, match="mode 'valid', expected one of"):
+        model.decoder.stream_memory("valid")
 
 
 def test_padding_never_enters_memory():
@@ -181,7 +219,7 @@ def test_padding_never_enters_memory():
     src[1, 10:] = DICT.pad()
     with torch.no_grad():
         model(src_tokens=src, src_lengths=torch.tensor([T, 10]), new_document=torch.tensor([True, True]))
-    bank = model.decoder._memories["eval"]
+    bank = model.decoder.stream_memory("eval")
     assert bank.fill().tolist() == [T, 8]  # 10 tokens: two full chunks, two staged
     assert bank.staged().tolist() == [0, 2]
 
@@ -213,7 +251,7 @@ def test_a_changed_batch_size_resets_the_memory():
         model(src_tokens=tokens[:2, :T], new_document=torch.tensor([True, True]))
         _, extra = model(src_tokens=tokens[:, T:], new_document=torch.tensor([False] * 3))
     assert float(extra["memory_stats"]["fill"]) == 0.0  # read an empty memory, not rows 0-1's
-    assert model.decoder._memories["eval"].fill().tolist() == [T, T, T]
+    assert model.decoder.stream_memory("eval").fill().tolist() == [T, T, T]
 
 
 def test_memory_off_freezes_the_unused_gate():
@@ -222,4 +260,5 @@ def test_memory_off_freezes_the_unused_gate():
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == expected_trainable(D, LAYERS, HEADS) - HEADS
     _, extra = model(src_tokens=random_tokens(1, T, seed=10), new_document=torch.tensor([True]))
-    assert "memory_stats" not in extra and model.decoder._memories == {}
+    assert "memory_stats" not in extra
+    assert [model.decoder.stream_memory(m) for m in ("train", "eval")] == [None, None]

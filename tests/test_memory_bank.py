@@ -423,7 +423,7 @@ def test_fingerprint_rules(tmp_path):
     # a bank without a fingerprint takes any file
     ChunkedMemoryBank(3, 4, 16, 4, 64, fingerprint="").load(tmp_path / "a.safetensors")
     ChunkedMemoryBank(3, 4, 16, 4, 64, fingerprint="").load(tmp_path / "b.safetensors")
-    # a bank with one refuses a file without one (issue 10), memory unchanged
+    # a bank with one refuses a file without one, memory unchanged
     victim = filled_bank(seed=13, fingerprint="y")
     before = state(victim)
     with pytest.raises(ValueError, match="fingerprint: expected 'y', found none") as err:
@@ -592,23 +592,50 @@ def test_faiss_tests_skip_without_faiss():
     assert skipped >= 2, summary  # the faiss-vs-reference run and the faiss/torch agreement
 
 
-def test_module_imports_neither_fairseq_nor_faiss():
-    # The package __init__ imports fairseq (for its registrations); the bank's modules must not:
-    # stand in an empty package for fairseq_longmem and make `import fairseq` fail.
-    script = textwrap.dedent(f"""
-        import sys, types
-        sys.modules["fairseq"] = None
-        pkg = types.ModuleType("fairseq_longmem")
-        pkg.__path__ = [{os.path.dirname(MODULES_DIR)!r}]
-        sys.modules["fairseq_longmem"] = pkg
+# Put on PYTHONPATH as sitecustomize.py: the path finder no longer sees fairseq, so to every
+# `import` and `importlib.util.find_spec` it is as if fairseq were not installed.
+HIDE_FAIRSEQ = """
+import importlib.machinery, sys
+
+class PathFinderWithoutFairseq(importlib.machinery.PathFinder):
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name.split(".")[0] == "fairseq":
+            return None
+        return super().find_spec(name, path, target)
+
+sys.meta_path[:] = [PathFinderWithoutFairseq if f is importlib.machinery.PathFinder else f
+                    for f in sys.meta_path]
+"""
+
+
+def test_memory_bank_imports_without_fairseq_and_the_plugin_says_what_to_install(tmp_path):
+    (tmp_path / "sitecustomize.py").write_text(HIDE_FAIRSEQ)
+    script = textwrap.dedent("""
+        import importlib.util, sys
+        print("fairseq found:", importlib.util.find_spec("fairseq") is not None)
         import torch
-        from fairseq_longmem.modules import memory_bank as mod
+        import fairseq_longmem.modules.memory_bank as mod
         bank = mod.ChunkedMemoryBank(1, 1, 4, 2, 8)
         bank.add(torch.randn(1, 1, 4, 4), torch.randn(1, 1, 4, 4))
-        bank.search(torch.randn(1, 1, 1, 4), 2)
-        print(sorted(m for m in sys.modules
-                     if m.split(".")[0] in ("fairseq", "faiss", "triton") and sys.modules[m]))
+        print("search mask:", bank.search(torch.randn(1, 1, 1, 4), 2).mask.tolist())
+        print("imported:", sorted(m for m in sys.modules
+                                  if m.split(".")[0] in ("fairseq", "faiss", "triton")))
+        for name in ("fairseq_longmem.models", "fairseq_longmem.tasks", "fairseq_longmem.scoring"):
+            try:
+                importlib.import_module(name)
+            except ImportError as e:
+                print(type(e).__name__ + ":", e)
     """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(tmp_path)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         check=True, timeout=120)
-    assert out.stdout.strip() == "[]"
+                         env=env, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[:3] == ["fairseq found: False", "search mask: [[[[True, True]]]]", "imported: []"]
+    install = ("needs fairseq, which is not installed: pip install --no-deps ve-fairseq==0.12.3 "
+               "(see README.md, 'Install'); the memory bank (fairseq_longmem.modules) works "
+               "without it")
+    assert lines[3:] == [f"ImportError: fairseq_longmem.{name} {install}"
+                         for name in ("models", "tasks", "scoring")]

@@ -11,7 +11,7 @@ with memory off, trained for the same steps, can only guess (1 in 8).
 
 Memory layer 0 with reduction factor 1: the backbone learns its lookup in layer 0 (measured), and
 with r = 1 the SideNet layer that reads memory starts as a copy of that layer, so its queries start
-matched to the keys in memory (DESIGN.md section 1, step 3).
+matched to the keys in memory (docs/DESIGN.md, section 1, step 3).
 """
 
 import random

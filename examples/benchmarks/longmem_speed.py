@@ -10,25 +10,23 @@ import functools
 import os
 import platform
 import statistics
-import sys
 import time
 from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from fairseq.data import Dictionary  # noqa: E402
+from fairseq.data import Dictionary
 
-from fairseq_longmem.models.longmem_gpt2 import (  # noqa: E402
+from fairseq_longmem.models.longmem_gpt2 import (
     DEFAULT_MEMORY_LAYER,
     LongMemGPT2Config,
     LongMemGPT2Model,
 )
-from fairseq_longmem.modules.gpt2 import GPT2_SIZES, GPT2Backbone, GPT2Dims  # noqa: E402
-from fairseq_longmem.modules.memory_bank import ChunkedMemoryBank  # noqa: E402
-from fairseq_longmem.modules.sidenet import JointAttention  # noqa: E402
-from fairseq_longmem.tasks.longmem_lm import DocumentStreamDataset  # noqa: E402
+from fairseq_longmem.modules.gpt2 import GPT2_SIZES, GPT2Backbone, GPT2Dims
+from fairseq_longmem.modules.memory_bank import ChunkedMemoryBank
+from fairseq_longmem.modules.sidenet import JointAttention
+from fairseq_longmem.tasks.longmem_lm import DocumentStreamDataset
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -293,7 +291,7 @@ def main():
         t0 = time.perf_counter()
         for b in fill_b:
             on.fill(b, train)  # the memory-off model has no memory to fill
-        bank = on.model.decoder._memories["train" if train else "eval"]
+        bank = on.model.decoder.stream_memory(mode)
         fill = bank.fill()
         assert int(fill.min()) == args.msz, fill
         print(f"# {mode}: memory filled with {fill_segments} segments per row "

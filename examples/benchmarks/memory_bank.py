@@ -6,16 +6,13 @@ Run from the repository root:  python examples/benchmarks/memory_bank.py
 
 import argparse
 import gc
-import os
 import platform
-import sys
 import time
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from fairseq_longmem.modules.memory_bank import ChunkedMemoryBank  # noqa: E402
+from fairseq_longmem.modules.memory_bank import ChunkedMemoryBank
 
 
 class PerHeadFaissBaseline:
@@ -146,7 +143,7 @@ def main():
 
         t_torch = search_with("torch")
         t_faiss = search_with("faiss") if dev.type == "cpu" else float("nan")
-        overhead = bank.nbytes / (B * msz) / (2 * H * hd * bank._keys.element_size())
+        overhead = bank.nbytes / (B * msz) / (2 * H * hd * bank.dtype.itemsize)
         del bank
         gc.collect()
 

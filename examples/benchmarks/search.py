@@ -10,14 +10,12 @@ import argparse
 import logging
 import os
 import platform
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from fairseq_longmem.modules import memory_search  # noqa: E402
-from fairseq_longmem.modules.memory_bank import ChunkedMemoryBank  # noqa: E402
+from fairseq_longmem.modules import memory_search
+from fairseq_longmem.modules.memory_bank import ChunkedMemoryBank
 
 
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)

@@ -40,6 +40,11 @@ def main(argv=None) -> int:
     parser.add_argument("--results-json", help="also write the summary (unrounded) to this file")
     args = options.parse_args_and_arch(parser, input_args=argv)
     cfg = convert_namespace_to_omegaconf(args)
+    if "sentence_avg" in cfg.criterion:
+        # the validation parser has no --sentence-avg, and fairseq's converter then turns the
+        # criterion's unresolved "${optimization.sentence_avg}" into bool("${...}"), i.e. True:
+        # score per token, as fairseq-validate does with the checkpoint's criterion
+        cfg.criterion.sentence_avg = False
     utils.import_user_module(cfg.common)
     use_cuda = torch.cuda.is_available() and not cfg.common.cpu
 

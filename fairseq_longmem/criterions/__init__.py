@@ -1,1 +1,5 @@
-from . import longmem_cross_entropy  # noqa: F401
+from .. import require_fairseq
+
+require_fairseq("fairseq_longmem.criterions")
+
+from . import longmem_cross_entropy  # noqa: E402,F401

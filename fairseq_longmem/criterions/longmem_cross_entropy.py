@@ -1,5 +1,9 @@
 """``longmem_cross_entropy``: fairseq's summed cross-entropy plus memory statistics in the logs.
 
+``--sentence-avg`` divides by the batch's sentences, as fairseq's ``cross_entropy`` does; under
+``longmem_lm`` a sentence is a segment: a non-empty row of the batch (a row whose stream has run
+out is all padding and is not counted, since it holds nothing to average over).
+
 Logged besides loss/ppl: ``mem_fill`` (mean tokens in a row's memory when read), ``mem_gate``
 (mean sigmoid gate of the memory heads) and ``mem_share`` (mean share of attention mass the
 memory layer puts on memory; 0 for queries that found no memory). With ``--position-buckets``,
@@ -65,13 +69,15 @@ class LongMemCrossEntropyCriterion(CrossEntropyCriterion):
         self.tokens_per_sample = tokens_per_sample
 
     def forward(self, model, sample, reduce=True):
+        # not the parent's forward, which keeps the model's output (and so its memory statistics)
+        # to itself and counts all-padding rows as sentences; its compute_loss does the rest
         net_output = model(**sample["net_input"])
         if self.buckets:
             token_loss, _ = self.compute_loss(model, net_output, sample, reduce=False)
             loss = token_loss.sum()
         else:
             loss, _ = self.compute_loss(model, net_output, sample, reduce=reduce)
-        sample_size = sample["ntokens"]
+        sample_size = sample["nsentences"] if self.sentence_avg else sample["ntokens"]
         logging_output = {
             "loss": loss.data,
             "ntokens": sample["ntokens"],

@@ -6,6 +6,7 @@ appends the backbone's layer-``m`` keys/values to that row's memory (write after
 Training and evaluation keep separate memories, so validation never reads training text.
 """
 
+import dataclasses
 import logging
 import os
 import zipfile
@@ -32,6 +33,7 @@ from .gpt2_lm import (
     bind_dictionary,
     check_fingerprint,
     check_vocab,
+    dims_from_config,
     fingerprint_field,
     record_in_config,
     register_size_archs,
@@ -45,6 +47,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_MEMORY_LAYER = {"tiny": 3, "small": 9, "medium": 17, "large": 25, "xl": 35}
 
 SEARCH_BACKENDS = ChoiceEnum(list(ChunkedMemoryBank.BACKENDS))
+MODES = ("train", "eval")  # one stream memory each, so that validation never reads training text
 
 
 @dataclass
@@ -193,8 +196,8 @@ class LongMemDecoder(GPT2HeadDecoder):
         if cfg.disable_memory:
             # an unused parameter would stall data-parallel gradient reduction
             self.sidenet.memory_attention.gate.requires_grad_(False)
-        # one memory per mode, so that validation never reads training text; built lazily with
-        # the batch size, device and dtype of the first batch; never part of the state dict
+        # mode -> stream memory (see stream_memory), built at the first batch of the mode; never
+        # part of the state dict
         self._memories = {}
         self._warned_no_flags = False
 
@@ -203,15 +206,25 @@ class LongMemDecoder(GPT2HeadDecoder):
         self.backbone.eval()  # frozen: no dropout, ever
         return self
 
-    def memory(self, num_rows: int, like: torch.Tensor) -> ChunkedMemoryBank:
-        mode = "train" if self.training else "eval"
+    def stream_memory(self, mode: str) -> Optional[ChunkedMemoryBank]:
+        """The memory this model keeps for its streams in ``mode`` ("train" or "eval"): what
+        :meth:`forward` reads and extends when it is given no ``memory``; None before the first
+        batch of that mode, after :meth:`reset_memory`, and with ``disable_memory``."""
+        if mode not in MODES:
+            raise ValueError(f"stream_memory: mode {mode!r}, expected one of {MODES}")
+        return self._memories.get(mode)
+
+    def reset_memory(self):
+        """Forget every stream's memory (both modes)."""
+        self._memories = {}
+
+    def _batch_memory(self, num_rows: int, like: torch.Tensor) -> ChunkedMemoryBank:
+        """The current mode's stream memory, built for ``num_rows`` rows with ``like``'s device and
+        dtype at the first batch, reset (with a warning) when the batch size changes."""
+        mode = MODES[0] if self.training else MODES[1]
         bank = self._memories.get(mode)
         if bank is None or bank.device != like.device or bank.dtype != like.dtype:
-            cfg, dims = self.cfg, self.backbone.dims
-            bank = ChunkedMemoryBank(
-                num_rows, dims.num_heads, dims.head_dim, cfg.chunk_size, cfg.memory_size,
-                dtype=like.dtype, device=like.device, backend=cfg.search_backend,
-            )
+            bank = self.new_memory(num_rows, self.cfg.memory_size, like)
             self._memories[mode] = bank
         elif bank.num_rows != num_rows:
             logger.warning(
@@ -220,10 +233,6 @@ class LongMemDecoder(GPT2HeadDecoder):
             )
             bank.resize_rows(num_rows)
         return bank
-
-    def reset_memory(self):
-        """Forget every stream's memory (both modes)."""
-        self._memories = {}
 
     def new_memory(self, num_rows: int, memory_size: int, like: torch.Tensor,
                    fingerprint: str = "") -> ChunkedMemoryBank:
@@ -267,7 +276,7 @@ class LongMemDecoder(GPT2HeadDecoder):
                 )
             bank = memory
         elif not cfg.disable_memory:
-            bank = self.memory(B, mem_k)
+            bank = self._batch_memory(B, mem_k)
             if new_document is not None:
                 rows = new_document.nonzero().flatten()
                 if rows.numel():
@@ -278,11 +287,10 @@ class LongMemDecoder(GPT2HeadDecoder):
                     "(use --task longmem_lm, which streams documents and sets them)"
                 )
                 self._warned_no_flags = True
-        x = self.sidenet(hiddens, memory=bank, retrieved_tokens=cfg.retrieved_tokens)  # (B, T, C)
+        x, stats = self.sidenet(hiddens, memory=bank, retrieved_tokens=cfg.retrieved_tokens)
 
         extra = {"inner_states": [x]}
         if bank is not None:
-            stats = self.sidenet.memory_attention.last_stats
             extra["memory_stats"] = {
                 "fill": bank.fill().float().mean(),
                 "gate": stats.gate,
@@ -301,16 +309,9 @@ class LongMemGPT2Model(FairseqLanguageModel):
     @classmethod
     def build_model(cls, cfg: LongMemGPT2Config, task):
         validate_config(cfg)
-        dims = GPT2Dims(
-            vocab_size=len(task.target_dictionary),
-            embed_dim=cfg.embed_dim,
-            num_layers=cfg.num_layers,
-            num_heads=cfg.num_heads,
-            max_positions=cfg.max_positions,
-            dropout=0.0,
-            attention_dropout=0.0,
-            layer_norm_eps=cfg.layer_norm_eps,
-        )
+        # cfg.dropout is the SideNet's; the frozen backbone has none
+        dims = dataclasses.replace(dims_from_config(cfg, len(task.target_dictionary)),
+                                   dropout=0.0, attention_dropout=0.0)
         if getattr(task, "building_from_checkpoint", False):
             backbone = GPT2Backbone(dims)  # weights come with the LongMem checkpoint
         elif not cfg.backbone_path:
@@ -342,9 +343,6 @@ class LongMemGPT2Model(FairseqLanguageModel):
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
         check_vocab(state_dict, "decoder.backbone.wte.weight", self.decoder.dictionary, "checkpoint")
         return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
-
-    def reset_memory(self):
-        self.decoder.reset_memory()
 
 
 def validate_config(cfg, num_layers: Optional[int] = None):

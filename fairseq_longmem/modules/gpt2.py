@@ -93,7 +93,9 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block; ``attn`` may be swapped for a memory-reading variant."""
+    """Pre-LayerNorm transformer block; ``attn`` may be swapped for a memory-reading variant.
+    Returns the new hidden state and what the attention returns beside its output (the keys and
+    values of :class:`CausalSelfAttention`)."""
 
     def __init__(self, dims: GPT2Dims, attn: Optional[nn.Module] = None):
         super().__init__()
@@ -103,10 +105,10 @@ class Block(nn.Module):
         self.mlp = MLP(dims)
 
     def forward(self, x, **attn_kwargs):
-        a, kv = self.attn(self.ln_1(x), **attn_kwargs)
+        a, aside = self.attn(self.ln_1(x), **attn_kwargs)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
-        return x, kv
+        return x, aside
 
 
 class GPT2Backbone(nn.Module):

@@ -3,7 +3,7 @@ top-k chunk retrieval, per-row clearing and save/load (pure torch; faiss and tri
 
 This module holds the interface and the storage; the search backends live in ``memory_search.py``
 (the CUDA kernels in ``memory_triton.py``), the file format in ``memory_file.py``. None of them
-imports fairseq.
+imports fairseq: ``import fairseq_longmem.modules.memory_bank`` works without fairseq installed.
 
 Layout and semantics
 --------------------

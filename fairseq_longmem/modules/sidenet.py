@@ -7,7 +7,7 @@ Layout is B x T x C; per-head tensors are B x H x T x hd.
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,6 @@ class MemoryReadStats:
 
     gate: torch.Tensor  # mean sigmoid(g_h) over heads
     memory_share: torch.Tensor  # mean share of attention mass on memory over (B, H, T)
-    queries_with_memory: torch.Tensor  # share of (B, H, T) queries that found any memory
 
 
 def read_memory(memory, q, retrieved_tokens: int):
@@ -59,19 +58,20 @@ class JointAttention(CausalSelfAttention):
     ``A = (1 - sigmoid(g_h)) * A_local + sigmoid(g_h) * A_mem`` for a query that retrieved at
     least one memory token, and ``A = A_local`` for one that retrieved none (an empty memory, or
     the first segment of a document): an empty memory then gives exactly the memory-off output.
+    Returns the output and, beside it, the :class:`MemoryReadStats` of the read (None without a
+    memory), where :class:`CausalSelfAttention` returns its keys and values.
     """
 
     def __init__(self, dims: GPT2Dims):
         super().__init__(dims)
         self.gate = nn.Parameter(torch.zeros(dims.num_heads))
-        self.last_stats: Optional[MemoryReadStats] = None
 
-    def forward(self, x, memory=None, retrieved_tokens: int = 0):
+    def forward(self, x, memory=None, retrieved_tokens: int = 0
+                ) -> Tuple[torch.Tensor, Optional[MemoryReadStats]]:
         q, k, v = self.project_qkv(x)  # (B, H, T, hd) each
         local = self.local_attention(q, k, v)  # (B, H, T, hd)
         if memory is None:
-            self.last_stats = None
-            return self.merge_heads(local), (k, v)
+            return self.merge_heads(local), None
 
         found = read_memory(memory, q, retrieved_tokens)  # detached, in the bank's dtype
         mem_k = found.keys.to(q.dtype)  # (B, H, T, K, hd)
@@ -89,13 +89,9 @@ class JointAttention(CausalSelfAttention):
         # training sees a (zero) gradient for it on every step
         out = torch.where(has_mem, (1 - g) * local + g * mem_out, local)
         with torch.no_grad():
-            share = (g * has_mem).float()
-            self.last_stats = MemoryReadStats(
-                gate=g.float().mean(),
-                memory_share=share.mean(),
-                queries_with_memory=has_mem.float().mean(),
-            )
-        return self.merge_heads(out), (k, v)
+            share = (g * has_mem).float()  # (B, H, T, 1)
+            stats = MemoryReadStats(gate=g.float().mean(), memory_share=share.mean())
+        return self.merge_heads(out), stats
 
 
 class SideNet(nn.Module):
@@ -142,13 +138,15 @@ class SideNet(nn.Module):
     def memory_attention(self) -> JointAttention:
         return self.h[self.side_memory_layer].attn
 
-    def forward(self, hiddens: List[torch.Tensor], memory=None, retrieved_tokens: int = 0):
-        """``hiddens`` are the backbone's ``[h_0 .. h_L']``; returns ``ln_f(s_L)`` (B x T x C)."""
-        s = hiddens[0]
+    def forward(self, hiddens: List[torch.Tensor], memory=None, retrieved_tokens: int = 0
+                ) -> Tuple[torch.Tensor, Optional[MemoryReadStats]]:
+        """``hiddens`` are the backbone's ``[h_0 .. h_L']``; returns ``ln_f(s_L)`` (B x T x C) and
+        the memory block's :class:`MemoryReadStats` (None without a memory)."""
+        s, stats = hiddens[0], None
         for i, block in enumerate(self.h, start=1):
-            kwargs = {}
             if i - 1 == self.side_memory_layer:
-                kwargs = {"memory": memory, "retrieved_tokens": retrieved_tokens}
-            s, _ = block(s, **kwargs)
+                s, stats = block(s, memory=memory, retrieved_tokens=retrieved_tokens)
+            else:
+                s, _ = block(s)
             s = s + (hiddens[self.r * i] - hiddens[self.r * (i - 1)])  # cross-network residual
-        return self.ln_f(s)
+        return self.ln_f(s), stats

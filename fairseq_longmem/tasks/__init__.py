@@ -1,1 +1,5 @@
-from . import longmem_lm  # noqa: F401
+from .. import require_fairseq
+
+require_fairseq("fairseq_longmem.tasks")
+
+from . import longmem_lm  # noqa: E402,F401

@@ -13,10 +13,9 @@ import numpy as np
 import torch
 from fairseq.data import Dictionary, FairseqDataset, encoders, iterators
 from fairseq.dataclass import FairseqDataclass
-from fairseq.tasks import FairseqTask
 from omegaconf import II
 
-from ..models.longmem_gpt2 import BuildsLongMemFromCheckpoints
+from .base import OneDictionaryTask
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +58,9 @@ class ExamplesDataset(FairseqDataset):
         return np.arange(len(self))  # output lines follow the file
 
 
-class CandidateScoringTask(BuildsLongMemFromCheckpoints, FairseqTask):
+class CandidateScoringTask(OneDictionaryTask):
     def __init__(self, cfg: CandidateScoringConfig, dictionary: Dictionary, bpe):
-        super().__init__(cfg)
-        self.dictionary = dictionary
+        super().__init__(cfg, dictionary)
         self.bpe = bpe
 
     @classmethod
@@ -144,14 +142,6 @@ class CandidateScoringTask(BuildsLongMemFromCheckpoints, FairseqTask):
 
     def max_positions(self):
         return self.cfg.tokens_per_sample
-
-    @property
-    def source_dictionary(self):
-        return self.dictionary
-
-    @property
-    def target_dictionary(self):
-        return self.dictionary
 
 
 class CandidateScorer:

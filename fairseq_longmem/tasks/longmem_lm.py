@@ -18,10 +18,10 @@ from fairseq import utils
 from fairseq.data import Dictionary, FairseqDataset, data_utils, iterators
 from fairseq.dataclass import FairseqDataclass
 from fairseq.distributed import utils as dist_utils
-from fairseq.tasks import FairseqTask, register_task
+from fairseq.tasks import register_task
 from omegaconf import II
 
-from ..models.longmem_gpt2 import BuildsLongMemFromCheckpoints
+from .base import OneDictionaryTask
 from .split_files import check_mmap_split, split_shards
 
 logger = logging.getLogger(__name__)
@@ -164,10 +164,9 @@ class DocumentStreamDataset(FairseqDataset):
 
 
 @register_task("longmem_lm", dataclass=LongMemLMConfig)
-class LongMemLMTask(BuildsLongMemFromCheckpoints, FairseqTask):
+class LongMemLMTask(OneDictionaryTask):
     def __init__(self, cfg: LongMemLMConfig, dictionary: Dictionary):
-        super().__init__(cfg)
-        self.dictionary = dictionary
+        super().__init__(cfg, dictionary)
         self.split_fingerprints = {}  # split -> what its documents are, see split_fingerprint
         self._train_iterator = None  # the latest, for set_checkpoint_dict
 
@@ -340,11 +339,3 @@ class LongMemLMTask(BuildsLongMemFromCheckpoints, FairseqTask):
         return self.get_batch_iterator(
             dataset, num_workers=num_workers, data_buffer_size=data_buffer_size
         ).next_epoch_itr(shuffle=False)
-
-    @property
-    def source_dictionary(self):
-        return self.dictionary
-
-    @property
-    def target_dictionary(self):
-        return self.dictionary
