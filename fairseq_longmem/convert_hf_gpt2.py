@@ -16,7 +16,6 @@ activations and an ``n_inner`` other than ``4 * n_embd`` change the function and
 """
 
 import argparse
-import json
 import os
 import sys
 from typing import Dict, List, Optional
@@ -24,6 +23,7 @@ from typing import Dict, List, Optional
 import torch
 
 from . import require_fairseq
+from .jsonfile import read_json
 from .modules.gpt2 import GPT2Backbone, GPT2Dims
 
 SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
@@ -62,10 +62,9 @@ def read_config(hf_dir: str) -> dict:
     if not os.path.isfile(path):
         raise ConversionError(f"{path} not found: HF_DIR must be a Hugging Face model folder")
     try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ConversionError(f"cannot read {path}: {e}") from None
+        config = read_json(path, "HF_DIR's config.json")
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
     if not isinstance(config, dict):
         raise ConversionError(
             f"{path} holds a JSON {type(config).__name__}, expected an object of GPT-2 settings "
@@ -135,9 +134,9 @@ def read_weights(hf_dir: str) -> Dict[str, torch.Tensor]:
     index = os.path.join(hf_dir, "model.safetensors.index.json")
     if os.path.isfile(index):
         try:
-            with open(index, encoding="utf-8") as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-        except (OSError, ValueError, KeyError) as e:
+            weight_map = read_json(index, "the sharded checkpoint's index")["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ConversionError(f"cannot read {index}: {_first_line(e)}") from None
         sd = {}
         for shard in shards:

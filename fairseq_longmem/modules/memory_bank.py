@@ -29,7 +29,7 @@ resets it to 0), which keeps masking and saving trivial. Keys or values that are
 *Search*: per (row, head, query token) the top ``k // chunk_size`` chunks by inner product
 ``<q, summary>`` (exact), in descending score order, expanded to their ``k`` tokens. The backends
 (``BACKENDS``: ``auto``, ``torch``, ``matmul``, ``triton``, ``faiss``) and what ``auto`` picks
-per device are described in ``memory_search.py``; all return the same chunks, ties aside.
+(``torch``) are described in ``memory_search.py``; all return the same chunks, ties aside.
 
 *Files* (``save``/``load``): one safetensors file with a JSON header, no pickle
 (``memory_file.py``). Loading casts to the bank's own device and dtype, so a memory saved from

@@ -1,5 +1,5 @@
 """Exact top-k chunk search for the memory bank: the backends, the one list of their names, and
-which one ``auto`` picks per device.
+which one ``auto`` picks (``torch`` on every device for now).
 
 Every backend returns, per (row b, head h, query t), the ``nk`` ring-buffer slots with the largest
 ``<query, chunk summary>`` among the row's valid slots ``[0, count[b])``, in descending score
@@ -59,7 +59,8 @@ _faiss_gpu_resources = None
 
 
 def resolve(backend: str, device: torch.device) -> str:
-    """The backend that ``backend`` stands for on ``device`` (``auto`` -> per device)."""
+    """The backend that ``backend`` stands for on ``device``: ``auto`` is ``torch`` on CPU (measured
+    fastest) and on CUDA (not measured yet; the module docstring says why)."""
     if backend != "auto":
         return backend
     return "torch"  # CPU: measured fastest; CUDA: see the module docstring

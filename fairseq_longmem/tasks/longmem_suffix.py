@@ -23,9 +23,7 @@ the left (ChapterBreak's own rule), and the candidates of an example are shown i
 order, so that ties never favour the true one.
 """
 
-import json
 import logging
-import os
 import random
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -34,6 +32,7 @@ import torch
 from fairseq.tasks import register_task
 
 from .. import memory_scoring
+from ..jsonfile import read_json
 from .candidate_scoring import (
     CandidateScorer,
     CandidateScoringConfig,
@@ -100,13 +99,7 @@ class SuffixDataset(ExamplesDataset):
 
 def read_chapterbreak(path: str, split: Optional[str]):
     """[(work_id, index, ctx, pos, negs)] of a ChapterBreak-format file; one-line errors."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--suffix-data: no file at {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"--suffix-data {path}: not valid JSON ({e})") from None
+    data = read_json(path, "--suffix-data")
     if not isinstance(data, dict) or not data:
         raise ValueError(f"--suffix-data {path}: expected a JSON object of works, got "
                          f"{type(data).__name__}")
