@@ -11,10 +11,12 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
+from types import SimpleNamespace
 from importlib import metadata
 from typing import Dict, List, Tuple
 
 import pytest
+import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USER_DIR = os.path.join(REPO, "fairseq_longmem")
@@ -270,3 +272,24 @@ def gpt2_vocab_models(gpt2_files, tmp_path_factory):
     return SimpleNamespace(backbone=backbone, longmem=str(root / "longmem" / "checkpoint_last.pt"),
                            files=gpt2_files)
 
+
+# ---------------------------------------------------------------------------------------------
+# a stand-in model for the scoring tasks
+
+class FavoursOneToken(torch.nn.Module):
+    """A stand-in language model for the scoring tasks: next-token logits +5 on ``favoured``, 0
+    elsewhere, at every position (what generators of longmem_icl/longmem_suffix read)."""
+
+    def __init__(self, vocab, favoured):
+        super().__init__()
+        self.decoder = SimpleNamespace(output_layer=lambda x: x)
+        self.vocab, self.favoured = vocab, favoured
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, src_tokens, src_lengths=None, features_only=True, **unused):
+        logits = torch.zeros(*src_tokens.shape, self.vocab)
+        logits[..., self.favoured] = 5.0
+        return logits, {}
+
+    def max_positions(self):
+        return 1024

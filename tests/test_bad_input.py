@@ -318,9 +318,9 @@ def test_dictionary_in_another_order_is_refused(logs, inputs, backbone):
             f"dictionary of fingerprint", f"but {dict_path} (32 symbols) has fingerprint",
             "fairseq-preprocess --srcdict")
     refused(logs, "reordered_dict_eval_gpt2_lm", "the gpt2_lm checkpoint was trained with a "
-            f"dictionary of fingerprint", f"but {dict_path} (32 symbols)")
+            "dictionary of fingerprint", f"but {dict_path} (32 symbols)")
     refused(logs, "reordered_dict_eval_longmem", "the longmem_gpt2 checkpoint was trained with a "
-            f"dictionary of fingerprint", f"but {dict_path} (32 symbols)")
+            "dictionary of fingerprint", f"but {dict_path} (32 symbols)")
 
 
 def test_fingerprint_is_sha256_of_the_symbols_in_order(backbone, corpus):

@@ -10,9 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from torch import nn
 
-from conftest import USER_DIR, run_cli
+from conftest import USER_DIR, FavoursOneToken, run_cli
 from fairseq_longmem import icl_data, memory_scoring
 from fairseq_longmem.scoring import ICLAccuracyScorer
 
@@ -97,7 +96,7 @@ def test_sampling_is_the_authors_random_sample():
 
 
 def make_task(gpt2_files, data_dir, **overrides):
-    from fairseq_longmem.tasks.longmem_icl import LongMemICLConfig, LongMemICLTask
+    from fairseq_longmem.tasks.longmem_icl import LongMemICLTask
 
     enc, vocab, dict_txt = gpt2_files
     options = dict(data=os.path.dirname(dict_txt), icl_dataset="tsv", icl_data_dir=str(data_dir),
@@ -139,24 +138,6 @@ def test_prompt_tokens_are_exact(gpt2_files, tmp_path):
     assert tiny.datasets["test"].prompts[0].tolist() == [EOS] + [i + 4 for i in query[-4:]]
 
 
-class KnownLogits(nn.Module):
-    """A 'language model' whose next-token logits are fixed: ``favoured`` gets +5 everywhere."""
-
-    def __init__(self, vocab, favoured):
-        super().__init__()
-        self.decoder = SimpleNamespace(output_layer=lambda x: x)
-        self.vocab, self.favoured = vocab, favoured
-        self.weight = nn.Parameter(torch.zeros(1))
-
-    def forward(self, src_tokens, src_lengths=None, features_only=True, **unused):
-        logits = torch.zeros(*src_tokens.shape, self.vocab)
-        logits[..., self.favoured] = 5.0
-        return logits, {}
-
-    def max_positions(self):
-        return 1024
-
-
 def accuracy(task, model, nbest=2):
     """Score the whole test set as fairseq-generate does: (accuracy line, hypotheses)."""
     generator = task.build_generator([model], SimpleNamespace(nbest=nbest, beam=5))
@@ -177,7 +158,7 @@ def test_scoring_picks_the_model_s_label_and_fails_when_labels_swap(gpt2_files, 
     (tmp_path / "test.tsv").write_text("".join(f"1\tfilm {i}\n" for i in range(5)))
     task = make_task(gpt2_files, tmp_path, icl_decision=decision)
     vocab = len(task.dictionary)
-    line, hypos = accuracy(task, KnownLogits(vocab, POS_ID))
+    line, hypos = accuracy(task, FavoursOneToken(vocab, POS_ID))
     assert line == "Accuracy 100.00 (5/5)"
     top = hypos[0][0]
     assert top["tokens"].tolist() == [POS_ID]
@@ -188,7 +169,7 @@ def test_scoring_picks_the_model_s_label_and_fails_when_labels_swap(gpt2_files, 
         assert [h["tokens"].tolist() for h in hypos[0]] == [[POS_ID], [NEG_ID]]
     swapped = make_task(gpt2_files, tmp_path, icl_decision=decision,
                         icl_labels="positive,negative")
-    assert accuracy(swapped, KnownLogits(vocab, POS_ID))[0] == "Accuracy 0.00 (0/5)"
+    assert accuracy(swapped, FavoursOneToken(vocab, POS_ID))[0] == "Accuracy 0.00 (0/5)"
 
 
 # --------------------------------------------------------------------------- the model's memory

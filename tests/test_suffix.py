@@ -11,10 +11,9 @@ import sys
 from types import SimpleNamespace
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 
-from conftest import REPO, USER_DIR, run_cli
+from conftest import REPO, USER_DIR, FavoursOneToken, run_cli
 from fairseq_longmem import memory_scoring
 from fairseq_longmem.scoring import CandidateAccuracyScorer
 from fairseq_longmem.tasks.longmem_suffix import read_chapterbreak
@@ -90,24 +89,6 @@ def test_a_prefix_no_longer_than_the_context_is_refused(gpt2_files, tmp_path):
     with pytest.raises(ValueError, match=r"work 'w' example 0: the prefix has 4 tokens, not "
                                          r"more than the 4 in context"):
         make_task(gpt2_files, data, context_tokens=4)
-
-
-class FavoursOneToken(torch.nn.Module):
-    """Next-token logits fixed: +5 on ``favoured``, 0 elsewhere."""
-
-    def __init__(self, vocab, favoured):
-        super().__init__()
-        self.decoder = SimpleNamespace(output_layer=lambda x: x)
-        self.vocab, self.favoured = vocab, favoured
-        self.weight = torch.nn.Parameter(torch.zeros(1))
-
-    def forward(self, src_tokens, src_lengths=None, features_only=True, **unused):
-        logits = torch.zeros(*src_tokens.shape, self.vocab)
-        logits[..., self.favoured] = 5.0
-        return logits, {}
-
-    def max_positions(self):
-        return 1024
 
 
 def test_the_candidate_the_model_prefers_is_chosen(gpt2_files, tmp_path):
