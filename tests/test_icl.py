@@ -389,6 +389,7 @@ def test_memory_is_filled_once_and_left_bit_identical_by_scoring(icl_setup, monk
 
 def test_run_icl_prints_the_three_conditions_from_its_logs(icl_setup, tmp_path):
     import json
+    import shlex
     import subprocess
     import sys
 
@@ -410,6 +411,8 @@ def test_run_icl_prints_the_three_conditions_from_its_logs(icl_setup, tmp_path):
     mean = sum(summary["memory"]["accuracy"]) / 2
     assert re.search(rf"^\| memory \| 2 \| 10 \| {mean:.2f} \+- ", res.stdout, re.M)
     assert os.path.isfile(tmp_path / "tsv" / "memory_seed2.safetensors")
+    # the recorded command is the one run, shell-quoted (docs/RESULTS.md's check replays it)
+    assert shlex.split(summary["command"]) == ["examples/icl/run_icl.py"] + cmd[2:]
     # a second call reads the finished logs instead of running again
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert again.stdout.splitlines()[:6] == res.stdout.splitlines()[:6]

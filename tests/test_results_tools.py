@@ -6,6 +6,8 @@ import importlib.util
 import json
 import os
 import random
+import shlex
+import shutil
 
 import pytest
 
@@ -25,6 +27,7 @@ def load(relpath):
 
 recall_distance = load("recall_distance.py")
 summarize = load(os.path.join("long_context_lm", "summarize.py"))
+run_icl = load(os.path.join("icl", "run_icl.py"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,6 +152,27 @@ def test_results_md_recall_table_comes_from_the_log(log):
     for line in recall_distance.table(records).splitlines():
         if line.startswith("|"):
             assert line in text, f"docs/RESULTS.md lacks this line of {log}'s table: {line}"
+
+
+@pytest.mark.parametrize("summary", sorted(glob.glob(os.path.join(LOGS, "icl*", "*", "summary.json"))))
+def test_results_md_icl_tables_come_from_the_logs(summary, tmp_path, monkeypatch, capsys):
+    """run_icl.py, given the command recorded in summary.json, rebuilds its table from the
+    committed logs alone (every run's log has its accuracy line, so nothing is run)."""
+    src = os.path.dirname(summary)
+    with open(summary, encoding="utf-8") as f:
+        argv = shlex.split(json.load(f)["command"])[1:]
+    out = argv.index("--out") + 1
+    dataset = argv[argv.index("--dataset") + 1]
+    shutil.copytree(src, tmp_path / dataset)
+    argv[out] = str(tmp_path)
+    monkeypatch.setattr(run_icl, "tokenizer_args", lambda args: [])
+    run_icl.main(argv)
+    table = capsys.readouterr().out
+    text = results_md()
+    rows = [line for line in table.splitlines() if line.startswith("|")]
+    assert len(rows) == 2 + 3, table  # header, rule, the three conditions
+    for line in rows:
+        assert line in text, f"docs/RESULTS.md lacks this line of {src}'s table: {line}"
 
 
 def test_results_logs_are_committed():

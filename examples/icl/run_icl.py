@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -128,7 +129,9 @@ def main(argv=None):
         n = args.n if condition == "memory" else 0
         rows.append(f"| {condition} | {k} | {n} | {statistics.mean(acc):.2f} +- {std:.2f} | "
                     f"{len(acc)} | {sum(r[2] for r in runs):.0f} s |")
-    summary["command"] = " ".join(sys.argv)
+    # shell-quoted, so that the command can be run again as it stands (--model-overrides quotes)
+    summary["command"] = shlex.join([os.path.relpath(os.path.abspath(__file__), REPO)]
+                                    + (sys.argv[1:] if argv is None else list(argv)))
     with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)
     print(f"{args.dataset}: accuracy (%) over seeds {args.seeds}, decision rule {args.decision}")
