@@ -9,7 +9,10 @@
 # ICL_DATA is the LongMem authors' data/icl/original folder (SST-2/, mr/, ...); without it only
 # the PyPI set (Rotten Tomatoes sentences, examples/get_vader_sets.py) is run.
 # OUT=DIR (default runs/icl); SETS="sst2 mr rt" chooses sets; SEEDS=1-6; finished runs are reused.
-# Time on an idle 2-core CPU: training about an hour, each set about 10-20 minutes.
+# MODEL_RUN=runs/long_context_lm/cpu skips step 1 and scores that finished run's LongMem model
+# with its own dictionary and sentencepiece tokenizer (segment length from its train_longmem.cmd).
+# Time on a 2-core CPU: step 1 is slow (GPT-2's 50k-word output layer: 0.13 backbone updates/s
+# measured with 1 thread beside other jobs, so hours); MODEL_RUN avoids it.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 cd "$HERE/../.."
@@ -20,11 +23,26 @@ K=${K:-20}
 N=${N:-2000}
 # the models' context: prompts longer than this lose their oldest demonstrations (counted in the logs)
 T=${T:-256}
-export BACKBONE_UPDATES=${BACKBONE_UPDATES:-1200} LONGMEM_UPDATES=${LONGMEM_UPDATES:-600} T
-export CORPUS_ARGS=${CORPUS_ARGS:---valid-books 1 --test-books 2 --seed 1993 --bpe gpt2}
-OUT="$OUT/model" STOP_AFTER=train PRESET=cpu bash examples/long_context_lm/run.sh
-MODEL="$OUT/model/longmem/checkpoint_last.pt"
-DICT_DIR="$OUT/model/data/bin"
+TOKENIZER=()
+if [ -n "${MODEL_RUN:-}" ]; then
+  # a finished examples/long_context_lm/run.sh folder: its LongMem model, dictionary and tokenizer
+  MODEL="$MODEL_RUN/longmem/checkpoint_last.pt"
+  DICT_DIR="$MODEL_RUN/data/bin"
+  [ -f "$MODEL" ] || { echo "error: MODEL_RUN=$MODEL_RUN has no $MODEL (run run.sh first)" >&2; exit 1; }
+  if [ -f "$MODEL_RUN/data/spm.model" ]; then
+    TOKENIZER=(--sentencepiece-model "$MODEL_RUN/data/spm.model")
+  fi
+  T=$(sed -n 's/.*--tokens-per-sample \([0-9]*\).*/\1/p' "$MODEL_RUN/logs/train_longmem.cmd" | head -1)
+  T=${T:-256}
+  PRESET=${PRESET:-cpu}
+  source "examples/long_context_lm/$PRESET.env"  # THREADS of the preset the model was trained with
+else
+  export BACKBONE_UPDATES=${BACKBONE_UPDATES:-1200} LONGMEM_UPDATES=${LONGMEM_UPDATES:-600} T
+  export CORPUS_ARGS=${CORPUS_ARGS:---valid-books 1 --test-books 2 --seed 1993 --bpe gpt2}
+  OUT="$OUT/model" STOP_AFTER=train PRESET=cpu bash examples/long_context_lm/run.sh
+  MODEL="$OUT/model/longmem/checkpoint_last.pt"
+  DICT_DIR="$OUT/model/data/bin"
+fi
 source examples/cpu_determinism.sh
 
 for set in $SETS; do
@@ -38,6 +56,6 @@ for set in $SETS; do
   esac
   mkdir -p "$OUT/$set"
   python examples/icl/run_icl.py --path "$MODEL" --dict-dir "$DICT_DIR" "${args[@]}" \
-    --out "$OUT/$set" --seeds "$SEEDS" --k "$K" --n "$N" --tokens-per-sample "$T" \
+    --out "$OUT/$set" --seeds "$SEEDS" --k "$K" --n "$N" --tokens-per-sample "$T" "${TOKENIZER[@]}" \
     --model-overrides "{'chunk_size': 2}" -- --cpu | tee "$OUT/$set/table.md"
 done
