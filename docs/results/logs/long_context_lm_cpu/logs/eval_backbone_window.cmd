@@ -1,0 +1,1 @@
+fairseq-eval-lm /work/run-lc/runs/long_context_lm/cpu/data/bin-stream --user-dir /work/run-lc/fairseq_longmem --task language_modeling --path /work/run-lc/runs/long_context_lm/cpu/backbone/checkpoint_last.pt --gen-subset test --sample-break-mode none --tokens-per-sample 256 --context-window 128 --batch-size 16 --num-workers 0 --cpu 

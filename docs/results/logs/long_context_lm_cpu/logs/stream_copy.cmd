@@ -1,0 +1,1 @@
+fairseq-preprocess --only-source --srcdict /work/run-lc/runs/long_context_lm/cpu/data/bin/dict.txt --testpref /work/run-lc/runs/long_context_lm/cpu/data/test.stream.tok --destdir /work/run-lc/runs/long_context_lm/cpu/data/bin-stream --workers 1 

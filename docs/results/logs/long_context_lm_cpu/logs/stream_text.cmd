@@ -1,0 +1,1 @@
+bash -c grep\ -v\ \"\^\$\"\ \"\$0\"\ \>\ \"\$1\" /work/run-lc/runs/long_context_lm/cpu/data/test.tok /work/run-lc/runs/long_context_lm/cpu/data/test.stream.tok 

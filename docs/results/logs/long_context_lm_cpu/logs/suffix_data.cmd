@@ -1,0 +1,1 @@
+python examples/suffix/build_chapterbreak.py --corpus /work/run-lc/runs/long_context_lm/cpu/data --splits test --out /work/run-lc/runs/long_context_lm/cpu/data/suffix.json --ctx-words 6500 
