@@ -11,7 +11,7 @@
 #   6. suffix identification on the test books' chapter boundaries (task longmem_suffix);
 #   7. summarize.py: tables, token-count checks, results.json.
 # Run from the repository root after `bash install.sh`:
-#   bash examples/long_context_lm/run.sh                 # CPU default, about an hour on 2 cores
+#   bash examples/long_context_lm/run.sh                 # CPU default, about 2.5 hours on 2 cores
 #   PRESET=smoke bash examples/long_context_lm/run.sh    # generated books, a few minutes
 #   PRESET=gpu bash examples/long_context_lm/run.sh      # GPU-sized (gpu.env)
 # OUT=DIR chooses the output folder (default runs/long_context_lm/$PRESET); a step whose output
