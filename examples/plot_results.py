@@ -90,6 +90,24 @@ def long_context(plt, run_dir, out, tag):
         ax.set_title("Perplexity by position in the book" + suffix)
         save(fig, out, "long_context_lm_positions", tag)
 
+    if r.get("suffix"):
+        # grouped bars: one group per prefix length, one bar per condition, the chance line
+        prefixes = list(r["suffix"])
+        first = next(iter(r["suffix"][prefixes[0]].values()))
+        names = [n for n in summarize.SUFFIX_LABELS if any(n in r["suffix"][p] for p in prefixes)]
+        fig, ax = plt.subplots(figsize=(7, 3.8))
+        width = 0.8 / len(names)
+        for i, name in enumerate(names):
+            xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(prefixes))]
+            acc = [r["suffix"][p][name]["accuracy"] if name in r["suffix"][p] else 0.0 for p in prefixes]
+            ax.bar(xs, acc, width, label=summarize.SUFFIX_LABELS[name])
+        ax.axhline(100 / first["candidates"], color="0.5", ls=":", label="chance")
+        ax.set_xticks(range(len(prefixes)), [f"prefix {p:,} tokens" for p in prefixes])
+        ax.set_ylabel(f"accuracy (%), {first['total']} examples")
+        ax.legend(fontsize=8)
+        ax.set_title("Suffix identification, test books' chapter boundaries" + suffix)
+        save(fig, out, "long_context_lm_suffix", tag)
+
 
 def recall_curve(plt, path, out, tag):
     records = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]

@@ -183,12 +183,13 @@ def test_results_logs_are_committed():
 def test_plots_are_drawn_from_the_logs(tmp_path):
     pytest.importorskip("matplotlib")
     plot_results = load("plot_results.py")
-    run = sorted(glob.glob(os.path.join(LOGS, "long_context_lm*")))[0]
+    run = os.path.join(LOGS, "long_context_lm_cpu")  # the run with every step, suffix included
     log = sorted(glob.glob(os.path.join(LOGS, "recall_distance*", "*.jsonl")))[0]
     assert plot_results.main(["--long-context", run, "--recall", log, "--out", str(tmp_path)]) == 0
     names = sorted(os.listdir(tmp_path))
     assert names == ["long_context_lm.png", "long_context_lm_positions.png",
-                     "long_context_lm_sweeps.png", "recall_distance.png"]
+                     "long_context_lm_suffix.png", "long_context_lm_sweeps.png",
+                     "recall_distance.png"]
     for name in names:
         with open(tmp_path / name, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
