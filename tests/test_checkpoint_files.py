@@ -29,6 +29,9 @@ from test_distributed import PROBE_DIR, STREAMS_PER_RANK, WORLD, expected_stream
 MAX_UPDATE = 8
 KILL_SEED = 20240611
 KILL_WINDOW_S = 0.15  # a save of this tiny model takes about 0.06 s, a step about 0.04 s
+# every run compared here uses one thread, whatever OMP_NUM_THREADS the suite runs under: torch's
+# CPU reductions are split by thread, so runs with other thread counts differ in the last bits
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def train_args(corpus, backbone, save_dir, max_update=MAX_UPDATE):
@@ -80,7 +83,7 @@ def assert_same_training_state(a, b):
 @pytest.fixture(scope="module")
 def uninterrupted(corpus, backbone, tmp_path_factory):
     save_dir = str(tmp_path_factory.mktemp("uninterrupted"))
-    log = run_cli(train_args(corpus, backbone, save_dir))
+    log = run_cli(train_args(corpus, backbone, save_dir), env=ONE_THREAD)
     assert trained_updates(log) == list(range(1, MAX_UPDATE + 1))
     return final_state(save_dir)
 
@@ -119,7 +122,7 @@ def run_with_kills(args, save_dir, seed, scratch, max_legs=30):
     so that a leg never runs past 4 saves whatever the machine's speed."""
     rng = random.Random(seed)
     exe = shutil.which(args[0], path=BIN_DIR)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **ONE_THREAD)
     legs = []
     while len(legs) < max_legs:
         saves_left = rng.randint(1, 4)
@@ -196,7 +199,7 @@ def zero_middle(path):
 def test_damaged_last_checkpoint_resumes_from_newest_intact(corpus, backbone, uninterrupted,
                                                             tmp_path):
     save_dir = str(tmp_path / "ck")
-    run_cli(train_args(corpus, backbone, save_dir, max_update=6))
+    run_cli(train_args(corpus, backbone, save_dir, max_update=6), env=ONE_THREAD)
     assert sorted(os.listdir(save_dir)) == [
         "checkpoint_1_4.pt", "checkpoint_1_5.pt", "checkpoint_1_6.pt", "checkpoint_last.pt"]
     last = os.path.join(save_dir, "checkpoint_last.pt")
@@ -205,7 +208,7 @@ def test_damaged_last_checkpoint_resumes_from_newest_intact(corpus, backbone, un
     corrupt = zero_middle(newest)  # zeros inside a tensor: torch.load reads it without complaint
 
     # resumed at --max-update: nothing is trained, but checkpoint_last.pt is intact again
-    log = run_cli(train_args(corpus, backbone, save_dir, max_update=5))
+    log = run_cli(train_args(corpus, backbone, save_dir, max_update=5), env=ONE_THREAD)
     fallback = os.path.join(save_dir, "checkpoint_1_5.pt")
     line = next(l for l in log.splitlines() if "resuming from" in l)
     assert (f"checkpoint {last} is truncated" in line and f"moved it to {last}.damaged" in line
@@ -217,7 +220,7 @@ def test_damaged_last_checkpoint_resumes_from_newest_intact(corpus, backbone, un
     assert trained_updates(log) == []
     assert open(last, "rb").read() == open(fallback, "rb").read()
     # the identical command goes on from there
-    log = run_cli(train_args(corpus, backbone, save_dir))
+    log = run_cli(train_args(corpus, backbone, save_dir), env=ONE_THREAD)
     assert loaded_from(log) == (last, 5) and "is damaged" not in log
     assert trained_updates(log) == [6, 7, 8]
     assert_same_training_state(final_state(save_dir), uninterrupted)
