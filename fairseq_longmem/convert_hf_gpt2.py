@@ -134,9 +134,12 @@ def read_weights(hf_dir: str) -> Dict[str, torch.Tensor]:
     index = os.path.join(hf_dir, "model.safetensors.index.json")
     if os.path.isfile(index):
         try:
-            weight_map = read_json(index, "the sharded checkpoint's index")["weight_map"]
-            shards = sorted(set(weight_map.values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            index_json = read_json(index, "the sharded checkpoint's index")
+        except ValueError as e:  # already names the file and what is wrong
+            raise ConversionError(str(e)) from None
+        try:
+            shards = sorted(set(index_json["weight_map"].values()))
+        except (KeyError, TypeError, AttributeError) as e:
             raise ConversionError(f"cannot read {index}: {_first_line(e)}") from None
         sd = {}
         for shard in shards:
