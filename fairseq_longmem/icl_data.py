@@ -163,7 +163,7 @@ def read_examples(path: str, fmt: str, labels: Sequence[str]) -> Tuple[List[Exam
                 label, sep, text = row.partition("\t")
                 if not sep:
                     raise ICLDataError(f"{path}:{i}: expected 'label<TAB>text', got {row!r}")
-            label = _label_index(label, labels, path, i)  # a bad label is refused even here
+            label = _label_index(label, labels, path, i)  # refused even when the text is empty
             text = text.strip()
             if text:
                 out.append(Example(text, label))

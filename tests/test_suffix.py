@@ -93,6 +93,9 @@ def test_examples_with_an_empty_prefix_or_candidate_are_left_out_and_counted(gpt
         read_chapterbreak(none, None)
     assert str(e.value) == (f"--suffix-data {none}: no examples: all 3 have an empty prefix or "
                             "candidate (w/0, w/1, w/2)")
+    nothing = write_json(tmp_path / "nothing.json", {"w": []})
+    with pytest.raises(ValueError, match=r"^--suffix-data \S+nothing.json: no examples$"):
+        read_chapterbreak(nothing, None)
 
 
 def test_prefix_context_memory_and_candidates_are_exact(gpt2_files, tmp_path):
