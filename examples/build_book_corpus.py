@@ -268,7 +268,9 @@ def code_books(args) -> Tuple[List[Book], list]:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import pycode_corpus
 
-    pins = [p for p in args.pycode_packages.split(",") if p.strip()] if args.pycode_packages else list(pycode_corpus.PINNED)
+    pins = list(pycode_corpus.PINNED)
+    if args.pycode_packages:
+        pins = [p for p in args.pycode_packages.split(",") if p.strip()]
     try:
         packages, docs = pycode_corpus.collect(pins, args.pycode_dir, args.pycode_cache, args.min_file_bytes)
     except pycode_corpus.PackageError as e:
@@ -276,7 +278,8 @@ def code_books(args) -> Tuple[List[Book], list]:
     books = [Book(f"{pkg.name}/{path}", f"{pkg.name}=={pkg.version}", doc, group=pkg.name) for pkg, path, doc in docs]
     empty = [p.name for p in packages if not p.kept]
     if empty:
-        logger.warning("no file of %s passes --min-file-bytes %d and deduplication", ",".join(empty), args.min_file_bytes)
+        logger.warning("no file of %s passes --min-file-bytes %d and deduplication", ",".join(empty),
+                       args.min_file_bytes)
     return books, [p for p in packages if p.kept]
 
 
@@ -302,7 +305,10 @@ def collect_books(sources: List[str], input_dir: Optional[str], cache: str) -> L
 
 def split_books(books: List[Book], valid: int, test: int, seed: int) -> Dict[str, List[Book]]:
     """Split by unit (a book, or the package of a source file), deterministically from seed."""
-    units = list(dict.fromkeys(b.group or b.title for b in books))
+    def unit(b: Book):
+        return ("package", b.group) if b.group else ("book", b.title)
+
+    units = list(dict.fromkeys(unit(b) for b in books))
     if valid + test >= len(units):
         kind = "books" if not any(b.group for b in books) else "packages" if all(b.group for b in books) else "units"
         raise CorpusError(f"{len(units)} {kind} cannot give {valid} valid + {test} test {kind} and a train split")
@@ -312,7 +318,7 @@ def split_books(books: List[Book], valid: int, test: int, seed: int) -> Dict[str
     for rank, i in enumerate(order):
         split_of[units[i]] = "valid" if rank < valid else "test" if rank < valid + test else "train"
     for b in books:
-        b.split = split_of[b.group or b.title]
+        b.split = split_of[unit(b)]
     # each split keeps the books' collection order, so the raw files read naturally
     return {s: [b for b in books if b.split == s] for s in SPLITS}
 
