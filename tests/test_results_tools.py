@@ -193,3 +193,17 @@ def test_plots_are_drawn_from_the_logs(tmp_path):
     for name in names:
         with open(tmp_path / name, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("table", sorted(glob.glob(os.path.join(LOGS, "icl*", "*", "table.md"))))
+def test_icl_table_total_is_the_sum_of_its_runs(table):
+    """The total line adds the runs' own times (a table resumed over several calls once printed
+    the last call's wall time, 884 s, under rows that sum to 2,214 s)."""
+    with open(os.path.join(os.path.dirname(table), "summary.json"), encoding="utf-8") as f:
+        summary = json.load(f)
+    seconds = [t for c in ("zero", "context", "memory") for t in summary[c]["seconds"]]
+    text = open(table, encoding="utf-8").read()
+    assert f"total {sum(seconds):.0f} s ({len(seconds)} runs)" in text
+    rows = [int(line.rsplit("|", 2)[1].strip().split()[0])
+            for line in text.splitlines() if line.startswith("| ") and line.endswith(" s |")]
+    assert len(rows) == 3 and abs(sum(rows) - sum(seconds)) <= 1.5
