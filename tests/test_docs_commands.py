@@ -269,24 +269,38 @@ def load_fetcher():
     return module
 
 
-def test_icl_fetcher_writes_the_authors_layout_and_checks_line_counts(tmp_path, monkeypatch, capsys):
+def test_icl_fetcher_writes_the_authors_layout_and_checks_the_files(tmp_path, monkeypatch, capsys):
+    import hashlib
+
     fetcher = load_fetcher()
-    remote = tmp_path / "remote"
+    assert sorted(fetcher.FILES) == ["mpqa", "mr", "sst2", "sst5", "subj"]
+    remote = tmp_path / "remote" / "mr"
+    remote.mkdir(parents=True)
+    files = {}
     for name, rows in (("train.csv", 8662), ("test.csv", 2000)):
-        (remote / "mr").mkdir(parents=True, exist_ok=True)
-        (remote / "mr" / name).write_text("".join(f"{i % 2},sentence {i}\n" for i in range(rows)))
-    monkeypatch.setattr(fetcher, "URL", "file://" + str(remote) + "/{path}")
+        data = "".join(f"{i % 2},sentence {i}\n" for i in range(rows)).encode()
+        (remote / name).write_bytes(data)
+        files[f"mr/{name}"] = (rows, hashlib.sha256(data).hexdigest())
+    monkeypatch.setattr(fetcher, "FILES", {"mr": files})
+    monkeypatch.setattr(fetcher, "URL", "file://" + str(remote.parent) + "/{path}")
     assert fetcher.main(["--out", str(tmp_path / "u"), "--sets", "mr"]) == 0
     got = tmp_path / "u" / "data" / "icl" / "original" / "mr"
     assert sorted(os.listdir(got)) == ["test.csv", "train.csv"]
-    assert (got / "test.csv").read_text() == (remote / "mr" / "test.csv").read_text()
+    assert (got / "test.csv").read_bytes() == (remote / "test.csv").read_bytes()
     assert "test.csv: 2000 lines" in capsys.readouterr().out
-    # a second call keeps the files; a file of the wrong length (an error page) is refused
+    # a second call keeps the intact files
     assert fetcher.main(["--out", str(tmp_path / "u"), "--sets", "mr"]) == 0
     assert capsys.readouterr().out.count(": present") == 2
-    (remote / "mr" / "test.csv").write_text("<html>404</html>\n")
+    # an error page (wrong length) and a file of the right length but other bytes are refused,
+    # and leave nothing behind
+    (remote / "test.csv").write_text("<html>404</html>\n")
     with pytest.raises(SystemExit, match=r"has 1 lines, expected 2000"):
         fetcher.main(["--out", str(tmp_path / "v"), "--sets", "mr"])
+    (remote / "test.csv").write_text("0,x\n" * 2000)
+    with pytest.raises(SystemExit, match=r"another sha256"):
+        fetcher.main(["--out", str(tmp_path / "v"), "--sets", "mr"])
     assert not (tmp_path / "v" / "data" / "icl" / "original" / "mr" / "test.csv").exists()
+    # another --ref: the line count is what is checked
+    assert fetcher.main(["--out", str(tmp_path / "v"), "--sets", "mr", "--ref", "main"]) == 0
     with pytest.raises(SystemExit):
         fetcher.main(["--sets", "nope"])

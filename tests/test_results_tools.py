@@ -240,10 +240,11 @@ def test_benchmarks_md_tables_come_from_their_logs():
         cells = [c for row in rows[2:] for c in row.strip("|").split("|")]
         if not any(NUMBER_CELL.match(c) for c in cells):
             continue  # a table of words (the backends), not of measurements
-        before = "\n".join(lines[max(0, start - 6):start])
-        m = re.search(r"Log: \[`[^`]+`\]\(results/logs/benchmarks/([^)]+)\)", before)
-        assert m, f"docs/BENCHMARKS.md line {start + 1}: a table of figures without a `Log:` line"
-        log = os.path.join(LOGS, "benchmarks", m.group(1))
+        # the nearest `Log:` line above the table names the run it is copied from
+        logs = re.findall(r"^Log: \[`[^`]+`\]\(results/logs/benchmarks/([^)]+)\)$",
+                          "\n".join(lines[:start]), re.M)
+        assert logs, f"docs/BENCHMARKS.md line {start + 1}: a table of figures without a `Log:` line"
+        log = os.path.join(LOGS, "benchmarks", logs[-1])
         logged = open(os.path.join(log, "table.md"), encoding="utf-8").read().splitlines()
         for row in rows:
             assert row in logged, f"docs/BENCHMARKS.md line {start + 1}: not in {log}/table.md: {row}"
