@@ -162,8 +162,17 @@ def test_every_option_given_to_our_scripts_is_defined(case):
 
 @lru_cache(maxsize=None)
 def fairseq_options():
+    """fairseq's options module, with every task and model of the plugin registered: what
+    `--user-dir` does in a fresh process (fairseq scans the plugin's tasks/ and models/ folders
+    only when it imports the package itself, and another test may have imported it already)."""
     from fairseq import options
+    from fairseq.models import import_models
+    from fairseq.tasks import import_tasks
 
+    for sub, scan in (("tasks", import_tasks), ("models", import_models)):
+        folder = os.path.join(USER_DIR, sub)
+        if os.path.isdir(folder):
+            scan(folder, f"fairseq_longmem.{sub}")
     return options
 
 
