@@ -121,7 +121,9 @@ def main(argv=None):
     out_dir = os.path.join(args.out, args.dataset)
     os.makedirs(out_dir, exist_ok=True)
     tok = tokenizer_args(args)
-    rows, summary, notes, total = [], {}, [], time.perf_counter()
+    rows, summary, notes, start = [], {}, [], time.perf_counter()
+    logged = {c: {s for s in seeds(args.seeds)
+                  if os.path.isfile(os.path.join(out_dir, f"{c}_seed{s}.log"))} for c in conditions}
     for condition in conditions:
         runs = [(s, *run(args, out_dir, condition, s, tok))
                 for s in (seeds(args.seeds)[:1] if condition == "zero" else seeds(args.seeds))]
@@ -149,7 +151,13 @@ def main(argv=None):
     print("\n".join(rows))
     for note in notes:
         print(f"data: {note}")
-    print(f"total {time.perf_counter() - total:.0f} s")
+    # the runs' own times, so that a table resumed over several calls, or rebuilt from its logs,
+    # adds up; what this call itself took goes to stderr
+    all_runs = [t for c in conditions for t in summary[c]["seconds"]]
+    print(f"total {sum(all_runs):.0f} s ({len(all_runs)} runs)")
+    reused = sum(len(v) for v in logged.values())
+    print(f"this call: {time.perf_counter() - start:.0f} s; {reused} of {len(all_runs)} runs "
+          f"read from their logs in {out_dir}", file=sys.stderr)
 
 
 if __name__ == "__main__":
