@@ -70,3 +70,52 @@ def test_per_token_state_does_not_grow_with_the_generated_length():
             sizes.append([tuple(t.shape) for t in state.tensors()])
     assert len(sizes) == 8 and all(s == sizes[0] for s in sizes)
     assert state.memory.fill().tolist() == [64, 64]  # full: FIFO from here on
+
+
+def hypotheses_run(model, prompts, beam, steps, share, seed):
+    """Prefill ``prompts`` (R, n), expand to ``beam`` hypotheses each, then at every step
+    reorder the hypotheses at random (within each prompt's group, as beam search does) and feed
+    each a random token. Returns the per-step logits (R*beam, V), each final hypothesis's history
+    and lineage (the row that held its ancestor at every step) and the state."""
+    dec = model.decoder
+    R = prompts.size(0)
+    state = dec.start_decoding(R, dec.backbone.wte.weight, segment_len=T)
+    dec.prefill(prompts, state)
+    state.expand(beam, lambda rows: dec.new_memory(rows, dec.cfg.memory_size,
+                                                   dec.backbone.wte.weight), share)
+    g = torch.Generator().manual_seed(seed)
+    histories = [prompts[n // beam].tolist() for n in range(R * beam)]
+    outs, orders = [], []
+    for _ in range(steps):
+        within = torch.randint(0, beam, (R, beam), generator=g)
+        order = (torch.arange(R)[:, None] * beam + within).view(-1)
+        state.reorder(order)
+        orders.append(order)
+        histories = [list(histories[o]) for o in order.tolist()]
+        tok = torch.randint(DICT.nspecial, len(DICT), (R * beam, 1), generator=g)
+        outs.append(dec.advance(tok, state)[:, 0])
+        for n in range(R * beam):
+            histories[n].append(int(tok[n]))
+    lineage = [torch.arange(R * beam)]
+    for order in reversed(orders[1:]):
+        lineage.insert(0, order[lineage[0]])
+    return outs, histories, lineage, state
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_every_beam_reads_its_own_history_across_segment_boundaries(share):
+    model = make_model(memory_size=256)  # prompt + generated fit: sharing is exact
+    prompts = random_tokens(2, 2 * T + 9, seed=9)
+    steps = 2 * T  # crosses two boundaries: each beam writes segments of its own
+    outs, histories, lineage, state = hypotheses_run(model, prompts, 3, steps, share, seed=10)
+    assert isinstance(state.memory, SharedPromptMemory) == share
+    if share:
+        assert state.memory.prompt.num_rows == 2 and state.memory.generated.num_rows == 6
+        assert state.memory.generated.fill().tolist() == [32] * 6  # two generated segments
+    for n, history in enumerate(histories):
+        alone, _ = incremental_logits(model, torch.tensor([history]))
+        got = torch.stack([o[rows[n]] for o, rows in zip(outs, lineage)])  # (steps, V)
+        want = alone[0, -steps:]
+        assert (got.log_softmax(-1) - want.log_softmax(-1)).abs().max() < 1e-5, n
+    # beams do hold different histories, and so read different memories
+    assert len({tuple(h) for h in histories[:3]}) == 3
