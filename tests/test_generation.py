@@ -2,10 +2,12 @@
 segment and beam rules, and fairseq-generate / fairseq-interactive on ``--task longmem_lm``."""
 
 import math
+import os
 
 import pytest
 import torch
 
+from conftest import TOKENS_PER_SAMPLE, USER_DIR, run_cli, run_cli_cases
 from fairseq_longmem.modules.decoding_state import SharedPromptMemory
 from test_longmem_model import DICT, T, make_model, random_tokens, stream
 
@@ -119,3 +121,168 @@ def test_every_beam_reads_its_own_history_across_segment_boundaries(share):
         assert (got.log_softmax(-1) - want.log_softmax(-1)).abs().max() < 1e-5, n
     # beams do hold different histories, and so read different memories
     assert len({tuple(h) for h in histories[:3]}) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# fairseq-generate and fairseq-interactive
+
+
+PROMPT = 20  # tokens; with the </s> before it 21 inputs, then MAX_LEN generated: 3 segments
+MAX_LEN = 70
+MEMORY = ["--memory-size", "256", "--chunk-size", "4", "--retrieved-tokens", "16"]
+
+
+@pytest.fixture(scope="module")
+def longmem_ckpt(corpus, backbone, tmp_path_factory):
+    save_dir = tmp_path_factory.mktemp("generation_model")
+    run_cli(["fairseq-train", corpus.data_dir, "--user-dir", USER_DIR, "--task", "longmem_lm",
+             "--arch", "longmem_gpt2_tiny", "--criterion", "longmem_cross_entropy",
+             "--backbone-path", backbone, "--tokens-per-sample", TOKENS_PER_SAMPLE,
+             "--batch-size", "4", *MEMORY, "--optimizer", "adam", "--lr", "1e-3", "--cpu",
+             "--seed", "1", "--num-workers", "0", "--max-update", "6", "--disable-validation",
+             "--no-epoch-checkpoints", "--save-dir", save_dir], timeout=300)
+    return str(save_dir / "checkpoint_last.pt")
+
+
+def generate_args(corpus, ckpt, *extra, batch_size=1):
+    return [corpus.data_dir, "--user-dir", USER_DIR, "--task", "longmem_lm", "--path", ckpt,
+            "--tokens-per-sample", TOKENS_PER_SAMPLE, "--batch-size", batch_size, "--cpu",
+            "--gen-subset", "valid", "--prompt-tokens", PROMPT, "--max-len-b", MAX_LEN,
+            "--num-workers", "0", *extra]
+
+
+def lines_of(log, kind):
+    """id -> text of the log's ``kind``- lines (S, H, D, P), first per id."""
+    out = {}
+    for line in log.splitlines():
+        if line.startswith(kind + "-"):
+            head, _, rest = line.partition("\t")
+            out.setdefault(int(head[len(kind) + 1:]), rest)
+    return out
+
+
+def load_in_process(corpus, ckpt):
+    from fairseq import checkpoint_utils
+
+    models, _, task = checkpoint_utils.load_model_ensemble_and_task(
+        [ckpt], arg_overrides={"data": corpus.data_dir, "prompt_tokens": PROMPT,
+                               "tokens_per_sample": TOKENS_PER_SAMPLE, "batch_size": 1})
+    task.load_dataset("valid")
+    return models[0].eval(), task
+
+
+def full_forward_greedy(model, prompt, steps):
+    """fairseq-generate's greedy search, by hand, over the full forward: every step scores the
+    whole stream (</s>, prompt, generated so far) from an empty memory, segment by segment as
+    eval-lm does, and takes the best token that neither is <s>/<pad> (never generated) nor
+    repeats a trigram of the hypothesis (--no-repeat-ngram-size 3, without which this tiny
+    model repeats </s>; the hypothesis starts with the generator's <s>)."""
+    dec = model.decoder
+    d = dec.dictionary
+    seq, hyp = [d.eos()] + prompt.tolist(), [d.bos()]
+    like = dec.backbone.wte.weight
+    for _ in range(steps):
+        memory = dec.new_memory(1, dec.cfg.memory_size, like)
+        x = torch.tensor([seq])
+        for s in range(0, len(seq), TOKENS_PER_SAMPLE):
+            logits, _ = model(src_tokens=x[:, s:s + TOKENS_PER_SAMPLE], memory=memory)
+        lp = logits[0, -1].log_softmax(-1)
+        lp[[d.bos(), d.pad()]] = -math.inf
+        banned = [hyp[i + 2] for i in range(len(hyp) - 2) if hyp[i:i + 2] == hyp[-2:]]
+        if banned:
+            lp[banned] = -math.inf
+        tok = int(lp.argmax())
+        seq.append(tok)
+        hyp.append(tok)
+    return hyp[1:]
+
+
+def stream_log_probs(model, prompt, hypothesis):
+    """log2-probabilities of ``hypothesis`` after ``prompt`` by the full forward."""
+    dec = model.decoder
+    d = dec.dictionary
+    seq = torch.tensor([[d.eos()] + prompt.tolist() + hypothesis])
+    memory = dec.new_memory(1, dec.cfg.memory_size, dec.backbone.wte.weight)
+    out = []
+    for s in range(0, seq.size(1) - 1, TOKENS_PER_SAMPLE):
+        logits, _ = model(src_tokens=seq[:, s:s + TOKENS_PER_SAMPLE], memory=memory)
+        out.append(logits[0].log_softmax(-1))
+    lp = torch.cat(out)[-len(hypothesis) - 1:-1]  # the scores of the hypothesis's tokens
+    return (lp.gather(1, torch.tensor(hypothesis)[:, None])[:, 0] / math.log(2)).tolist()
+
+
+def tokens_of(task, text):
+    d = task.target_dictionary
+    return [d.eos() if w == d.line_end else d.index(w) for w in text.split()]
+
+
+@pytest.fixture(scope="module")
+def generated(corpus, longmem_ckpt):
+    block = ["--no-repeat-ngram-size", "3"]
+    greedy = [*block, "--beam", "1"]  # fairseq-generate's default is a beam of 5
+    return {
+        "greedy1": run_cli(["fairseq-generate", *generate_args(corpus, longmem_ckpt, *greedy)]),
+        "greedy4": run_cli(["fairseq-generate",
+                            *generate_args(corpus, longmem_ckpt, *greedy, batch_size=4)]),
+        "beam4": run_cli(["fairseq-generate", *generate_args(
+            corpus, longmem_ckpt, *block, "--beam", "4", "--nbest", "4", batch_size=2)]),
+        "stop": run_cli(["fairseq-generate", *generate_args(
+            corpus, longmem_ckpt, *greedy, "--stop-at-eos", batch_size=4)]),
+    }
+
+
+def test_greedy_generation_is_the_same_with_batch_1_and_batch_4(generated, corpus):
+    one, four = lines_of(generated["greedy1"], "H"), lines_of(generated["greedy4"], "H")
+    assert sorted(one) == sorted(four) == list(range(len(corpus.docs["valid"])))
+    for i in one:  # the same tokens; the scores up to the last bits of batched matmuls
+        assert one[i].split("\t")[1] == four[i].split("\t")[1]
+        assert abs(float(one[i].split("\t")[0]) - float(four[i].split("\t")[0])) < 1e-5
+    # the hypotheses cross three segment boundaries and run past line ends
+    assert all(len(h.split("\t")[1].split()) == MAX_LEN for h in one.values())
+    assert sum(h.count("\u23ce") for h in one.values()) > 0
+
+
+def test_greedy_tokens_equal_a_hand_rolled_greedy_loop_over_the_full_forward(
+        generated, corpus, longmem_ckpt):
+    model, task = load_in_process(corpus, longmem_ckpt)
+    prompts = task.datasets["valid"].prompts
+    hyps = lines_of(generated["greedy1"], "H")
+    sources = lines_of(generated["greedy1"], "S")
+    d = task.target_dictionary
+    for i in range(3):
+        assert sources[i] == d.string(prompts[i])
+        want = full_forward_greedy(model, prompts[i], MAX_LEN)
+        assert tokens_of(task, hyps[i].split("\t")[1]) == want, i
+
+
+def test_every_beam_hypothesis_scores_as_the_full_forward_of_its_own_tokens(
+        generated, corpus, longmem_ckpt):
+    model, task = load_in_process(corpus, longmem_ckpt)
+    prompts = task.datasets["valid"].prompts
+    log = generated["beam4"].splitlines()
+    checked = 0
+    for i in range(2):
+        hyps = [l.split("\t") for l in log if l.startswith(f"H-{i}\t")]
+        scores = [l.split("\t")[1] for l in log if l.startswith(f"P-{i}\t")]
+        assert len(hyps) == len(scores) == 4
+        assert len({h[2] for h in hyps}) == 4  # four different continuations
+        for (_, _, text), p in zip(hyps, scores):
+            tokens = tokens_of(task, text)
+            printed = [float(x) for x in p.split()]
+            assert printed[-1] == 0.0 and len(printed) == MAX_LEN + 1  # + the end marker
+            want = stream_log_probs(model, prompts[i], tokens)
+            assert max(abs(a - b) for a, b in zip(printed[:-1], want)) < 2e-4
+            checked += 1
+    assert checked == 8
+
+
+def test_stop_at_eos_ends_each_hypothesis_at_its_first_line_end(generated):
+    stop = generated["stop"].splitlines()
+    hyps = [l.split("\t") for l in stop if l.startswith("H-")]
+    scores = [l.split("\t")[1].split() for l in stop if l.startswith("P-")]
+    assert len(hyps) == len(scores) == 12
+    for (_, _, text), p in zip(hyps, scores):
+        words = text.split()
+        assert "\u23ce" not in words  # the </s> that ended it is not printed, as in fairseq
+        assert len(p) == len(words) + 1 and float(p[-1]) < 0  # the </s> was generated
+    assert all(len(h[2].split()) < MAX_LEN for h in hyps)
