@@ -144,11 +144,12 @@ def longmem_ckpt(corpus, backbone, tmp_path_factory):
     return str(save_dir / "checkpoint_last.pt")
 
 
-def generate_args(corpus, ckpt, *extra, batch_size=1):
+def generate_args(corpus, ckpt, *extra, batch_size=1, prompt=PROMPT):
+    prompt = ["--prompt-tokens", prompt] if prompt else []
     return [corpus.data_dir, "--user-dir", USER_DIR, "--task", "longmem_lm", "--path", ckpt,
             "--tokens-per-sample", TOKENS_PER_SAMPLE, "--batch-size", batch_size, "--cpu",
-            "--gen-subset", "valid", "--prompt-tokens", PROMPT, "--max-len-b", MAX_LEN,
-            "--num-workers", "0", *extra]
+            "--gen-subset", "valid", *prompt, "--max-len-b", MAX_LEN, "--num-workers", "0",
+            *extra]
 
 
 def lines_of(log, kind):
@@ -286,3 +287,90 @@ def test_stop_at_eos_ends_each_hypothesis_at_its_first_line_end(generated):
         assert "\u23ce" not in words  # the </s> that ended it is not printed, as in fairseq
         assert len(p) == len(words) + 1 and float(p[-1]) < 0  # the </s> was generated
     assert all(len(h[2].split()) < MAX_LEN for h in hyps)
+
+
+A_WORDS = 2 * TOKENS_PER_SAMPLE - 1  # with the </s> before it, two whole segments
+WORDS = "the cat sat on a mat and then it ran under the old tree".split()
+
+
+@pytest.fixture(scope="module")
+def cases(corpus, backbone, longmem_ckpt, tmp_path_factory):
+    """fairseq-interactive with memory files, and bad input, through the CLIs' entry points."""
+    tmp = tmp_path_factory.mktemp("interactive")
+    a = " ".join(WORDS[i % len(WORDS)] for i in range(A_WORDS))
+    b = "the dog flew over a log"
+    for name, text in (("a", a), ("b", b), ("ab", f"{a} </s> {b}")):
+        (tmp / f"{name}.txt").write_text(text + "\n")
+    (tmp / "empty.safetensors").write_bytes(b"")
+    memory = str(tmp / "a.safetensors")
+
+    def interactive(prompt, *extra):
+        return ("fairseq-interactive", [
+            corpus.data_dir, "--user-dir", USER_DIR, "--task", "longmem_lm", "--path",
+            longmem_ckpt, "--tokens-per-sample", TOKENS_PER_SAMPLE, "--batch-size", "1",
+            "--cpu", "--beam", "1", "--max-len-b", "12", "--input", tmp / f"{prompt}.txt",
+            *extra])
+
+    todo = {
+        "save": interactive("a", "--save-memory", memory),
+        "save_again": interactive("a", "--save-memory", memory),
+        "from_memory": interactive("b", "--memory-file", memory),
+        "one_prompt": interactive("ab"),
+        "empty_memory_file": interactive("b", "--memory-file", tmp / "empty.safetensors"),
+        "other_model": interactive("b", "--memory-file", memory, "--model-overrides",
+                                   "{'chunk_size': 2}"),
+        "gpt2_lm": ("fairseq-generate", generate_args(corpus, backbone)),
+        "prompt_too_long": ("fairseq-generate",
+                            generate_args(corpus, longmem_ckpt, prompt=100000)),
+        "no_prompt": ("fairseq-generate", generate_args(corpus, longmem_ckpt, prompt=0)),
+    }
+    return run_cli_cases(todo, timeout=600), memory, tmp
+
+
+def refused(case, *parts):
+    assert case.failed, case.log[-2000:]
+    line = case.last_line()
+    for part in parts:
+        assert part in line, line
+    return line
+
+
+def test_a_saved_memory_continues_as_if_its_text_preceded_the_prompt(cases):
+    logs, memory, _ = cases
+    assert not logs["save"].failed and os.path.isfile(memory)
+    got, want = logs["from_memory"].log, logs["one_prompt"].log
+    assert not logs["from_memory"].failed and not logs["one_prompt"].failed
+    h_got, h_want = lines_of(got, "H")[0].split("\t"), lines_of(want, "H")[0].split("\t")
+    assert h_got[1] == h_want[1] and len(h_got[1].split()) == 12
+    p_got = [float(x) for x in lines_of(got, "P")[0].split()]
+    p_want = [float(x) for x in lines_of(want, "P")[0].split()]
+    assert max(abs(x - y) for x, y in zip(p_got, p_want)) < 2e-4
+    from safetensors import safe_open
+
+    with safe_open(memory, framework="pt") as f:  # 64 tokens in chunks of 4, 4 heads
+        assert tuple(f.get_tensor("row0.keys").shape) == (4, 16, 4, 32)
+
+
+def test_memory_files_are_never_overwritten(cases):
+    logs, memory, _ = cases
+    refused(logs["save_again"], f"--save-memory {memory} exists: memory files are never "
+            "overwritten")
+
+
+def test_empty_and_foreign_memory_files_are_refused_in_one_line(cases):
+    logs, memory, tmp = cases
+    empty = tmp / "empty.safetensors"
+    refused(logs["empty_memory_file"], f"--memory-file {empty} is not a prompt memory",
+            "unreadable file")
+    refused(logs["other_model"], f"--memory-file {memory} was written by another model",
+            "chunk_size (file 4, this model 2)")
+
+
+def test_generation_bad_input_is_refused_in_one_line(cases, backbone):
+    logs = cases[0]
+    refused(logs["gpt2_lm"], "--task longmem_lm generates with a longmem_gpt2 checkpoint",
+            "gpt2_lm", "--task language_modeling")
+    refused(logs["prompt_too_long"], "--prompt-tokens 100000 is larger than 12 of the 12 "
+            "documents", "pass --prompt-tokens")
+    refused(logs["no_prompt"], "fairseq-generate --task longmem_lm continues prompts: pass "
+            "--prompt-tokens N")

@@ -437,11 +437,6 @@ class LongMemLMTask(OneDictionaryTask):
                 batch_sampler=prompt_batches(dataset.sizes, max_sentences or 1),
                 disable_shuffling=True,
             )
-        if self.generating:
-            raise ValueError(
-                "fairseq-generate --task longmem_lm continues prompts: pass --prompt-tokens N "
-                "(each document's first N tokens)"
-            )
         # every item is a whole batch, already sharded by rank; order is time, so no shuffling.
         # Items are slices of tensors in memory: loader workers would only add start-up and
         # shutdown cost (a worker per validation pass stalled each checkpoint save by 5 s).
@@ -458,8 +453,6 @@ class LongMemLMTask(OneDictionaryTask):
         if dataset is self.datasets.get(self.cfg.train_subset):
             self._train_iterator = itr
         return itr
-
-    generating = False  # set by build_generator (fairseq-generate, fairseq-interactive)
 
     def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None,
                         **kwargs):
@@ -478,13 +471,17 @@ class LongMemLMTask(OneDictionaryTask):
         if not hasattr(decoder, "prefill"):
             raise ValueError(
                 f"--task longmem_lm generates with a longmem_gpt2 checkpoint, --path holds a "
-                f"{getattr(models[0].cfg, '_name', type(models[0]).__name__)} model: generate "
-                "from a gpt2_lm backbone with --task language_modeling"
+                f"{type(models[0]).__name__} (gpt2_lm or another model): generate from a "
+                "gpt2_lm backbone with --task language_modeling"
             )
         cfg = self.cfg
+        if any(isinstance(d, DocumentStreamDataset) for d in self.datasets.values()):
+            raise ValueError(
+                "fairseq-generate --task longmem_lm continues prompts: pass --prompt-tokens N "
+                "(each document's first N tokens)"
+            )
         if cfg.save_memory:
             check_new_file(cfg.save_memory, "--save-memory")
-        self.generating = True
         T, saved = cfg.tokens_per_sample, []
         if cfg.memory_file and decoder.cfg.disable_memory:
             raise ValueError(f"--memory-file {cfg.memory_file}: this model runs with "
