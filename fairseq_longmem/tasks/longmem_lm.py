@@ -23,6 +23,7 @@ from fairseq.tasks import register_task
 from omegaconf import II
 
 from .base import OneDictionaryTask
+from .candidate_scoring import ExamplesDataset
 from .split_files import check_mmap_split, split_shards
 
 logger = logging.getLogger(__name__)
@@ -94,26 +95,14 @@ class LineEndDictionary(Dictionary):
             self.symbols[self.eos_index] = symbol
 
 
-class PromptDataset(FairseqDataset):
+class PromptDataset(ExamplesDataset):
     """Prompts to continue (1-D token tensors, without the ``</s>`` the model reads before a
-    document); batches hold consecutive prompts of equal length (see ``prompt_batches``)."""
+    document), in order; batches hold consecutive prompts of equal length (``prompt_batches``)."""
 
     def __init__(self, prompts: List[torch.Tensor], pad: int):
+        super().__init__([len(p) for p in prompts])
         self.prompts = [p.long() for p in prompts]
-        self.sizes = np.array([len(p) for p in self.prompts], dtype=np.int64)
         self.pad = pad
-
-    def __getitem__(self, index):
-        return index
-
-    def __len__(self):
-        return len(self.prompts)
-
-    def num_tokens(self, index):
-        return int(self.sizes[index])
-
-    def size(self, index):
-        return int(self.sizes[index])
 
     def collater(self, indices):
         if not indices:
