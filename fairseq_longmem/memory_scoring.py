@@ -7,6 +7,7 @@ memory here is a :class:`~fairseq_longmem.modules.memory_bank.ChunkedMemoryBank`
 ``write_memory=False``, so the memory is bit-identical before and after.
 """
 
+import hashlib
 import logging
 from typing import List, Sequence
 
@@ -19,6 +20,16 @@ def reads_memory(model) -> bool:
     """True for a LongMem model with its memory on (not for gpt2_lm or disable_memory)."""
     decoder = model.decoder
     return hasattr(decoder, "memory_keys_values") and not decoder.cfg.disable_memory
+
+
+def backbone_digest(backbone) -> str:
+    """16 hex digits of sha256 over the backbone's weights as loaded (names and bytes, in this
+    dtype): what a saved memory's keys and values depend on."""
+    digest = hashlib.sha256()
+    for name, p in backbone.state_dict().items():
+        digest.update(name.encode())
+        digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _device_dtype(model):

@@ -275,10 +275,12 @@ def test_empty_split_is_refused_before_fairseq_maps_it(logs, inputs):
 # 4. generation
 
 
-@pytest.mark.parametrize("name", ["generate", "interactive"])
-def test_generation_cli_is_refused_with_what_to_use_instead(logs, name):
-    refused(logs, name, "--task longmem_lm scores documents and does not generate text",
-            "fairseq-eval-lm", "in-context-learning scoring needs a task of its own")
+def test_generation_without_prompts_is_refused_with_what_to_pass(logs):
+    # generation itself is tested in tests/test_generation.py
+    refused(logs, "generate", "fairseq-generate --task longmem_lm continues prompts: pass "
+            "--prompt-tokens N")
+    log = passed(logs, "interactive")  # an empty stdin: no prompt, nothing generated
+    assert "H-" not in log
 
 
 # ---------------------------------------------------------------------------------------------

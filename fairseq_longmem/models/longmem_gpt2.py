@@ -17,12 +17,14 @@ import torch
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import (
     ARCH_MODEL_REGISTRY,
+    FairseqIncrementalDecoder,
     FairseqLanguageModel,
     register_model,
 )
 from omegaconf import II
 
 from ..compat import load_checkpoint_file
+from ..modules.decoding_state import DecodingState
 from ..modules.gpt2 import GPT2Backbone, GPT2Dims
 from ..modules.memory_bank import ChunkedMemoryBank
 from ..modules.sidenet import SideNet
@@ -184,7 +186,10 @@ class BuildsLongMemFromCheckpoints:
             self.building_from_checkpoint = False
 
 
-class LongMemDecoder(GPT2HeadDecoder):
+class LongMemDecoder(GPT2HeadDecoder, FairseqIncrementalDecoder):
+    """Scores segments (``forward``) and decodes incrementally (``incremental_state``, fairseq's
+    protocol; :meth:`prefill` and :meth:`advance`; docs/GENERATION.md)."""
+
     def __init__(self, cfg: LongMemGPT2Config, dictionary, backbone: GPT2Backbone):
         super().__init__(dictionary, backbone, cfg.mask_special_logits)
         self.cfg = cfg
@@ -252,15 +257,90 @@ class LongMemDecoder(GPT2HeadDecoder):
         _, kv = self.backbone(src_tokens, kv_layer=self.cfg.memory_layer, stop_at_kv_layer=True)
         return kv
 
+    # ------------------------------------------------------------------ incremental decoding
+
+    def start_decoding(self, batch: int, like: torch.Tensor,
+                       memory: Optional[ChunkedMemoryBank] = None,
+                       segment_len: Optional[int] = None) -> DecodingState:
+        """A state at the start of a document: empty caches of ``segment_len`` (T, by default
+        the --tokens-per-sample the model was built with) tokens and ``memory`` (``batch`` rows;
+        a new empty one if None; none at all with ``disable_memory``), which decoding extends."""
+        T = segment_len or self.cfg.max_target_positions or self.backbone.dims.max_positions
+        if T > self.backbone.dims.max_positions:
+            raise ValueError(f"--tokens-per-sample {T} exceeds the backbone's "
+                             f"{self.backbone.dims.max_positions} positions")
+        if self.cfg.disable_memory:
+            memory = None
+        elif memory is None:
+            memory = self.new_memory(batch, self.cfg.memory_size, like)
+        return DecodingState(self.backbone.new_caches(batch, T, like),
+                             self.sidenet.new_caches(batch, T, like), memory)
+
+    @torch.no_grad()
+    def advance(self, tokens, state: DecodingState, features_only: bool = False):
+        """Feed ``tokens`` (B, n), the next input tokens of every row, which must not cross a
+        segment boundary; returns logits (B, n, V). When the segment becomes full, its layer-m
+        keys/values go into the memory (write after read) and the caches restart."""
+        T, n = state.segment_len, tokens.size(1)
+        if state.pos + n > T:
+            raise ValueError(f"advance: {n} tokens after {state.pos} cross the {T}-token segment")
+        hiddens, _ = self.backbone(tokens, caches=state.backbone)
+        x, _ = self.sidenet(hiddens, memory=state.memory,
+                            retrieved_tokens=self.cfg.retrieved_tokens, caches=state.side)
+        if state.pos == T:
+            if state.memory is not None:
+                cache = state.backbone[self.cfg.memory_layer]
+                state.memory.add(cache.k, cache.v)  # (B, H, T, hd) each
+            state.restart_segment()
+        return x if features_only else self.output_layer(x)
+
+    @torch.no_grad()
+    def prefill(self, tokens, state: DecodingState):
+        """Feed a whole prompt (B, n) segment by segment, as eval-lm would; returns the logits
+        (B, V) after its last token."""
+        T, start, last = state.segment_len, 0, None
+        while start < tokens.size(1):
+            n = min(T - state.pos, tokens.size(1) - start)
+            last = self.advance(tokens[:, start:start + n], state, features_only=True)[:, -1]
+            start += n
+        if last is None:
+            raise ValueError("prefill: an empty prompt (at least one token, e.g. </s>)")
+        return self.output_layer(last)  # (B, V)
+
+    def reorder_incremental_state(self, incremental_state, new_order):
+        state = self.get_incremental_state(incremental_state, "decoding")
+        if state is not None:
+            state.reorder(new_order)
+
+    def decoding_state(self, incremental_state) -> Optional[DecodingState]:
+        return self.get_incremental_state(incremental_state, "decoding")
+
+    def set_decoding_state(self, incremental_state, state: DecodingState):
+        self.set_incremental_state(incremental_state, "decoding", state)
+
+    # ------------------------------------------------------------------ scoring
+
     def forward(self, src_tokens, src_lengths=None, new_document=None, memory=None,
-                write_memory: bool = True, features_only: bool = False, **unused):
+                write_memory: bool = True, features_only: bool = False,
+                incremental_state=None, **unused):
         """Score a segment (B, T); returns logits (B, T, V) and an ``extra`` dict.
 
         By default each row reads and then extends its own stream's memory, cleared first for
         rows flagged in ``new_document``. A caller may pass its own ``memory`` instead (a
         :class:`ChunkedMemoryBank` from :meth:`new_memory` with B rows, or one row that every
         row reads) and ``write_memory=False`` to read without writing, as scoring does.
+
+        With ``incremental_state`` (fairseq's generators), ``src_tokens`` are all tokens so far
+        and only the last is fed (:meth:`advance`); a state not yet set starts a document with
+        an empty memory.
         """
+        if incremental_state is not None:
+            state = self.decoding_state(incremental_state)
+            if state is None:
+                state = self.start_decoding(src_tokens.size(0), self.backbone.wte.weight)
+                self.set_decoding_state(incremental_state, state)
+            out = self.advance(src_tokens[:, -1:], state, features_only)
+            return out, {"inner_states": None}
         B, T = src_tokens.shape
         cfg = self.cfg
         with torch.no_grad():

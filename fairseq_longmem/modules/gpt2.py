@@ -1,7 +1,8 @@
 """GPT-2 as plain torch modules, with the parameter names of Hugging Face's GPT2LMHeadModel.
 
 Our own attention (not fairseq's MultiheadAttention) so that each layer's per-head keys/values
-and every hidden state are available to LongMem. Layout is B x T x C throughout.
+and every hidden state are available to LongMem. Layout is B x T x C throughout. For incremental
+decoding every attention takes an optional :class:`KVCache` of the tokens before its input.
 """
 
 import math
@@ -49,6 +50,35 @@ def gelu_tanh(x):
     return F.gelu(x, approximate="tanh")
 
 
+class KVCache:
+    """One attention layer's keys and values of the tokens seen so far in the current segment,
+    in fixed buffers of ``capacity`` tokens, so that its size never depends on how much was
+    generated: (B, H, capacity, hd) each, the first ``len`` tokens valid."""
+
+    def __init__(self, batch: int, num_heads: int, capacity: int, head_dim: int, like: torch.Tensor):
+        self.k = like.new_zeros(batch, num_heads, capacity, head_dim)  # (B, H, capacity, hd)
+        self.v = like.new_zeros(batch, num_heads, capacity, head_dim)  # (B, H, capacity, hd)
+        self.len = 0
+
+    def append(self, k, v):
+        """Store k, v (B, H, n, hd) after the cached tokens; returns all valid keys and values."""
+        n = k.size(2)
+        if self.len + n > self.k.size(2):
+            raise ValueError(f"KVCache: {self.len} + {n} tokens exceed its {self.k.size(2)}")
+        self.k[:, :, self.len:self.len + n] = k
+        self.v[:, :, self.len:self.len + n] = v
+        self.len += n
+        return self.k[:, :, :self.len], self.v[:, :, :self.len]  # (B, H, len, hd) each
+
+    def reset(self):
+        self.len = 0
+
+    def reorder(self, order: torch.Tensor):
+        """Rows follow ``order`` (a beam search's choice of hypotheses)."""
+        self.k = self.k.index_select(0, order)
+        self.v = self.v.index_select(0, order)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, dims: GPT2Dims):
         super().__init__()
@@ -67,18 +97,32 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         return q, k, v
 
-    def local_attention(self, q, k, v):
+    def local_attention(self, q, k, v, cache: Optional[KVCache] = None):
+        """Causal attention of q over k, v (B, H, n, hd each), after the ``cache``d tokens if one
+        is given (k, v are then appended to it). An empty cache takes the same path as no cache,
+        so a segment's first forward is bit-identical with and without one."""
         p = self.attention_dropout if self.training else 0.0
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)  # (B, H, T, hd)
+        past = cache.len if cache is not None else 0
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, H, past + n, hd)
+        if past == 0:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        n = q.size(2)
+        if n == 1:  # one new token sees every cached one
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # (B, H, 1, hd)
+        allowed = (torch.arange(n, device=q.device)[:, None] + past
+                   >= torch.arange(past + n, device=q.device)[None, :])  # (n, past + n)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)
 
     def merge_heads(self, a):
         B, H, T, hd = a.shape
         out = a.transpose(1, 2).reshape(B, T, H * hd)  # (B, T, C)
         return self.resid_dropout(self.c_proj(out))
 
-    def forward(self, x) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    def forward(self, x, cache: Optional[KVCache] = None
+                ) -> Tuple[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
         q, k, v = self.project_qkv(x)
-        return self.merge_heads(self.local_attention(q, k, v)), (k, v)
+        return self.merge_heads(self.local_attention(q, k, v, cache)), (k, v)
 
 
 class MLP(nn.Module):
@@ -136,25 +180,36 @@ class GPT2Backbone(nn.Module):
             else:
                 nn.init.normal_(p, std=0.02)
 
-    def embed(self, tokens):
+    def embed(self, tokens, start: int = 0):
+        """Token plus position embeddings of ``tokens`` (B, T) at positions start..start+T-1."""
         T = tokens.size(1)
-        if T > self.dims.max_positions:
+        if start + T > self.dims.max_positions:
             raise ValueError(
-                f"segment of {T} tokens is longer than the model's {self.dims.max_positions} positions"
+                f"segment of {start + T} tokens is longer than the model's "
+                f"{self.dims.max_positions} positions"
             )
-        pos = torch.arange(T, device=tokens.device)
+        pos = torch.arange(start, start + T, device=tokens.device)
         return self.drop(self.wte(tokens) + self.wpe(pos))  # (B, T, C)
 
+    def new_caches(self, batch: int, capacity: int, like: torch.Tensor) -> List[KVCache]:
+        """One empty :class:`KVCache` of ``capacity`` tokens per block."""
+        d = self.dims
+        return [KVCache(batch, d.num_heads, capacity, d.head_dim, like) for _ in self.h]
+
     def forward(
-        self, tokens, kv_layer: Optional[int] = None, stop_at_kv_layer: bool = False
+        self, tokens, kv_layer: Optional[int] = None, stop_at_kv_layer: bool = False,
+        caches: Optional[List[KVCache]] = None,
     ) -> Tuple[List[torch.Tensor], Optional[Tuple[torch.Tensor, torch.Tensor]]]:
         """Return all hidden states ``[h_0 .. h_L]`` (each B x T x C, before ``ln_f``) and the
         per-head keys/values (B, H, T, hd) of block ``kv_layer`` (0-based) if asked for.
-        ``stop_at_kv_layer`` skips the blocks after ``kv_layer`` (when only its K/V are needed)."""
-        x = self.embed(tokens)
+        ``stop_at_kv_layer`` skips the blocks after ``kv_layer`` (when only its K/V are needed).
+        With ``caches`` (one per block), ``tokens`` continue the cached ones: positions start
+        after them and each block attends to them too (incremental decoding)."""
+        start = caches[0].len if caches is not None else 0
+        x = self.embed(tokens, start)
         hiddens, kv_out = [x], None
         for i, block in enumerate(self.h):
-            x, kv = block(x)
+            x, kv = block(x) if caches is None else block(x, cache=caches[i])
             hiddens.append(x)
             if i == kv_layer:
                 kv_out = kv

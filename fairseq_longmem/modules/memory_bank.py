@@ -200,6 +200,23 @@ class ChunkedMemoryBank:
             raise ValueError(f"num_rows must be a positive int, got {num_rows!r}")
         self._allocate(int(num_rows))
 
+    def select_rows(self, order):
+        """Replace the rows by rows ``order`` (a 1-D index; repeats allowed, e.g. one copy per
+        beam of a prompt's memory), in place; returns self."""
+        order = torch.as_tensor(order, dtype=torch.long).flatten()
+        if order.numel() == 0 or int(order.min()) < 0 or int(order.max()) >= self.num_rows:
+            raise ValueError(f"select_rows: expected row indices in [0, {self.num_rows}), "
+                             f"got {order.tolist()}")
+        on_device = order.to(self._device)
+        for name in ("_keys", "_values", "_summaries", "_stage_keys", "_stage_values"):
+            setattr(self, name, getattr(self, name).index_select(0, on_device))
+        host = order.cpu().numpy()
+        self._write_ptr = self._write_ptr[host]
+        self._count = self._count[host]
+        self._stage_len = self._stage_len[host]
+        self._gather_buffers = {}
+        return self
+
     def _rows(self, rows, what="rows"):
         """Normalise rows (None, int, bool mask, LongTensor, iterable) to a list of row indices."""
         B = self.num_rows

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .gpt2 import Block, CausalSelfAttention, GPT2Backbone, GPT2Dims
+from .gpt2 import Block, CausalSelfAttention, GPT2Backbone, GPT2Dims, KVCache
 from .memory_bank import MemoryRetrieval
 
 
@@ -66,10 +66,10 @@ class JointAttention(CausalSelfAttention):
         super().__init__(dims)
         self.gate = nn.Parameter(torch.zeros(dims.num_heads))
 
-    def forward(self, x, memory=None, retrieved_tokens: int = 0
+    def forward(self, x, memory=None, retrieved_tokens: int = 0, cache: Optional[KVCache] = None
                 ) -> Tuple[torch.Tensor, Optional[MemoryReadStats]]:
         q, k, v = self.project_qkv(x)  # (B, H, T, hd) each
-        local = self.local_attention(q, k, v)  # (B, H, T, hd)
+        local = self.local_attention(q, k, v, cache)  # (B, H, T, hd)
         if memory is None:
             return self.merge_heads(local), None
 
@@ -138,15 +138,23 @@ class SideNet(nn.Module):
     def memory_attention(self) -> JointAttention:
         return self.h[self.side_memory_layer].attn
 
-    def forward(self, hiddens: List[torch.Tensor], memory=None, retrieved_tokens: int = 0
+    def new_caches(self, batch: int, capacity: int, like: torch.Tensor) -> List[KVCache]:
+        """One empty :class:`KVCache` of ``capacity`` tokens per side block."""
+        d = self.dims
+        return [KVCache(batch, d.num_heads, capacity, d.head_dim, like) for _ in self.h]
+
+    def forward(self, hiddens: List[torch.Tensor], memory=None, retrieved_tokens: int = 0,
+                caches: Optional[List[KVCache]] = None
                 ) -> Tuple[torch.Tensor, Optional[MemoryReadStats]]:
         """``hiddens`` are the backbone's ``[h_0 .. h_L']``; returns ``ln_f(s_L)`` (B x T x C) and
-        the memory block's :class:`MemoryReadStats` (None without a memory)."""
+        the memory block's :class:`MemoryReadStats` (None without a memory). With ``caches``
+        (one per side block) the tokens continue the cached ones (incremental decoding)."""
         s, stats = hiddens[0], None
         for i, block in enumerate(self.h, start=1):
+            cached = {} if caches is None else {"cache": caches[i - 1]}
             if i - 1 == self.side_memory_layer:
-                s, stats = block(s, memory=memory, retrieved_tokens=retrieved_tokens)
+                s, stats = block(s, memory=memory, retrieved_tokens=retrieved_tokens, **cached)
             else:
-                s, _ = block(s)
+                s, _ = block(s, **cached)
             s = s + (hiddens[self.r * i] - hiddens[self.r * (i - 1)])  # cross-network residual
         return self.ln_f(s), stats

@@ -235,13 +235,9 @@ class ICLScorer(CandidateScorer):
     def identity(self) -> dict:
         """What the memory's content depends on; saved with it and compared on reuse."""
         task, decoder = self.task, self.model.decoder
-        digest = hashlib.sha256()
-        for name, p in decoder.backbone.state_dict().items():  # weights as loaded (this dtype)
-            digest.update(name.encode())
-            digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         return {
             "kind": MEMORY_FILE_KIND,
-            "backbone": digest.hexdigest()[:16],
+            "backbone": memory_scoring.backbone_digest(decoder.backbone),
             "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
             "memory_layer": decoder.cfg.memory_layer,
             "chunk_size": decoder.cfg.chunk_size,

@@ -6,11 +6,12 @@ a rank holds segment ``t`` of each of its streams, and a per-row flag says that 
 a new document, so that the model clears that row's memory before reading it.
 """
 
+import copy
 import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ from fairseq.tasks import register_task
 from omegaconf import II
 
 from .base import OneDictionaryTask
+from .candidate_scoring import ExamplesDataset
 from .split_files import check_mmap_split, split_shards
 
 logger = logging.getLogger(__name__)
@@ -43,6 +45,88 @@ class LongMemLMConfig(FairseqDataclass):
     # filled in from torch.distributed when not given
     data_parallel_rank: Optional[int] = None
     data_parallel_size: Optional[int] = None
+    # generation (fairseq-generate, fairseq-interactive; docs/GENERATION.md)
+    prompt_tokens: int = field(
+        default=0,
+        metadata={"help": "fairseq-generate: each document's first N tokens are the prompt, fed "
+                  "segment by segment into memory and the local window, then continued"},
+    )
+    stop_at_eos: bool = field(
+        default=False,
+        metadata={"help": "end a hypothesis at the first </s>; by default </s> (a line end in "
+                  "these corpora) is an ordinary token and hypotheses run to --max-len-b"},
+    )
+    line_end_marker: str = field(
+        default="\u23ce",
+        metadata={"help": "how printed lines (S-, H-, D-) show </s>, a line end; empty: leave it "
+                  "out as fairseq does (always so with --bpe gpt2, whose </s> is <|endoftext|>)"},
+    )
+    memory_file: Optional[str] = field(
+        default=None,
+        metadata={"help": "fairseq-interactive/-generate: every prompt starts from this saved "
+                  "memory (read-only; written by --save-memory with the same model)"},
+    )
+    save_memory: Optional[str] = field(
+        default=None,
+        metadata={"help": "write the memory after the first prompt to this NEW file (never "
+                  "overwritten), for --memory-file"},
+    )
+    bpe_cfg: Any = II("bpe")
+
+
+class LineEndDictionary(Dictionary):
+    """A dictionary whose strings show ``</s>`` as ``line_end`` (e.g. a visible marker) where
+    fairseq's leave it out: in these corpora it ends a line, and generated text runs across
+    lines. Empty ``line_end``: fairseq's own behaviour."""
+
+    line_end = ""
+
+    def string(self, tensor, bpe_symbol=None, escape_unk=False, extra_symbols_to_ignore=None,
+               unk_string=None, include_eos=False, separator=" "):
+        if not self.line_end:
+            return super().string(tensor, bpe_symbol, escape_unk, extra_symbols_to_ignore,
+                                  unk_string, include_eos, separator)
+        symbol = self.symbols[self.eos_index]
+        self.symbols[self.eos_index] = self.line_end
+        try:
+            return super().string(tensor, bpe_symbol, escape_unk, extra_symbols_to_ignore,
+                                  unk_string, True, separator)
+        finally:
+            self.symbols[self.eos_index] = symbol
+
+
+class PromptDataset(ExamplesDataset):
+    """Prompts to continue (1-D token tensors, without the ``</s>`` the model reads before a
+    document), in order; batches hold consecutive prompts of equal length (``prompt_batches``)."""
+
+    def __init__(self, prompts: List[torch.Tensor], pad: int):
+        super().__init__([len(p) for p in prompts])
+        self.prompts = [p.long() for p in prompts]
+        self.pad = pad
+
+    def collater(self, indices):
+        if not indices:
+            return {}
+        src = torch.stack([self.prompts[i] for i in indices])  # (B, n): equal lengths
+        return {
+            "id": torch.tensor(indices, dtype=torch.long),
+            "net_input": {"src_tokens": src,
+                          "src_lengths": torch.full((len(indices),), src.size(1))},
+            "target": None,
+            "nsentences": len(indices),
+            "ntokens": int(src.numel()),
+        }
+
+
+def prompt_batches(sizes, batch_size: int) -> List[List[int]]:
+    """Consecutive prompts of equal length, at most ``batch_size`` per batch, in order."""
+    batches = []
+    for i, n in enumerate(sizes):
+        if batches and len(batches[-1]) < batch_size and sizes[batches[-1][0]] == n:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 def split_documents(sizes: np.ndarray) -> List[tuple]:
@@ -191,7 +275,12 @@ class LongMemLMTask(OneDictionaryTask):
         dict_path = os.path.join(paths[0], "dict.txt")
         if not os.path.isfile(dict_path):
             raise FileNotFoundError(f"Dictionary not found: {dict_path}")
-        dictionary = Dictionary.load(dict_path)
+        dictionary = LineEndDictionary.load(dict_path)
+        bpe = cfg.bpe_cfg.get("_name") if cfg.bpe_cfg is not None else None
+        dictionary.line_end = "" if bpe == "gpt2" else cfg.line_end_marker
+        if cfg.prompt_tokens < 0:
+            raise ValueError(f"--prompt-tokens must be >= 0 (0: no prompts), got "
+                             f"{cfg.prompt_tokens}")
         logger.info("dictionary: %d types", len(dictionary))
         return cls(cfg, dictionary)
 
@@ -229,6 +318,9 @@ class LongMemLMTask(OneDictionaryTask):
                 "was binarized with another dictionary; use the dict.txt that fairseq-preprocess "
                 "wrote beside it"
             )
+        if self.cfg.prompt_tokens > 0:
+            self.datasets[split] = self.prompt_dataset(split_path, documents)
+            return
         rank, world = self._shard()
         dataset = DocumentStreamDataset(
             documents, self.dictionary.pad(), self.dictionary.eos(), self.cfg.tokens_per_sample,
@@ -249,6 +341,31 @@ class LongMemLMTask(OneDictionaryTask):
             )
         self.datasets[split] = dataset
         self.split_fingerprints[split] = split_fingerprint(split_path, documents)
+
+    def prompt_dataset(self, split_path: str, documents: List[torch.Tensor]) -> PromptDataset:
+        """Each document's first --prompt-tokens tokens, refused in one line if a document is
+        shorter."""
+        n = self.cfg.prompt_tokens
+        lengths = [len(d) for d in documents]
+        short = [i for i, k in enumerate(lengths) if k < n]
+        if short:
+            raise ValueError(
+                f"--prompt-tokens {n} is larger than {len(short)} of the {len(documents)} "
+                f"documents of {split_path} (document {short[0]} holds {lengths[short[0]]} "
+                f"tokens, the shortest {min(lengths)}): pass --prompt-tokens {min(lengths)} or less"
+            )
+        logger.info("%s: %d prompts of %d tokens (each document's first)", split_path,
+                    len(documents), n)
+        return PromptDataset([d[:n] for d in documents], self.dictionary.pad())
+
+    def build_dataset_for_inference(self, src_tokens, src_lengths, **kwargs):
+        return PromptDataset(src_tokens, self.dictionary.pad())
+
+    def get_interactive_tokens_and_lengths(self, lines, encode_fn):
+        # a prompt continues its text: no </s> after it (the model reads one before it)
+        tokens = [self.dictionary.encode_line(encode_fn(line), add_if_not_exist=False,
+                                              append_eos=False).long() for line in lines]
+        return tokens, [t.numel() for t in tokens]
 
     def _layout(self):
         rank, world = self._shard()
@@ -302,7 +419,13 @@ class LongMemLMTask(OneDictionaryTask):
         return super().build_model(cfg, from_checkpoint)
 
     def get_batch_iterator(self, dataset, num_workers=0, epoch=1, data_buffer_size=0,
-                           skip_remainder_batch=False, **kwargs):
+                           skip_remainder_batch=False, max_sentences=None, **kwargs):
+        if isinstance(dataset, PromptDataset):
+            return iterators.EpochBatchIterator(
+                dataset=dataset, collate_fn=dataset.collater, epoch=epoch,
+                batch_sampler=prompt_batches(dataset.sizes, max_sentences or 1),
+                disable_shuffling=True,
+            )
         # every item is a whole batch, already sharded by rank; order is time, so no shuffling.
         # Items are slices of tensors in memory: loader workers would only add start-up and
         # shutdown cost (a worker per validation pass stalled each checkpoint save by 5 s).
@@ -320,14 +443,61 @@ class LongMemLMTask(OneDictionaryTask):
             self._train_iterator = itr
         return itr
 
-    def build_generator(self, models, args, **kwargs):
+    def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None,
+                        **kwargs):
         # fairseq-generate and fairseq-interactive call this before they read any input
-        raise ValueError(
-            "--task longmem_lm scores documents and does not generate text, so fairseq-generate "
-            "and fairseq-interactive cannot use it: measure perplexity with fairseq-eval-lm (or "
-            "fairseq-validate) --task longmem_lm; in-context-learning scoring needs a task of "
-            "its own (README.md, 'Limits')"
+        from ..generation import (
+            LongMemSequenceGenerator,
+            check_new_file,
+            load_prompt_memory,
+            save_prompt_memory,
         )
+
+        if len(models) != 1:
+            raise ValueError(f"--task longmem_lm generates with one model, got {len(models)} "
+                             "(--path a:b)")
+        decoder = models[0].decoder
+        if not hasattr(decoder, "prefill"):
+            raise ValueError(
+                f"--task longmem_lm generates with a longmem_gpt2 checkpoint, --path holds a "
+                f"{type(models[0]).__name__} (gpt2_lm or another model): generate from a "
+                "gpt2_lm backbone with --task language_modeling"
+            )
+        cfg = self.cfg
+        if any(isinstance(d, DocumentStreamDataset) for d in self.datasets.values()):
+            raise ValueError(
+                "fairseq-generate --task longmem_lm continues prompts: pass --prompt-tokens N "
+                "(each document's first N tokens)"
+            )
+        if cfg.save_memory:
+            check_new_file(cfg.save_memory, "--save-memory")
+        T, saved = cfg.tokens_per_sample, []
+        if cfg.memory_file and decoder.cfg.disable_memory:
+            raise ValueError(f"--memory-file {cfg.memory_file}: this model runs with "
+                             "disable_memory and reads no memory")
+        if cfg.memory_file and not os.path.isfile(cfg.memory_file):
+            raise FileNotFoundError(f"--memory-file: no file at {cfg.memory_file}")
+        loaded = cfg.memory_file and load_prompt_memory(
+            cfg.memory_file, decoder, T, next(models[0].parameters()))
+
+        def start_memory(rows, like):
+            return copy.copy(loaded).select_rows([0] * rows)  # the file's memory stays as read
+
+        def save_memory(dec, state, prompts):
+            if saved:
+                logger.warning("--save-memory %s holds the first prompt's memory; later "
+                               "prompts are not saved", cfg.save_memory)
+                return
+            save_prompt_memory(cfg.save_memory, dec, state, prompts[0])
+            saved.append(True)
+
+        gen_kwargs = dict(
+            segment_len=T, stop_at_eos=cfg.stop_at_eos, max_len=2**62,
+            start_memory=start_memory if cfg.memory_file else None,
+            save_memory=save_memory if cfg.save_memory else None,
+        )
+        return super().build_generator(models, args, seq_gen_cls=LongMemSequenceGenerator,
+                                       extra_gen_cls_kwargs=gen_kwargs)
 
     def eval_lm_dataloader(self, dataset, max_tokens=None, batch_size=None, max_positions=None,
                            num_shards=1, shard_id=0, num_workers=1, data_buffer_size=10,
@@ -336,6 +506,9 @@ class LongMemLMTask(OneDictionaryTask):
             raise ValueError(
                 "--context-window does not apply to longmem_lm: the past is read from memory"
             )
+        if isinstance(dataset, PromptDataset):
+            raise ValueError("--prompt-tokens is for fairseq-generate; fairseq-eval-lm scores "
+                             "whole documents: leave it out")
         return self.get_batch_iterator(
             dataset, num_workers=num_workers, data_buffer_size=data_buffer_size
         ).next_epoch_itr(shuffle=False)

@@ -1,0 +1,144 @@
+"""Milliseconds per generated token against the number of tokens already generated: LongMem's
+incremental decoding (a segment of T tokens in the local caches, the past in a memory of msz
+tokens) against the plain backbone decoding with a key/value cache over its whole context, up to
+its maximum positions, where stock decoding has to stop. Both in the same run, same weights.
+
+    python examples/benchmarks/generation_speed.py --tokens 16384 --out docs/results/logs/benchmarks/generation
+
+writes ``table.md`` (median ms per token per range of tokens already generated, and the ratio
+to the first segment), ``timings.json`` (every token's time) and ``machine.json`` into --out.
+The weights are random (the cost does not depend on them); the defaults are a tiny model.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+from fairseq.data import Dictionary
+
+from fairseq_longmem.models.longmem_gpt2 import LongMemGPT2Config, LongMemGPT2Model
+from fairseq_longmem.modules.gpt2 import GPT2Backbone, GPT2Dims
+
+
+def build(args):
+    d = Dictionary()
+    for i in range(args.vocab - d.nspecial):
+        d.add_symbol(f"w{i}")
+    torch.manual_seed(0)
+    dims = GPT2Dims(vocab_size=len(d), embed_dim=args.dim, num_layers=args.layers,
+                    num_heads=args.heads, max_positions=args.max_positions, dropout=0.0,
+                    attention_dropout=0.0)
+    cfg = LongMemGPT2Config(embed_dim=args.dim, num_layers=args.layers, num_heads=args.heads,
+                            max_positions=args.max_positions, memory_layer=args.layers - 1,
+                            memory_size=args.memory_size, chunk_size=args.chunk_size,
+                            retrieved_tokens=args.retrieved_tokens, dropout=0.0,
+                            max_target_positions=args.segment, search_backend=args.backend)
+    return LongMemGPT2Model.from_backbone(cfg, d, GPT2Backbone(dims)).eval(), d
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def time_longmem(model, tokens, device):
+    dec = model.decoder
+    state = dec.start_decoding(1, dec.backbone.wte.weight, segment_len=dec.cfg.max_target_positions)
+    out = []
+    for i in range(tokens.size(1)):
+        sync(device)
+        start = time.perf_counter()
+        logits = dec.advance(tokens[:, i:i + 1], state)
+        int(logits[0, -1].argmax())  # what a generator reads: forces the step to finish
+        out.append((time.perf_counter() - start) * 1e3)
+    return out, state
+
+
+@torch.no_grad()
+def time_backbone(model, tokens, device):
+    """Stock incremental decoding of the backbone alone: one cache over the whole context."""
+    backbone = model.decoder.backbone
+    P = backbone.dims.max_positions
+    caches = backbone.new_caches(1, P, backbone.wte.weight)
+    out = []
+    for i in range(min(P, tokens.size(1))):
+        sync(device)
+        start = time.perf_counter()
+        hiddens, _ = backbone(tokens[:, i:i + 1], caches=caches)
+        int(backbone.output_layer(hiddens[-1])[0, -1].argmax())
+        out.append((time.perf_counter() - start) * 1e3)
+    return out
+
+
+def ranges(n, segment):
+    """Ranges of tokens already generated: the first segment, then doubling up to n."""
+    bounds, b = [0, segment], segment
+    while b < n:
+        b = min(2 * b, n)
+        bounds.append(b)
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=4000)
+    p.add_argument("--max-positions", type=int, default=1024)
+    p.add_argument("--segment", type=int, default=256, help="T, --tokens-per-sample")
+    p.add_argument("--memory-size", type=int, default=8192)
+    p.add_argument("--chunk-size", type=int, default=4)
+    p.add_argument("--retrieved-tokens", type=int, default=64)
+    p.add_argument("--backend", default="torch")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--note", default="", help="a line about the machine's load, for the table")
+    p.add_argument("--out", default="docs/results/logs/benchmarks/generation")
+    args = p.parse_args()
+
+    device = torch.device(args.device)
+    model, d = build(args)
+    model.to(device)
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(d.nspecial, len(d), (1, args.tokens), generator=g).to(device)
+    longmem, state = time_longmem(model, tokens, device)
+    backbone = time_backbone(model, tokens, device)
+
+    first = statistics.median(longmem[:args.segment])
+    rows = ["| tokens already generated | LongMem ms/token | ratio to first segment | "
+            "backbone (full context) ms/token | LongMem / backbone |", "|---|---|---|---|---|"]
+    for a, b in ranges(args.tokens, args.segment):
+        lm = statistics.median(longmem[a:b])
+        bb = statistics.median(backbone[a:b]) if a < len(backbone) else None
+        rows.append(f"| {a}-{b} | {lm:.2f} | {lm / first:.2f} | "
+                    f"{'%.2f' % bb if bb else 'stops at %d positions' % len(backbone)} | "
+                    f"{'%.2f' % (lm / bb) if bb else '-'} |")
+    state_bytes = sum(t.numel() * t.element_size() for t in state.tensors())
+    head = (f"LongMem {args.layers} layers x {args.dim} ({args.heads} heads), T={args.segment}, "
+            f"msz={args.memory_size}, csz={args.chunk_size}, K={args.retrieved_tokens}, "
+            f"{args.backend} search, {device}; {args.tokens} tokens generated one at a time; "
+            f"decoding state {state_bytes / 2**20:.1f} MiB (fixed: caches + memory). "
+            f"{args.note}")
+    table = head + "\n\n" + "\n".join(rows) + "\n"
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write(table)
+    with open(os.path.join(args.out, "timings.json"), "w") as f:
+        json.dump({"args": vars(args), "longmem_ms": longmem, "backbone_ms": backbone}, f)
+    machine = {"platform": platform.platform(), "processor": platform.processor(),
+               "cpus": os.cpu_count(), "torch": torch.__version__,
+               "threads": torch.get_num_threads(), "load_average": os.getloadavg(),
+               "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+    with open(os.path.join(args.out, "machine.json"), "w") as f:
+        json.dump(machine, f, indent=1)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
