@@ -1,0 +1,32 @@
+"""Labels and parsing of the bucket options shared by the criterion (``--recurrence-buckets``,
+``--position-buckets``) and the model (``--memory-reach-buckets``)."""
+
+import math
+from typing import List, Tuple
+
+
+def bucket_label(lo, hi) -> str:
+    return f"{lo}_{'end' if hi == math.inf else hi}"
+
+
+def parse_segment_buckets(spec: str, option: str = "--recurrence-buckets") -> List[Tuple[int, float]]:
+    """``"1,4,16"`` -> ``[(1, 1), (2, 4), (5, 16), (17, inf)]``: inclusive ranges of segments
+    back; ``""`` -> ``[]``."""
+    if not spec:
+        return []
+    try:
+        bounds = [int(b) for b in str(spec).split(",")]
+    except ValueError:
+        bounds = []
+    if not bounds or bounds[0] <= 0 or any(a >= b for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(
+            f"{option} {spec!r}: expected increasing positive numbers of segments separated by "
+            "commas, e.g. 1,4,16"
+        )
+    lows = [1] + [b + 1 for b in bounds]
+    return list(zip(lows, bounds + [math.inf]))
+
+
+def segment_label(lo, hi) -> str:
+    """``(1, 1)`` -> ``"1"``, ``(2, 4)`` -> ``"2_4"``, ``(17, inf)`` -> ``"17_end"``."""
+    return str(lo) if lo == hi else bucket_label(lo, hi)
