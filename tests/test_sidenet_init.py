@@ -99,3 +99,22 @@ def test_sidenet_init_rejects_an_unknown_choice():
                                      num_heads=HEADS, max_positions=64))
     with pytest.raises(ValueError, match=r"--sidenet-init 'zero': expected one of paper, zero-out"):
         SideNet(backbone, 2, 3, 0.0, 0.0, init="zero")
+
+
+def test_gate_init_and_gate_lr_scale():
+    model = make_model("paper", gate_init=1.5, gate_lr_scale=10.0).train()
+    attn = model.decoder.sidenet.memory_attention
+    assert torch.sigmoid(attn.gate * attn.gate_scale).tolist() == pytest.approx(
+        [torch.sigmoid(torch.tensor(1.5)).item()] * HEADS)
+    with torch.no_grad():
+        model(src_tokens=tokens(0), new_document=torch.tensor([True, True]))
+    logits, _ = model(src_tokens=tokens(1), new_document=torch.tensor([False, False]))
+    F.cross_entropy(logits.flatten(0, 1), tokens(2).flatten()).backward()
+    before = (attn.gate * attn.gate_scale).detach().clone()
+    torch.optim.Adam([attn.gate], lr=1e-3).step()
+    # Adam's first step moves the parameter by lr (times the sign of its gradient): the logit
+    # moves ten times that
+    moved = (attn.gate * attn.gate_scale).detach() - before
+    assert moved.abs().tolist() == pytest.approx([1e-2] * HEADS, rel=1e-3)
+    with pytest.raises(ValueError, match="--gate-lr-scale must be > 0, got 0"):
+        make_model("paper", gate_lr_scale=0.0)
