@@ -16,7 +16,7 @@ import torch
 from fairseq.data import Dictionary
 from fairseq.logging import metrics
 
-from conftest import REPO, USER_DIR, TOKENS_PER_SAMPLE, run_cli
+from conftest import REPO, USER_DIR, run_cli, train_longmem
 from fairseq_longmem.criterions.longmem_cross_entropy import (
     LongMemCrossEntropyCriterion,
     reach_sums,
@@ -184,17 +184,8 @@ def args(corpus, path):
 
 @pytest.fixture(scope="module")
 def longmem_checkpoint(corpus, backbone, tmp_path_factory):
-    save_dir = tmp_path_factory.mktemp("longmem_rec")
-    run_cli([
-        "fairseq-train", corpus.data_dir, "--user-dir", USER_DIR, "--task", "longmem_lm",
-        "--arch", "longmem_gpt2_tiny", "--criterion", "longmem_cross_entropy",
-        "--backbone-path", backbone, "--tokens-per-sample", TOKENS_PER_SAMPLE,
-        "--batch-size", BATCH, "--memory-size", "256", "--chunk-size", "4",
-        "--retrieved-tokens", "16", "--optimizer", "adam", "--lr", "1e-3", "--max-update", "8",
-        "--cpu", "--seed", "1", "--num-workers", "0", "--disable-validation",
-        "--no-epoch-checkpoints", "--save-dir", save_dir, "--sidenet-init", "zero-out",
-    ])
-    return str(save_dir / "checkpoint_last.pt")
+    return train_longmem(corpus, backbone, tmp_path_factory.mktemp("longmem_rec"), "--sidenet-init",
+                         "zero-out", batch_size=BATCH)
 
 
 def eval_lm(corpus, path):

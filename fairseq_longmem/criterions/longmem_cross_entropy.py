@@ -27,7 +27,7 @@ chunks.
 
 import math
 from dataclasses import dataclass, field
-from typing import List, Tuple
+from typing import List
 
 import torch
 from fairseq import metrics, utils
@@ -35,7 +35,7 @@ from fairseq.criterions import register_criterion
 from fairseq.criterions.cross_entropy import CrossEntropyCriterion, CrossEntropyCriterionConfig
 from omegaconf import II
 
-from ..buckets import bucket_label, parse_segment_buckets, segment_label
+from ..buckets import bucket_label, parse_position_buckets, parse_segment_buckets, segment_label
 
 STATS = {"fill": "mem_fill", "gate": "mem_gate", "memory_share": "mem_share"}
 BUCKET_COUNT = "ntokens_pos"  # logging-output prefix of a bucket's token count
@@ -67,25 +67,6 @@ class LongMemCrossEntropyConfig(CrossEntropyCriterionConfig):
     tokens_per_sample: int = II("task.tokens_per_sample")
 
 
-def parse_buckets(spec: str) -> List[Tuple[int, float]]:
-    """``"1024,4096"`` -> ``[(0, 1024), (1024, 4096), (4096, inf)]``; ``""`` -> ``[]``."""
-    if not spec:
-        return []
-    try:
-        bounds = [int(b) for b in str(spec).split(",")]
-    except ValueError:
-        bounds = []
-    if not bounds or bounds[0] <= 0 or any(a >= b for a, b in zip(bounds, bounds[1:])):
-        raise ValueError(
-            f"--position-buckets {spec!r}: expected increasing positive token positions "
-            "separated by commas, e.g. 1024,4096"
-        )
-    edges = [0] + bounds + [math.inf]
-    return list(zip(edges[:-1], edges[1:]))
-
-
-
-
 def recurrence_labels(buckets) -> List[str]:
     return ["none", "local"] + [segment_label(lo, hi) for lo, hi in buckets]
 
@@ -102,7 +83,7 @@ class LongMemCrossEntropyCriterion(CrossEntropyCriterion):
     def __init__(self, task, sentence_avg, position_buckets="", recurrence_buckets="",
                  tokens_per_sample=None):
         super().__init__(task, sentence_avg)
-        self.buckets = parse_buckets(position_buckets)
+        self.buckets = parse_position_buckets(position_buckets)
         self.rec_buckets = parse_segment_buckets(recurrence_buckets)
         self.tokens_per_sample = tokens_per_sample
 
