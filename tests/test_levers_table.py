@@ -42,6 +42,6 @@ def test_lever_logs_add_up(run):
         counts = {k: v for k, v in values.items() if k.startswith("ntokens_rec")}
         assert sum(counts.values()) == 77010 and len(counts) == 7
         mean = sum(values["loss_rec" + k[len("ntokens_rec"):]] * n for k, n in counts.items())
-        assert mean / 77010 == pytest.approx(values["loss"], abs=1e-6)
+        assert mean / 77010 == pytest.approx(values["loss"], abs=1e-5)  # fp32 sums
     reach = [v for k, v in on.items() if k.startswith("mem_reach") and "_h" not in k]
     assert len(reach) == 5 and sum(reach) == pytest.approx(1, abs=1e-6)
