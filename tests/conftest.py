@@ -293,3 +293,18 @@ class FavoursOneToken(torch.nn.Module):
 
     def max_positions(self):
         return 1024
+
+
+def train_longmem(corpus: "Corpus", backbone: str, save_dir, *extra, batch_size: int = 4) -> str:
+    """A ``longmem_gpt2_tiny`` trained for 8 updates over ``backbone`` by the real fairseq-train
+    (memory 256 tokens, csz 4, K 16); ``extra`` options are appended. Returns its checkpoint."""
+    run_cli([
+        "fairseq-train", corpus.data_dir, "--user-dir", USER_DIR, "--task", "longmem_lm",
+        "--arch", "longmem_gpt2_tiny", "--criterion", "longmem_cross_entropy",
+        "--backbone-path", backbone, "--tokens-per-sample", TOKENS_PER_SAMPLE,
+        "--batch-size", batch_size, "--memory-size", "256", "--chunk-size", "4",
+        "--retrieved-tokens", "16", "--optimizer", "adam", "--lr", "1e-3", "--max-update", "8",
+        "--cpu", "--seed", "1", "--num-workers", "0", "--disable-validation",
+        "--no-epoch-checkpoints", "--save-dir", save_dir, *extra,
+    ])
+    return os.path.join(str(save_dir), "checkpoint_last.pt")

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import REPO, TOKENS_PER_SAMPLE, USER_DIR, document_tokens, run_cli
+from conftest import REPO, TOKENS_PER_SAMPLE, USER_DIR, document_tokens, run_cli, train_longmem
 
 SCORE_POSITIONS = os.path.join(REPO, "examples", "long_context_lm", "score_positions.py")
 BATCH_SIZE = 4
@@ -63,17 +63,8 @@ def buckets_of(values, prefix):
 
 @pytest.fixture(scope="module")
 def longmem_checkpoint(corpus, backbone, tmp_path_factory):
-    save_dir = tmp_path_factory.mktemp("longmem_buckets")
-    run_cli([
-        "fairseq-train", corpus.data_dir, "--user-dir", USER_DIR, "--task", "longmem_lm",
-        "--arch", "longmem_gpt2_tiny", "--criterion", "longmem_cross_entropy",
-        "--backbone-path", backbone, "--tokens-per-sample", TOKENS_PER_SAMPLE,
-        "--batch-size", BATCH_SIZE, "--memory-size", "256", "--chunk-size", "4",
-        "--retrieved-tokens", "16", "--optimizer", "adam", "--lr", "1e-3", "--max-update", "8",
-        "--cpu", "--seed", "1", "--num-workers", "0", "--disable-validation",
-        "--no-epoch-checkpoints", "--save-dir", save_dir,
-    ])
-    return str(save_dir / "checkpoint_last.pt")
+    return train_longmem(corpus, backbone, tmp_path_factory.mktemp("longmem_buckets"),
+                         batch_size=BATCH_SIZE)
 
 
 def test_buckets_count_every_token_once_and_average_to_the_total(

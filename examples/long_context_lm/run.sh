@@ -7,7 +7,8 @@
 #      (a) backbone alone, T-token segments  (b) backbone, sliding window (--context-window T/2)
 #      (c) LongMem, memory off (same weights) (d) LongMem with memory,
 #      a memory-size sweep and a chunk-size sweep (--model-overrides);
-#   5. loss per position bucket in the book for (a), (c), (d) (score_positions.py);
+#   5. loss per position bucket in the book, and by how far back each token's bigram last
+#      occurred (REC_BUCKETS, in segments, default 1,4,16), for (a), (c), (d) (score_positions.py);
 #   6. suffix identification on the test books' chapter boundaries (task longmem_suffix);
 #   7. summarize.py: tables, token-count checks, results.json.
 # Run from the repository root after `bash install.sh`:
@@ -129,7 +130,8 @@ positions() {
   step "positions_$name" "$LOGS/positions_$name.json" python "$HERE/score_positions.py" "$DATA/bin" \
     --user-dir "$UD" --task longmem_lm --path "$path" --valid-subset test --tokens-per-sample "$T" \
     --batch-size "$EVAL_BATCH" --num-workers 0 --criterion longmem_cross_entropy \
-    --position-buckets "$BUCKETS" --model-overrides "$overrides" \
+    --position-buckets "$BUCKETS" --recurrence-buckets "${REC_BUCKETS:-1,4,16}" \
+    --model-overrides "$overrides" \
     --results-json "$LOGS/positions_$name.json" $DEVICE_ARGS
 }
 positions backbone "$BACKBONE" "{}"

@@ -1,4 +1,5 @@
-"""Loss per position bucket of any checkpoint on longmem_lm's document streams.
+"""Loss per position bucket, or per recurrence bucket, of any checkpoint on longmem_lm's
+document streams.
 
 ``fairseq-validate`` builds its task and criterion from the checkpoint, so a ``gpt2_lm`` backbone
 trained with ``--task language_modeling`` would be scored in that task's blocks, without the
@@ -14,6 +15,13 @@ It prints fairseq-validate's summary line (``loss``, ``ppl``, ``loss_pos0_1024``
 ``ppl_pos0_1024``, ``ntokens_pos0_1024``, ...) and, with ``--results-json FILE``, writes the same
 values to FILE, unrounded. For a LongMem checkpoint trained with this version of the criterion,
 ``fairseq-validate --position-buckets ...`` gives the same numbers.
+
+``--recurrence-buckets 1,4,16`` instead (or besides) scores the tokens by how far back their
+bigram last occurred (``loss_recnone``, ``loss_reclocal``, ``loss_rec1``, ``loss_rec2_4``, ...).
+A ``gpt2_lm`` backbone is then scored on the same T-token segments of the same streams, each
+segment from an empty context (eval-lm's condition (a)), so that the backbone and LongMem are
+compared on identical tokens; a LongMem model with ``--model-overrides "{'memory_reach_buckets':
+'1,4,16'}"`` also reports where its memory reads reach (``mem_reach1``, ...).
 """
 
 import json
@@ -100,7 +108,7 @@ def unrounded(agg) -> dict:
             values[key] = float(meter.avg)
         elif isinstance(meter, meters.SumMeter):
             values[key] = int(meter.sum)
-    for key in [k for k in values if k == "loss" or k.startswith("loss_pos")]:
+    for key in [k for k in values if k == "loss" or k.startswith(("loss_pos", "loss_rec"))]:
         values["ppl" + key[len("loss"):]] = 2 ** values[key]
     return values
 

@@ -23,11 +23,12 @@ from fairseq.models import (
 )
 from omegaconf import II
 
+from ..buckets import parse_segment_buckets, segment_label
 from ..compat import load_checkpoint_file
 from ..modules.decoding_state import DecodingState
 from ..modules.gpt2 import GPT2Backbone, GPT2Dims
 from ..modules.memory_bank import ChunkedMemoryBank
-from ..modules.sidenet import SideNet
+from ..modules.sidenet import SIDENET_INITS, SideNet
 from .gpt2_lm import (
     FINGERPRINT,
     GPT2HeadDecoder,
@@ -49,6 +50,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_MEMORY_LAYER = {"tiny": 3, "small": 9, "medium": 17, "large": 25, "xl": 35}
 
 SEARCH_BACKENDS = ChoiceEnum(list(ChunkedMemoryBank.BACKENDS))
+SIDENET_INIT_CHOICES = ChoiceEnum(list(SIDENET_INITS))
 MODES = ("train", "eval")  # one stream memory each, so that validation never reads training text
 
 
@@ -94,6 +96,28 @@ class LongMemGPT2Config(FairseqDataclass):
         default=False,
         metadata={"help": "neither read nor write memory (same weights): the no-memory baseline; "
                   "usable at eval time with --model-overrides \"{'disable_memory': True}\""},
+    )
+    sidenet_init: SIDENET_INIT_CHOICES = field(
+        default="paper",
+        metadata={"help": "SideNet initialisation: paper (side block j copies backbone block "
+                  "r*(j+1)-1) or zero-out (the same, with every side block's attention and MLP "
+                  "output projection zeroed, so that the SideNet starts equal to the backbone)"},
+    )
+    gate_init: float = field(
+        default=0.0,
+        metadata={"help": "initial logit g_h of every memory head's gate (the paper's: 0, an "
+                  "even mix of local and memory attention)"},
+    )
+    gate_lr_scale: float = field(
+        default=1.0,
+        metadata={"help": "multiplies the gates' learning rate (the logit is a parameter times "
+                  "this scale; with Adam a logit then moves up to scale x lr per update)"},
+    )
+    memory_reach_buckets: str = field(
+        default="",
+        metadata={"help": "e.g. '1,4,16': log where memory reads reach, the share of memory "
+                  "attention on chunks written 1, 2-4, 5-16, 17+ segments back (mem_reach* with "
+                  "longmem_cross_entropy); empty: not computed"},
     )
     dropout: float = field(default=0.1, metadata={"help": "SideNet dropout"})
     attention_dropout: float = field(default=0.0, metadata={"help": "SideNet attention dropout"})
@@ -196,8 +220,17 @@ class LongMemDecoder(GPT2HeadDecoder, FairseqIncrementalDecoder):
         self.backbone.requires_grad_(False)
         self.backbone.eval()
         self.sidenet = SideNet(
-            backbone, cfg.reduction_factor, cfg.memory_layer, cfg.dropout, cfg.attention_dropout
+            backbone, cfg.reduction_factor, cfg.memory_layer, cfg.dropout, cfg.attention_dropout,
+            init=str(getattr(cfg, "sidenet_init", "paper")),
+            gate_init=getattr(cfg, "gate_init", 0.0),
+            gate_lr_scale=getattr(cfg, "gate_lr_scale", 1.0),
         )
+        self.reach_labels = []
+        spec = getattr(cfg, "memory_reach_buckets", "")
+        if spec:
+            buckets = parse_segment_buckets(spec, "--memory-reach-buckets")
+            self.sidenet.memory_attention.reach_edges = [hi for _, hi in buckets[:-1]]
+            self.reach_labels = [segment_label(lo, hi) for lo, hi in buckets]
         if cfg.disable_memory:
             # an unused parameter would stall data-parallel gradient reduction
             self.sidenet.memory_attention.gate.requires_grad_(False)
@@ -376,6 +409,8 @@ class LongMemDecoder(GPT2HeadDecoder, FairseqIncrementalDecoder):
                 "gate": stats.gate,
                 "memory_share": stats.memory_share,
             }
+            if stats.reach is not None:
+                extra["memory_stats"]["reach"] = dict(stats.reach, labels=self.reach_labels)
             if write_memory:
                 lengths = src_lengths
                 if lengths is None:

@@ -31,6 +31,11 @@ resets it to 0), which keeps masking and saving trivial. Keys or values that are
 (``BACKENDS``: ``auto``, ``torch``, ``matmul``, ``triton``, ``faiss``) and what ``auto`` picks
 (``torch``) are described in ``memory_search.py``; all return the same chunks, ties aside.
 
+*Write times*: each row counts its ``add`` calls since it was last cleared, and each chunk slot
+remembers the count of the ``add`` that completed it, so :meth:`segments_back` tells how many
+segments ago a retrieved chunk was written (1 = by the latest ``add``). A loaded row starts
+counting afresh: its loaded chunks count as written by the latest ``add``.
+
 *Files* (``save``/``load``): one safetensors file with a JSON header, no pickle
 (``memory_file.py``). Loading casts to the bank's own device and dtype, so a memory saved from
 fp16 on a GPU loads into an fp32 CPU bank (and vice versa; fp32 -> fp16 rounds).
@@ -145,6 +150,8 @@ class ChunkedMemoryBank:
         self._write_ptr = np.zeros(B, dtype=np.int64)
         self._count = np.zeros(B, dtype=np.int64)  # valid chunks; they occupy slots [0, count)
         self._stage_len = np.zeros(B, dtype=np.int64)
+        self._clock = np.zeros(B, dtype=np.int64)  # add calls since the row was cleared
+        self._written = torch.zeros(B, C, dtype=torch.long, device=self._device)  # clock per slot
         self._gather_buffers = {}  # CPU search outputs, reused (_gather)
 
     @property
@@ -190,6 +197,7 @@ class ChunkedMemoryBank:
         for name in ("_keys", "_values", "_summaries", "_stage_keys", "_stage_values"):
             setattr(self, name, getattr(self, name).to(device=self._device, dtype=self._dtype))
         self._device = self._keys.device
+        self._written = self._written.to(self._device)
         self._gather_buffers = {}
         return self
 
@@ -251,6 +259,7 @@ class ChunkedMemoryBank:
         self._write_ptr[idx] = 0
         self._count[idx] = 0
         self._stage_len[idx] = 0
+        self._clock[idx] = 0
 
     # ------------------------------------------------------------------ add
 
@@ -294,6 +303,7 @@ class ChunkedMemoryBank:
         if nonfinite:
             raise ValueError(f"keys/values: refused, expected finite numbers, found inf or NaN "
                              f"among the tokens appended to row(s) {nonfinite}; nothing was added")
+        self._clock += 1
         if T == 0:
             return
         # Common case, vectorised: rows taking all T tokens as T/csz whole chunks, nothing staged.
@@ -378,6 +388,9 @@ class ChunkedMemoryBank:
         self._keys.view(-1, S * D).index_copy_(0, flat, ck.reshape(-1, S * D).to(self._dtype))
         self._values.view(-1, S * D).index_copy_(0, flat, cv.reshape(-1, S * D).to(self._dtype))
         self._summaries.view(-1, D).index_copy_(0, flat, summ.reshape(-1, D).to(self._dtype))
+        when = torch.from_numpy(np.repeat(self._clock[rows], keep)).to(self._device)
+        self._written[torch.from_numpy(np.repeat(rows, keep)).to(self._device),
+                      torch.from_numpy(slots.reshape(-1)).to(self._device)] = when
         self._write_ptr[rows] = (ptr + n) % C
         self._count[rows] = np.minimum(self._count[rows] + n, C)
 
@@ -401,6 +414,16 @@ class ChunkedMemoryBank:
         slots = memory_search.search(backend, queries.detach().to(self._dtype), self._summaries,
                                      self._count, k // S, self.max_score_bytes)
         return self._expand(slots)
+
+    def segments_back(self, slots: torch.Tensor) -> torch.LongTensor:
+        """How many ``add`` calls ago (1 = the latest) each chunk named by ``slots`` (B', H, T, nk)
+        was written, B' a multiple of the rows (batch row b names chunks of row b // (B'/rows),
+        as ``read_memory`` folds shared rows); values for missing slots (-1) are meaningless."""
+        n = slots.shape[0] // self.num_rows
+        rows = torch.arange(slots.shape[0], device=self._device) // n  # (B',)
+        clock = torch.from_numpy(self._clock).to(self._device)[rows]  # (B',)
+        written = self._written[rows].gather(1, slots.clamp_min(0).flatten(1)).view(slots.shape)
+        return clock.view(-1, 1, 1, 1) - written + 1
 
     def _expand(self, slots):
         """Gather the chunks named by slots (B, H, T, nk), -1 = missing, into a MemoryRetrieval."""
@@ -475,5 +498,7 @@ class ChunkedMemoryBank:
             self._stage_keys[b, :, :s] = row.tensors["staging_keys"].to(**put)
             self._stage_values[b, :, :s] = row.tensors["staging_values"].to(**put)
             self._write_ptr[b], self._count[b], self._stage_len[b] = row.write_pointer, cnt, s
+            self._clock[b] = 0
+            self._written[b] = 0
         logger.info("loaded %d memory row(s) from %s into rows %s (%s, %s)", len(idx), path, idx,
                     self._device, self._dtype)

@@ -7,7 +7,7 @@ Layout is B x T x C; per-head tensors are B x H x T x hd.
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,33 @@ class MemoryReadStats:
 
     gate: torch.Tensor  # mean sigmoid(g_h) over heads
     memory_share: torch.Tensor  # mean share of attention mass on memory over (B, H, T)
+    # with reach buckets: {"mass": (H, nb) memory-attention mass summed over the queries that
+    # read memory, "chunks": (H, nb) retrieved chunks counted} by segments back of the chunk
+    reach: Optional[Dict[str, torch.Tensor]] = None
+
+# SideNet initialisations (--sidenet-init): "paper" copies backbone blocks as they are;
+# "zero-out" also zeroes every side block's output projections (attention and MLP c_proj), so
+# that each block adds nothing and, through the cross-network residual, the SideNet's output is
+# the backbone's at the start (up to the rounding of h_0 + (h_2 - h_0) + ...)
+SIDENET_INITS = ("paper", "zero-out")
+
+
+def reach_of_read(probs, found, has_mem, memory, reach_edges: Sequence[int]):
+    """Memory-attention mass and retrieved chunks per head by how many segments back their chunk
+    was written, bucketed at ``reach_edges`` (e.g. (1, 4, 16): 1, 2-4, 5-16, 17+)."""
+    B, H, T, K = probs.shape
+    nk = found.chunk_index.shape[-1]
+    nb = len(reach_edges) + 1
+    back = memory.segments_back(found.chunk_index)  # (B, H, T, nk)
+    edges = torch.tensor(list(reach_edges), device=back.device)
+    bucket = torch.bucketize(back, edges)  # (B, H, T, nk) in [0, nb)
+    valid = (found.chunk_index >= 0) & has_mem  # (B, H, T, nk)
+    mass = probs.float().view(B, H, T, nk, K // nk).sum(-1) * valid  # (B, H, T, nk)
+    index = (torch.arange(H, device=back.device).view(1, H, 1, 1) * nb + bucket).flatten()
+    per_mass = torch.zeros(H * nb, device=back.device).index_add_(0, index, mass.flatten())
+    per_chunks = torch.zeros(H * nb, device=back.device).index_add_(
+        0, index, valid.float().flatten())
+    return {"mass": per_mass.view(H, nb), "chunks": per_chunks.view(H, nb)}
 
 
 def read_memory(memory, q, retrieved_tokens: int):
@@ -65,6 +92,10 @@ class JointAttention(CausalSelfAttention):
     def __init__(self, dims: GPT2Dims):
         super().__init__(dims)
         self.gate = nn.Parameter(torch.zeros(dims.num_heads))
+        # the gate's logit is gate * gate_scale: Adam moves a parameter by about lr per update
+        # whatever its gradient's size, so the scale multiplies the gate's learning rate
+        self.gate_scale = 1.0
+        self.reach_edges: Sequence[int] = ()  # set to log where reads reach (reach_of_read)
 
     def forward(self, x, memory=None, retrieved_tokens: int = 0, cache: Optional[KVCache] = None
                 ) -> Tuple[torch.Tensor, Optional[MemoryReadStats]]:
@@ -79,18 +110,21 @@ class JointAttention(CausalSelfAttention):
         scores = torch.einsum("bhtd,bhtkd->bhtk", q, mem_k) / math.sqrt(self.head_dim)
         scores = scores.masked_fill(~found.mask, torch.finfo(scores.dtype).min)
         probs = F.softmax(scores, dim=-1)  # (B, H, T, K)
+        read_probs = probs
         if self.training and self.attention_dropout > 0:
             probs = F.dropout(probs, p=self.attention_dropout)
         mem_out = torch.einsum("bhtk,bhtkd->bhtd", probs, mem_v)  # (B, H, T, hd)
 
         has_mem = found.mask.any(dim=-1, keepdim=True)  # (B, H, T, 1)
-        g = torch.sigmoid(self.gate).to(q.dtype).view(1, -1, 1, 1)  # (1, H, 1, 1)
+        g = torch.sigmoid(self.gate * self.gate_scale).to(q.dtype).view(1, -1, 1, 1)  # (1, H, 1, 1)
         # torch.where keeps the gate in the graph even when nothing was found, so data-parallel
         # training sees a (zero) gradient for it on every step
         out = torch.where(has_mem, (1 - g) * local + g * mem_out, local)
         with torch.no_grad():
             share = (g * has_mem).float()  # (B, H, T, 1)
             stats = MemoryReadStats(gate=g.float().mean(), memory_share=share.mean())
+            if self.reach_edges:
+                stats.reach = reach_of_read(read_probs, found, has_mem, memory, self.reach_edges)
         return self.merge_heads(out), stats
 
 
@@ -99,8 +133,11 @@ class SideNet(nn.Module):
     ``memory_layer // r`` uses :class:`JointAttention`."""
 
     def __init__(self, backbone: GPT2Backbone, reduction_factor: int, memory_layer: int,
-                 dropout: float, attention_dropout: float):
+                 dropout: float, attention_dropout: float, init: str = "paper",
+                 gate_init: float = 0.0, gate_lr_scale: float = 1.0):
         super().__init__()
+        if init not in SIDENET_INITS:
+            raise ValueError(f"--sidenet-init {init!r}: expected one of {', '.join(SIDENET_INITS)}")
         bdims = backbone.dims
         if reduction_factor < 1 or bdims.num_layers % reduction_factor:
             raise ValueError(
@@ -123,15 +160,25 @@ class SideNet(nn.Module):
             for j in range(num_layers)
         )
         self.ln_f = nn.LayerNorm(dims.embed_dim, eps=dims.layer_norm_eps)
-        self.init_from_backbone(backbone)
+        self.init_from_backbone(backbone, zero_out=init == "zero-out")
+        if gate_lr_scale <= 0:
+            raise ValueError(f"--gate-lr-scale must be > 0, got {gate_lr_scale}")
+        gate = self.memory_attention
+        gate.gate_scale = float(gate_lr_scale)
+        with torch.no_grad():
+            gate.gate.fill_(gate_init / gate_lr_scale)  # the logit starts at gate_init
 
     @torch.no_grad()
-    def init_from_backbone(self, backbone: GPT2Backbone):
+    def init_from_backbone(self, backbone: GPT2Backbone, zero_out: bool = False):
         for j, block in enumerate(self.h):
             source = backbone.h[self.r * (j + 1) - 1].state_dict()
             # the memory block's gate is ours alone (initialised 0); all else is copied
             missing, unexpected = block.load_state_dict(source, strict=False)
             assert not unexpected and set(missing) <= {"attn.gate"}, (missing, unexpected)
+            if zero_out:
+                for proj in (block.attn.c_proj, block.mlp.c_proj):
+                    proj.weight.zero_()
+                    proj.bias.zero_()
         self.ln_f.load_state_dict(backbone.ln_f.state_dict())
 
     @property

@@ -170,6 +170,29 @@ def split_fingerprint(split_path: str, documents: List[torch.Tensor]) -> dict:
     }
 
 
+def previous_bigram_distance(tokens: np.ndarray, first_prev: int) -> np.ndarray:
+    """Per position ``i`` of a document, ``i - j`` for the latest ``j < i`` whose bigram (previous
+    token, token) is the same as position ``i``'s, or 0 when there is none (a first occurrence).
+
+    Position 0's previous token is ``first_prev`` (the ``</s>`` the model reads before a
+    document), every other position's is the document's own previous token, across segment
+    boundaries: what the model's source holds at that position. A stable sort groups equal
+    bigrams in position order, so each occurrence's predecessor is its neighbour in the sort.
+    """
+    tokens = np.asarray(tokens, dtype=np.int64)
+    n = len(tokens)
+    dist = np.zeros(n, dtype=np.int64)
+    if n < 2:
+        return dist
+    prev = np.concatenate([[first_prev], tokens[:-1]])
+    keys = prev * (int(max(tokens.max(), first_prev)) + 1) + tokens  # one int per bigram
+    order = np.argsort(keys, kind="stable")
+    same = keys[order[1:]] == keys[order[:-1]]
+    later, earlier = order[1:][same], order[:-1][same]
+    dist[later] = later - earlier
+    return dist
+
+
 class DocumentStreamDataset(FairseqDataset):
     """Item ``t`` is batch ``t`` of this rank: segment ``t`` of each of its streams.
 
@@ -177,6 +200,12 @@ class DocumentStreamDataset(FairseqDataset):
     streams are [doc0] and [doc1, doc2]; every rank gets 3 batches. Rank 0 sees doc0 segments
     0, 1, 2; rank 1 sees doc1 segment 0 (new document), doc2 segment 0 (new document), doc2
     segment 1. A stream that runs out gets empty rows (all padding, flagged as new).
+
+    With ``track_recurrence`` set (by a criterion that asks for it, see
+    ``LongMemLMTask.build_criterion``), batches also carry ``recurrence_distance`` (B, W): per
+    target token, the distance back in tokens to the previous occurrence of its bigram in its
+    document (:func:`previous_bigram_distance`; 0 = none, and for padding), computed once per
+    document when first needed.
     """
 
     def __init__(self, documents: List[torch.Tensor], pad: int, eos: int, segment_len: int,
@@ -193,6 +222,8 @@ class DocumentStreamDataset(FairseqDataset):
         ]
         self.num_batches = max((len(s) for s in self.streams), default=0)
         self.my_streams = self.streams[shard_id * bsz_per_shard:(shard_id + 1) * bsz_per_shard]
+        self.track_recurrence = False
+        self._distances = {}  # doc -> previous_bigram_distance, filled as documents are read
 
     def __len__(self):
         return self.num_batches
@@ -206,6 +237,12 @@ class DocumentStreamDataset(FairseqDataset):
         prev = tokens[a - 1:a].long() if a > 0 else target.new_tensor([self.eos])
         source = torch.cat([prev, target[:-1]])
         return source, target
+
+    def recurrence_distance(self, doc: int, seg: int) -> torch.Tensor:
+        if doc not in self._distances:
+            self._distances[doc] = torch.from_numpy(
+                previous_bigram_distance(self.documents[doc].numpy(), self.eos))
+        return self._distances[doc][seg * self.T:(seg + 1) * self.T]
 
     def __getitem__(self, t):
         rows = []
@@ -226,12 +263,15 @@ class DocumentStreamDataset(FairseqDataset):
         src = torch.full((len(rows), T), pad, dtype=torch.long)
         tgt = torch.full((len(rows), T), pad, dtype=torch.long)
         lengths = torch.zeros(len(rows), dtype=torch.long)
-        for b, (source, target, _, _, _) in enumerate(rows):
+        dist = torch.zeros((len(rows), T), dtype=torch.long) if self.track_recurrence else None
+        for b, (source, target, _, doc, seg) in enumerate(rows):
             if source is not None:
                 src[b, :len(source)] = source
                 tgt[b, :len(target)] = target
                 lengths[b] = len(source)
-        return {
+                if dist is not None:
+                    dist[b, :len(target)] = self.recurrence_distance(doc, seg)
+        batch = {
             "id": torch.arange(len(rows)) + t * len(rows),
             "net_input": {
                 "src_tokens": src,
@@ -245,6 +285,9 @@ class DocumentStreamDataset(FairseqDataset):
             "document": torch.tensor([r[3] for r in rows]),
             "segment": torch.tensor([r[4] for r in rows]),
         }
+        if dist is not None:
+            batch["recurrence_distance"] = dist
+        return batch
 
 
 @register_task("longmem_lm", dataclass=LongMemLMConfig)
@@ -253,6 +296,7 @@ class LongMemLMTask(OneDictionaryTask):
         super().__init__(cfg, dictionary)
         self.split_fingerprints = {}  # split -> what its documents are, see split_fingerprint
         self._train_iterator = None  # the latest, for set_checkpoint_dict
+        self.track_recurrence = False  # set by a criterion that needs recurrence distances
 
     @classmethod
     def setup_task(cls, cfg: LongMemLMConfig, **kwargs):
@@ -339,6 +383,7 @@ class LongMemLMTask(OneDictionaryTask):
                 split, len(documents), len(dataset.streams), self.cfg.batch_size, world, idle,
                 max(1, len(documents) // world),
             )
+        dataset.track_recurrence = self.track_recurrence
         self.datasets[split] = dataset
         self.split_fingerprints[split] = split_fingerprint(split_path, documents)
 
@@ -366,6 +411,17 @@ class LongMemLMTask(OneDictionaryTask):
         tokens = [self.dictionary.encode_line(encode_fn(line), add_if_not_exist=False,
                                               append_eos=False).long() for line in lines]
         return tokens, [t.numel() for t in tokens]
+
+    def build_criterion(self, cfg, from_checkpoint=False):
+        """A criterion with ``needs_recurrence`` (``longmem_cross_entropy --recurrence-buckets``)
+        gets ``recurrence_distance`` in every batch, of datasets loaded before or after it
+        (fairseq-train loads the validation split first, fairseq-validate after)."""
+        criterion = super().build_criterion(cfg, from_checkpoint)
+        if getattr(criterion, "needs_recurrence", False):
+            self.track_recurrence = True
+            for dataset in self.datasets.values():
+                dataset.track_recurrence = True
+        return criterion
 
     def _layout(self):
         rank, world = self._shard()

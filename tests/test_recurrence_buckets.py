@@ -1,0 +1,245 @@
+"""Loss by how far back a token's bigram last occurred (``longmem_cross_entropy
+--recurrence-buckets``): exact bucket counts on a hand-made document, totals against
+fairseq-eval-lm through fairseq-validate and score_positions.py (LongMem and a gpt2_lm backbone),
+and where memory reads reach (``--memory-reach-buckets``)."""
+
+import json
+import math
+import os
+import re
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+
+import pytest
+import torch
+from fairseq.data import Dictionary
+from fairseq.logging import metrics
+
+from conftest import REPO, USER_DIR, run_cli, train_longmem
+from fairseq_longmem.criterions.longmem_cross_entropy import (
+    LongMemCrossEntropyCriterion,
+    reach_sums,
+)
+from fairseq_longmem.modules.memory_bank import ChunkedMemoryBank
+from fairseq_longmem.modules.sidenet import reach_of_read
+from fairseq_longmem.tasks.longmem_lm import DocumentStreamDataset, previous_bigram_distance
+
+SCORE_POSITIONS = os.path.join(REPO, "examples", "long_context_lm", "score_positions.py")
+LABELS = ["none", "local", "1", "2_4", "5_16", "17_end"]
+EOS, PAD = 2, 1
+
+
+def hand_made_document():
+    """56 tokens, T = 2: ``a b`` pairs whose ``b`` repeats the bigram (a, b) at chosen distances,
+    ``b b`` once inside a segment, every other token unique. Positions of the recurring bigrams:
+    3 (b, b) local; 6 (a, b) 3 segments after 1; 9 one after 6; 18 five after 9 (its ``a`` at 17
+    ends the previous segment: the bigram crosses a boundary); 53 seventeen after 18."""
+    a, b = 10, 11
+    doc = [100 + i for i in range(56)]  # unique fillers
+    doc[0], doc[1], doc[2], doc[3] = a, b, b, b
+    for p in (5, 8, 17, 52):
+        doc[p], doc[p + 1] = a, b
+    return doc
+
+
+def brute_force_buckets(doc, T):
+    """The bucket of every position by the definition, in O(n^2)."""
+    out = []
+    for i, tok in enumerate(doc):
+        prev = doc[i - 1] if i else EOS
+        j = next((j for j in range(i - 1, -1, -1)
+                  if doc[j] == tok and (doc[j - 1] if j else EOS) == prev), None)
+        if j is None:
+            out.append("none")
+            continue
+        back = i // T - j // T
+        out.append("local" if back == 0 else "1" if back == 1 else "2_4" if back <= 4
+                   else "5_16" if back <= 16 else "17_end")
+    return out
+
+
+def criterion(buckets="1,4,16", T=2):
+    task = SimpleNamespace(target_dictionary=SimpleNamespace(pad=lambda: PAD))
+    return LongMemCrossEntropyCriterion(task, False, recurrence_buckets=buckets,
+                                        tokens_per_sample=T)
+
+
+def reduced(logging_outputs):
+    with metrics.aggregate() as agg:
+        LongMemCrossEntropyCriterion.reduce_metrics(logging_outputs)
+        return agg.get_smoothed_values()
+
+
+def test_previous_bigram_distance_of_a_hand_made_document():
+    dist = previous_bigram_distance(hand_made_document(), EOS)
+    expected = [0] * 56
+    expected[3], expected[6], expected[9], expected[18], expected[53] = 1, 5, 3, 9, 35
+    assert dist.tolist() == expected
+    # position 0's previous token is the </s> before the document: (</s>, 7) recurs at 3
+    assert previous_bigram_distance([7, 2, 5, 2, 7], EOS).tolist() == [0, 0, 0, 0, 4]
+
+
+def test_recurrence_buckets_count_a_hand_made_document_exactly():
+    doc = hand_made_document()
+    expected = {label: 0 for label in LABELS}
+    for label in brute_force_buckets(doc, 2):
+        expected[label] += 1
+    assert expected == {"none": 51, "local": 1, "1": 1, "2_4": 1, "5_16": 1, "17_end": 1}
+
+    # two streams: the document, and a short one that runs out (padding is never counted)
+    documents = [torch.tensor(doc, dtype=torch.int32), torch.tensor([10, 11, 10], dtype=torch.int32)]
+    ds = DocumentStreamDataset(documents, PAD, EOS, 2, bsz_per_shard=2, shard_id=0, num_shards=1)
+    ds.track_recurrence = True
+    crit = criterion()
+    logs = []
+    for t in range(len(ds)):
+        sample = ds.collater([ds[t]])
+        # a loss of 1 + the token's document position, so that the summed losses say which
+        # tokens went where
+        pos = sample["segment"].unsqueeze(1) * 2 + torch.arange(sample["target"].shape[1])
+        token_loss = (1.0 + pos).float().flatten()
+        log = crit.recurrence_sums(token_loss, sample)
+        scored = sample["target"].flatten().ne(PAD)
+        log.update(ntokens=sample["ntokens"], sample_size=sample["ntokens"],
+                   loss=float(token_loss[scored].sum()))
+        logs.append(log)
+    counts = {label: sum(log["ntokens_rec" + label] for log in logs) for label in LABELS}
+    short = brute_force_buckets([10, 11, 10], 2)
+    assert short == ["none", "none", "none"]
+    assert counts == {**expected, "none": 51 + 3}
+    assert sum(counts.values()) == sum(log["ntokens"] for log in logs) == 56 + 3
+    nats = {label: sum(log["lossnat_rec" + label] for log in logs) for label in LABELS}
+    assert nats["local"] == 4 and nats["1"] == 10 and nats["2_4"] == 7
+    assert nats["5_16"] == 19 and nats["17_end"] == 54
+
+    values = reduced(logs)
+    assert values["ntokens_rec17_end"] == 1
+    assert values["loss_rec17_end"] == pytest.approx(54 / math.log(2), abs=1e-3)
+    assert values["ppl_rec2_4"] == pytest.approx(2 ** (7 / math.log(2)), rel=1e-3)
+
+
+def test_recurrence_bucket_errors():
+    with pytest.raises(ValueError, match=r"--recurrence-buckets '4,1': expected increasing"):
+        criterion("4,1")
+    with pytest.raises(ValueError, match="needs --task longmem_lm"):
+        criterion().recurrence_sums(torch.zeros(4), {"target": torch.zeros(1, 4).long()})
+
+
+def test_reach_shares_of_a_hand_made_memory_sum_to_one():
+    # one row, one head, csz 1: chunks written 1, 2, 3, 5 and 20 adds before the read
+    bank = ChunkedMemoryBank(1, 1, 2, chunk_size=1, memory_size=32)
+    for step in range(20):
+        bank.add(torch.ones(1, 1, 1, 2), torch.ones(1, 1, 1, 2))
+    slots = torch.tensor([19, 18, 17, 15, 0]).view(1, 1, 1, 5)  # written by adds 20, 19, 18, 16, 1
+    assert bank.segments_back(slots).flatten().tolist() == [1, 2, 3, 5, 20]
+    probs = torch.tensor([0.4, 0.1, 0.1, 0.25, 0.15]).view(1, 1, 1, 5)
+    found = SimpleNamespace(chunk_index=slots)
+    reach = reach_of_read(probs, found, torch.ones(1, 1, 1, 1, dtype=torch.bool), bank, [1, 4, 16])
+    assert reach["mass"].flatten().tolist() == pytest.approx([0.4, 0.2, 0.25, 0.15])
+    assert reach["chunks"].flatten().tolist() == [1, 2, 1, 1]
+    # a cleared row counts afresh
+    bank.clear()
+    bank.add(torch.ones(1, 1, 1, 2), torch.ones(1, 1, 1, 2))
+    assert bank.segments_back(torch.tensor([0]).view(1, 1, 1, 1)).item() == 1
+
+    labels = ["1", "2_4", "5_16", "17_end"]
+    logs = []
+    for mass, chunks in ((reach["mass"], reach["chunks"]),
+                         (torch.tensor([[0.0, 1.0, 1.0, 0.0], [2.0, 0.0, 0.0, 0.0]]),
+                          torch.tensor([[0.0, 3.0, 1.0, 0.0], [4.0, 0.0, 0.0, 0.0]]))):
+        logs.append(reach_sums({"mass": mass, "chunks": chunks, "labels": labels}))
+    for log in logs:
+        log.update(loss=0.0, ntokens=1, sample_size=1)
+    values = reduced(logs)
+    # mass 1 + 2 + 2 = 5 over all heads: 1 back 2.4, 2-4 back 1.2, 5-16 back 1.25, 17+ 0.15
+    shares = [values[f"mem_reach{label}"] for label in labels]
+    assert sum(shares) == pytest.approx(1, abs=2e-3)
+    assert shares == pytest.approx([2.4 / 5, 1.2 / 5, 1.25 / 5, 0.15 / 5], abs=1e-3)
+    assert values["mem_reach1_h1"] == 1.0
+    assert values["mem_chunks2_4"] == pytest.approx(5 / 13, abs=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# through the CLIs
+
+T_EVAL = 8  # short segments, so that the test documents span up to 17 of them
+BATCH = 4
+
+
+def expected_counts(corpus):
+    d = Dictionary.load(os.path.join(corpus.data_dir, "dict.txt"))
+    counts = {label: 0 for label in LABELS}
+    for lines in corpus.docs["valid"]:
+        doc = [t for line in lines for t in [d.index(w) for w in line.split()] + [d.eos()]]
+        for label in brute_force_buckets(doc, T_EVAL):
+            counts[label] += 1
+    return counts
+
+
+def args(corpus, path):
+    return [corpus.data_dir, "--user-dir", USER_DIR, "--path", path, "--task", "longmem_lm",
+            "--tokens-per-sample", T_EVAL, "--batch-size", BATCH, "--cpu", "--num-workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def longmem_checkpoint(corpus, backbone, tmp_path_factory):
+    return train_longmem(corpus, backbone, tmp_path_factory.mktemp("longmem_rec"), "--sidenet-init",
+                         "zero-out", batch_size=BATCH)
+
+
+def eval_lm(corpus, path):
+    log = run_cli(["fairseq-eval-lm", *args(corpus, path), "--gen-subset", "valid"])
+    return (int(re.search(r"Evaluated ([\d,]+) tokens", log).group(1).replace(",", "")),
+            float(re.search(r"Loss \(base 2\): ([\d.]+)", log).group(1)))
+
+
+def score(corpus, path, out, *extra):
+    run_cli([sys.executable, SCORE_POSITIONS, *args(corpus, path), "--valid-subset", "valid",
+             "--criterion", "longmem_cross_entropy", "--recurrence-buckets", "1,4,16",
+             "--results-json", out, *extra])
+    return json.loads(out.read_text())
+
+
+def test_recurrence_buckets_through_the_clis_match_eval_lm(corpus, backbone, longmem_checkpoint,
+                                                           tmp_path):
+    counts = expected_counts(corpus)
+    assert sum(counts.values()) == corpus.num_tokens("valid")
+    assert sum(1 for v in counts.values() if v) >= 5
+    reach = "{'memory_reach_buckets': '1,4,16'}"
+    with ThreadPoolExecutor(2) as pool:
+        jobs = {
+            "validate": pool.submit(run_cli, [
+                "fairseq-validate", *args(corpus, longmem_checkpoint), "--valid-subset", "valid",
+                "--criterion", "longmem_cross_entropy", "--recurrence-buckets", "1,4,16",
+                "--log-format", "json", "--model-overrides", reach]),
+            "longmem": pool.submit(score, corpus, longmem_checkpoint, tmp_path / "lm.json",
+                                   "--model-overrides", reach),
+            "backbone": pool.submit(score, corpus, backbone, tmp_path / "bb.json"),
+            "eval_longmem": pool.submit(eval_lm, corpus, longmem_checkpoint),
+            "eval_backbone": pool.submit(eval_lm, corpus, backbone),
+        }
+        res = {k: j.result() for k, j in jobs.items()}
+    line = [l for l in res["validate"].splitlines() if "| valid | " in l][-1]
+    validated = {k[len("valid_"):]: float(v)
+                 for k, v in json.loads(line.split("| valid | ", 1)[1]).items()}
+    assert {label: int(validated["ntokens_rec" + label]) for label in LABELS
+            if counts[label]} == {k: v for k, v in counts.items() if v}
+    for name in ("longmem", "backbone"):
+        values = res[name]
+        tokens, eval_loss = res[f"eval_{name}"]
+        assert tokens == corpus.num_tokens("valid")
+        assert {label: values.get("ntokens_rec" + label, 0) for label in LABELS} == counts
+        mean = sum(values["loss_rec" + k] * n for k, n in counts.items() if n) / tokens
+        assert mean == pytest.approx(values["loss"], abs=1e-5)
+        assert values["loss"] == pytest.approx(eval_loss, abs=1e-4)
+    # the memory read's reach: shares over 1, 2-4, 5-16, 17+ segments back sum to 1, per head too
+    shares = [res["longmem"][f"mem_reach{label}"] for label in LABELS[2:]]
+    assert sum(shares) == pytest.approx(1, abs=1e-6) and shares[0] > 0 and shares[1] > 0
+    chunks = [res["longmem"][f"mem_chunks{label}"] for label in LABELS[2:]]
+    assert sum(chunks) == pytest.approx(1, abs=1e-6)
+    for h in range(4):  # longmem_gpt2_tiny's heads
+        assert sum(res["longmem"][f"mem_reach{label}_h{h}"] for label in LABELS[2:]) \
+            == pytest.approx(1, abs=1e-6)
+    assert validated["mem_reach1"] == pytest.approx(shares[0], abs=1e-3)
+    assert "mem_reach1" not in res["backbone"]

@@ -1,0 +1,120 @@
+"""``--sidenet-init zero-out``: the SideNet starts equal to its backbone (every side block adds
+nothing, the cross-network residual telescopes to the backbone's last hidden state), and the
+first step's gradients reach the zeroed output projections."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fairseq.data import Dictionary
+
+from fairseq_longmem.models.longmem_gpt2 import LongMemGPT2Config, LongMemGPT2Model
+from fairseq_longmem.modules.gpt2 import GPT2Backbone, GPT2Dims
+from fairseq_longmem.modules.sidenet import SideNet
+
+D, LAYERS, HEADS, T = 64, 4, 4, 16
+DICT = Dictionary()
+for i in range(40):
+    DICT.add_symbol(f"w{i}")
+
+
+def make_model(init, **overrides):
+    torch.manual_seed(0)
+    dims = GPT2Dims(vocab_size=len(DICT), embed_dim=D, num_layers=LAYERS, num_heads=HEADS,
+                    max_positions=64, dropout=0.0, attention_dropout=0.0)
+    options = dict(embed_dim=D, num_layers=LAYERS, num_heads=HEADS, max_positions=64,
+                   memory_layer=3, memory_size=64, chunk_size=4, retrieved_tokens=8,
+                   search_backend="torch", dropout=0.0, max_target_positions=T,
+                   sidenet_init=init)
+    options.update(overrides)
+    return LongMemGPT2Model.from_backbone(LongMemGPT2Config(**options), DICT, GPT2Backbone(dims))
+
+
+def tokens(seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(DICT.nspecial, len(DICT), (2, T), generator=g)
+
+
+def telescoped(backbone, src, r=2):
+    """ln_f(h_0 + (h_2 - h_0) + (h_4 - h_2) + ...): the SideNet's output when its blocks add
+    exactly zero, in the SideNet's own order of float additions."""
+    hiddens, _ = backbone(src)
+    s = hiddens[0]
+    for i in range(1, LAYERS // r + 1):
+        s = s + (hiddens[r * i] - hiddens[r * (i - 1)])
+    return backbone.output_layer(s)
+
+
+@torch.no_grad()
+def test_zero_out_starts_equal_to_the_backbone_with_memory_off_and_on():
+    on = make_model("zero-out").eval()
+    off = make_model("zero-out", disable_memory=True).eval()
+    backbone = on.decoder.backbone
+    for seg in range(3):  # segment 0 reads an empty memory, 1 and 2 a filled one
+        src = tokens(seg)
+        flags = torch.tensor([seg == 0, seg == 0])
+        logits_on, extra = on(src_tokens=src, new_document=flags)
+        logits_off, _ = off(src_tokens=src, new_document=flags)
+        assert float(extra["memory_stats"]["fill"]) == 16 * seg
+        # bit for bit the telescoped residual sum, with memory off and on (the memory block's
+        # output projection is zero too, so a filled memory changes nothing either)
+        reference = telescoped(backbone, src)
+        assert torch.equal(logits_on, reference) and torch.equal(logits_off, reference)
+        # and the backbone's own logits up to the rounding of h_0 + (h_2 - h_0) + ... vs h_L
+        hiddens, _ = backbone(src)
+        own = backbone.output_layer(hiddens[-1])
+        assert (logits_on - own).abs().max() < 1e-5
+
+
+@torch.no_grad()
+def test_paper_init_does_not_start_equal_to_the_backbone():
+    model = make_model("paper").eval()
+    src = tokens(0)
+    logits, _ = model(src_tokens=src, new_document=torch.tensor([True, True]))
+    hiddens, _ = model.decoder.backbone(src)
+    assert (logits - model.decoder.backbone.output_layer(hiddens[-1])).abs().max() > 1e-2
+    block = model.decoder.sidenet.h[0]
+    assert torch.equal(block.mlp.c_proj.weight, model.decoder.backbone.h[1].mlp.c_proj.weight)
+
+
+def test_zero_out_gradients_reach_the_output_projections_at_the_first_step():
+    model = make_model("zero-out").train()
+    src = tokens(0)
+    flags = torch.tensor([True, True])
+    with torch.no_grad():
+        model(src_tokens=src, new_document=flags)  # fill the memory: the read path is live
+    logits, _ = model(src_tokens=tokens(1), new_document=torch.tensor([False, False]))
+    F.cross_entropy(logits.flatten(0, 1), tokens(2).flatten()).backward()
+    for j, block in enumerate(model.decoder.sidenet.h):
+        for proj in (block.attn.c_proj, block.mlp.c_proj):
+            assert proj.weight.grad.abs().sum() > 0 and proj.bias.grad.abs().sum() > 0, j
+        # behind a zero projection nothing else moves at the first step; from the second on it
+        # does, once the projections are no longer zero
+        assert block.mlp.c_fc.weight.grad.abs().sum() == 0
+        assert block.attn.c_attn.weight.grad.abs().sum() == 0
+    assert model.decoder.sidenet.memory_attention.gate.grad.abs().sum() == 0
+
+
+def test_sidenet_init_rejects_an_unknown_choice():
+    backbone = GPT2Backbone(GPT2Dims(vocab_size=40, embed_dim=D, num_layers=LAYERS,
+                                     num_heads=HEADS, max_positions=64))
+    with pytest.raises(ValueError, match=r"--sidenet-init 'zero': expected one of paper, zero-out"):
+        SideNet(backbone, 2, 3, 0.0, 0.0, init="zero")
+
+
+def test_gate_init_and_gate_lr_scale():
+    model = make_model("paper", gate_init=1.5, gate_lr_scale=10.0).train()
+    attn = model.decoder.sidenet.memory_attention
+    assert torch.sigmoid(attn.gate * attn.gate_scale).tolist() == pytest.approx(
+        [torch.sigmoid(torch.tensor(1.5)).item()] * HEADS)
+    with torch.no_grad():
+        model(src_tokens=tokens(0), new_document=torch.tensor([True, True]))
+    logits, _ = model(src_tokens=tokens(1), new_document=torch.tensor([False, False]))
+    F.cross_entropy(logits.flatten(0, 1), tokens(2).flatten()).backward()
+    before = (attn.gate * attn.gate_scale).detach().clone()
+    torch.optim.Adam([attn.gate], lr=1e-3).step()
+    # Adam's first step moves the parameter by lr (times the sign of its gradient): the logit
+    # moves ten times that
+    moved = (attn.gate * attn.gate_scale).detach() - before
+    assert moved.abs().tolist() == pytest.approx([1e-2] * HEADS, rel=1e-3)
+    with pytest.raises(ValueError, match="--gate-lr-scale must be > 0, got 0"):
+        make_model("paper", gate_lr_scale=0.0)
