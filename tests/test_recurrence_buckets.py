@@ -126,6 +126,20 @@ def test_recurrence_bucket_errors():
         criterion().recurrence_sums(torch.zeros(4), {"target": torch.zeros(1, 4).long()})
 
 
+def test_write_times_follow_their_rows_when_beams_reorder_them():
+    # row 0 written 3 times, row 1 once; select_rows (a beam reorder) must carry each row's
+    # clock and per-chunk write times with it, as it carries its keys
+    bank = ChunkedMemoryBank(2, 1, 2, chunk_size=1, memory_size=8)
+    for step in range(3):
+        bank.add(torch.ones(2, 1, 1, 2), torch.ones(2, 1, 1, 2))
+    bank.clear(1)
+    bank.add(torch.ones(2, 1, 1, 2), torch.ones(2, 1, 1, 2))
+    slot0 = torch.zeros(2, 1, 1, 1, dtype=torch.long)  # each row's first chunk
+    assert bank.segments_back(slot0).flatten().tolist() == [4, 1]
+    bank.select_rows([1, 0, 0])
+    assert bank.segments_back(torch.zeros(3, 1, 1, 1, dtype=torch.long)).flatten().tolist() == [1, 4, 4]
+
+
 def test_reach_shares_of_a_hand_made_memory_sum_to_one():
     # one row, one head, csz 1: chunks written 1, 2, 3, 5 and 20 adds before the read
     bank = ChunkedMemoryBank(1, 1, 2, chunk_size=1, memory_size=32)

@@ -216,12 +216,12 @@ class ChunkedMemoryBank:
             raise ValueError(f"select_rows: expected row indices in [0, {self.num_rows}), "
                              f"got {order.tolist()}")
         on_device = order.to(self._device)
-        for name in ("_keys", "_values", "_summaries", "_stage_keys", "_stage_values"):
+        for name in ("_keys", "_values", "_summaries", "_stage_keys", "_stage_values",
+                     "_written"):
             setattr(self, name, getattr(self, name).index_select(0, on_device))
         host = order.cpu().numpy()
-        self._write_ptr = self._write_ptr[host]
-        self._count = self._count[host]
-        self._stage_len = self._stage_len[host]
+        for name in ("_write_ptr", "_count", "_stage_len", "_clock"):
+            setattr(self, name, getattr(self, name)[host])
         self._gather_buffers = {}
         return self
 
