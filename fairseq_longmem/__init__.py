@@ -32,8 +32,8 @@ if fairseq_installed():
     # root handler it installs itself; it is noise for a text-only plugin
     logging.getLogger("fairseq.tasks.text_to_speech").setLevel(logging.WARNING)
 
-    from . import compat
+    from . import fairseq_patches
 
-    compat.install()
+    fairseq_patches.install()
 
     from . import criterions, models, scoring, tasks  # noqa: E402,F401

@@ -22,7 +22,7 @@ from fairseq.models import (
 )
 from omegaconf import II
 
-from ..compat import load_checkpoint_file
+from ..fairseq_patches import load_checkpoint_file
 from ..modules.gpt2 import GPT2Backbone, GPT2Dims
 from ..modules.memory_bank import ChunkedMemoryBank
 from ..modules.sidenet import SideNet

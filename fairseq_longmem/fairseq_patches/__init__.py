@@ -15,8 +15,8 @@ import types
 import numpy as np
 import torch
 
-from . import checkpoint_files
-from .checkpoint_guard import TRUST_ENV, safe_globals, vet
+from ..checkpoint import files as checkpoint_files
+from ..checkpoint.guard import TRUST_ENV, safe_globals, vet
 
 logger = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from .checkpoint_guard import safe_globals
+from .guard import safe_globals
 
 logger = logging.getLogger(__name__)
 
