@@ -9,7 +9,6 @@ Training and evaluation keep separate memories, so validation never reads traini
 import dataclasses
 import logging
 import os
-import zipfile
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -22,7 +21,7 @@ from fairseq.models import (
 )
 from omegaconf import II
 
-from ..fairseq_patches import load_checkpoint_file
+from ..checkpoint.read import read_checkpoint
 from ..modules.gpt2 import GPT2Backbone, GPT2Dims
 from ..modules.memory_bank import ChunkedMemoryBank
 from ..modules.sidenet import SideNet
@@ -97,34 +96,6 @@ class LongMemGPT2Config(FairseqDataclass):
     attention_dropout: float = field(default=0.0, metadata={"help": "SideNet attention dropout"})
     dictionary_fingerprint: str = fingerprint_field()
     max_target_positions: Optional[int] = II("task.tokens_per_sample")
-
-
-# a torch.save file is a zip archive; torch's legacy format starts with a pickle protocol byte
-_CHECKPOINT_MAGICS = (b"PK\x03\x04", b"\x80")
-
-
-def read_checkpoint(path: str, option: str) -> dict:
-    """Load a checkpoint file that an option names, refusing an empty, foreign or damaged file in
-    one line that names it (torch alone says ``EOFError`` or ``pop from empty list``)."""
-    fix = "point it at a complete gpt2_lm checkpoint (re-copy it, or re-run what wrote it)"
-    size = os.path.getsize(path)
-    if size == 0:
-        raise ValueError(f"{option} {path} is empty (0 bytes; an interrupted copy or save?): {fix}")
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if not head.startswith(_CHECKPOINT_MAGICS):
-        raise ValueError(
-            f"{option} {path} is not a torch checkpoint: it starts with {head!r}, where a "
-            f"checkpoint (a zip archive) starts with b'PK\\x03\\x04'; {fix}"
-        )
-    try:
-        return load_checkpoint_file(path, map_location="cpu")
-    except (EOFError, OSError, RuntimeError, zipfile.BadZipFile, IndexError, KeyError) as e:
-        detail = (str(e).strip() or type(e).__name__).splitlines()[0]
-        raise ValueError(
-            f"{option} {path} ({size} bytes) cannot be read as a torch checkpoint, truncated or "
-            f"damaged ({type(e).__name__}: {detail}): {fix}"
-        ) from None
 
 
 def load_backbone(path: str, dims: GPT2Dims, task):
