@@ -6,8 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fairseq_longmem.modules import memory_search
-from fairseq_longmem.modules.memory_bank import ChunkedMemoryBank
+from fairseq_longmem.memory import search as memory_search
+from fairseq_longmem.memory.bank import ChunkedMemoryBank
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -14,8 +14,8 @@ import sys
 import pytest
 import torch
 
-from fairseq_longmem.modules import memory_search
-from fairseq_longmem.modules.memory_bank import ChunkedMemoryBank
+from fairseq_longmem.memory import search as memory_search
+from fairseq_longmem.memory.bank import ChunkedMemoryBank
 from test_memory_search import CASES, assert_exact_top_k, make_bank, queries_for
 
 HAS_TRITON = True

@@ -115,7 +115,7 @@ def test_prefix_goes_into_memory_once_and_scoring_never_writes(gpt2_vocab_models
                                                               monkeypatch):
     from fairseq import checkpoint_utils
 
-    from fairseq_longmem.modules.memory_bank import ChunkedMemoryBank
+    from fairseq_longmem.memory.bank import ChunkedMemoryBank
 
     examples = [{"ctx": "\n".join(f"the film was fine {j} ." for j in range(6 + i)),
                  "pos": "it was", "negs": ["so it", "then"]} for i in range(3)]

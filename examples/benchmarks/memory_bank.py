@@ -12,7 +12,7 @@ import time
 import numpy as np
 import torch
 
-from fairseq_longmem.modules.memory_bank import ChunkedMemoryBank
+from fairseq_longmem.memory.bank import ChunkedMemoryBank
 
 
 class PerHeadFaissBaseline:

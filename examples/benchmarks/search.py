@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from fairseq_longmem.modules import memory_search
-from fairseq_longmem.modules.memory_bank import ChunkedMemoryBank
+from fairseq_longmem.memory import search as memory_search
+from fairseq_longmem.memory.bank import ChunkedMemoryBank
 
 
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)

@@ -23,7 +23,7 @@ from omegaconf import II
 
 from ..checkpoint.read import read_checkpoint
 from ..modules.gpt2 import GPT2Backbone, GPT2Dims
-from ..modules.memory_bank import ChunkedMemoryBank
+from ..memory.bank import ChunkedMemoryBank
 from ..modules.sidenet import SideNet
 from .gpt2_lm import (
     FINGERPRINT,

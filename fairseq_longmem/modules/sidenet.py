@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .gpt2 import Block, CausalSelfAttention, GPT2Backbone, GPT2Dims
-from .memory_bank import MemoryRetrieval
+from ..memory.bank import MemoryRetrieval
 
 
 @dataclass

@@ -32,7 +32,7 @@ from fairseq.dataclass import ChoiceEnum
 from fairseq.tasks import register_task
 
 from .. import icl_data, memory_scoring
-from ..modules.memory_file import read_header
+from ..memory.file_format import read_header
 from .candidate_scoring import (
     CandidateScorer,
     CandidateScoringConfig,

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import memory_search
+from . import search as memory_search
 
 BLOCK_T = 64  # queries per program of the block-max kernel
 BLOCK_J = 64  # blocks per program of the block-max kernel

@@ -46,7 +46,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import memory_file, memory_search
+from . import file_format as memory_file
+from . import search as memory_search
 
 logger = logging.getLogger(__name__)
 

@@ -80,9 +80,9 @@ def search(backend, queries, summaries, count, nk, max_score_bytes):
     elif backend == "matmul":
         slots = matmul_topk(queries, summaries, count, nk, max_score_bytes)
     elif backend == "triton":
-        from . import memory_triton
+        from . import search_triton
 
-        slots = memory_triton.search(queries, summaries, count, nk, max_score_bytes)
+        slots = search_triton.search(queries, summaries, count, nk, max_score_bytes)
     elif backend == "faiss":
         if queries.device.type == "cuda":
             return _faiss_gpu_search(queries, summaries, count, nk)
