@@ -1,8 +1,9 @@
 """fairseq-longmem: LongMem (Wang et al. 2023) as a plugin for stock fairseq.
 
 Load with ``--user-dir $(python -m fairseq_longmem.user_dir)``; importing this package registers
-the tasks, models, criterion and scorers with fairseq when fairseq is installed. The memory bank
-and the GPT-2 modules (:mod:`fairseq_longmem.modules`) need only torch.
+the tasks, models, criterion and scorers with fairseq when fairseq is installed. The memory
+(:mod:`fairseq_longmem.memory`) and the GPT-2 modules (:mod:`fairseq_longmem.modules`) need only
+torch.
 """
 
 import importlib.util
@@ -23,7 +24,7 @@ def require_fairseq(what: str) -> None:
     if not fairseq_installed():
         raise ImportError(
             f"{what} needs fairseq, which is not installed: {FAIRSEQ_INSTALL}; the memory bank "
-            "(fairseq_longmem.modules) works without it"
+            "(fairseq_longmem.memory) works without it"
         )
 
 

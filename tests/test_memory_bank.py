@@ -635,7 +635,7 @@ def test_memory_bank_imports_without_fairseq_and_the_plugin_says_what_to_install
     lines = out.stdout.strip().splitlines()
     assert lines[:3] == ["fairseq found: False", "search mask: [[[[True, True]]]]", "imported: []"]
     install = ("needs fairseq, which is not installed: pip install --no-deps ve-fairseq==0.12.3 "
-               "(see README.md, 'Install'); the memory bank (fairseq_longmem.modules) works "
+               "(see README.md, 'Install'); the memory bank (fairseq_longmem.memory) works "
                "without it")
     assert lines[3:] == [f"ImportError: fairseq_longmem.{name} {install}"
                          for name in ("models", "tasks", "scoring")]

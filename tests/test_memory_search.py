@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fairseq_longmem.memory import search as memory_search
+from fairseq_longmem.memory import topk
 from fairseq_longmem.memory.bank import ChunkedMemoryBank
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -169,7 +170,7 @@ def test_two_stage_selection_is_exact(data):
     values = data.draw(st.lists(st.integers(-3, 3), min_size=n * width, max_size=n * width))
     scores = torch.tensor(values, dtype=torch.float32).view(1, n, width)
     scores[..., valid:] = float("-inf")
-    got = memory_search.select_two_stage(scores, nk, blk, nb)  # (1, n, nk)
+    got = topk.select_two_stage(scores, nk, blk, nb)  # (1, n, nk)
     want = scores.topk(nk, dim=-1).values
     assert torch.equal(scores.gather(-1, got), want)
     assert (got < valid).all()
@@ -178,10 +179,10 @@ def test_two_stage_selection_is_exact(data):
 
 
 def test_block_layout():
-    assert memory_search.block_layout(63, 4) is None  # small: one topk is as cheap
-    assert memory_search.block_layout(4096, 16) == (16, 256)
-    assert memory_search.block_layout(16384, 16) == (32, 512)
-    blk, nb = memory_search.block_layout(16383, 16)
+    assert topk.block_layout(63, 4) is None  # small: one topk is as cheap
+    assert topk.block_layout(4096, 16) == (16, 256)
+    assert topk.block_layout(16384, 16) == (32, 512)
+    blk, nb = topk.block_layout(16383, 16)
     assert (blk, nb) == (32, 512) and blk * nb >= 16383
 
 

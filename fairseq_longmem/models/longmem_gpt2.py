@@ -342,14 +342,6 @@ def validate_config(cfg, num_layers: Optional[int] = None):
 _GIB = 2**30
 
 
-def memory_bytes(rows: int, heads: int, head_dim: int, memory_size: int, chunk_size: int,
-                 itemsize: int) -> int:
-    """Bytes one memory (``ChunkedMemoryBank``) allocates up front: per row and head, keys and
-    values of ``memory_size`` tokens, one mean key per chunk, and one chunk's staging area."""
-    per_head = 2 * memory_size + memory_size // chunk_size + 2 * chunk_size  # vectors of head_dim
-    return rows * heads * per_head * head_dim * itemsize
-
-
 def free_bytes(device: torch.device) -> Optional[int]:
     """Memory free for new tensors on ``device``: CUDA's free memory, or the host's available RAM
     (Linux MemAvailable; free pages elsewhere). None when unknown."""
@@ -380,8 +372,8 @@ def check_memory_fits(cfg, dims: GPT2Dims, task):
     half = cuda and (getattr(tcfg, "fp16", False) or getattr(tcfg, "bf16", False))
     # training keeps a second memory for validation, which never reads training text
     banks = 1 if getattr(task, "building_from_checkpoint", False) else 2
-    one = memory_bytes(rows, dims.num_heads, dims.head_dim, cfg.memory_size, cfg.chunk_size,
-                       2 if half else 4)
+    one = ChunkedMemoryBank.bytes_for(rows, dims.num_heads, dims.head_dim, cfg.chunk_size,
+                                      cfg.memory_size, torch.float16 if half else torch.float32)
     free = free_bytes(device)
     if free is not None and banks * one > free:
         what = "a training and a validation memory" if banks == 2 else "the memory"
