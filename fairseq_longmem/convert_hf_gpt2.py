@@ -23,7 +23,7 @@ from typing import Dict, List, Optional
 import torch
 
 from . import require_fairseq
-from .jsonfile import read_json
+from .fileio import read_json
 from .modules.gpt2 import GPT2Backbone, GPT2Dims
 
 SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")

@@ -13,7 +13,7 @@ PACKAGE = "fairseq_longmem"
 # a module may import modules of its own layer or a lower one; the package root (the plugin entry)
 # is left out: every subpackage reads require_fairseq from it
 LAYERS = [
-    ("fairseq_longmem.checkpoint", "fairseq_longmem.memory", "fairseq_longmem.jsonfile"),
+    ("fairseq_longmem.checkpoint", "fairseq_longmem.memory", "fairseq_longmem.fileio"),
     ("fairseq_longmem.modules",),
     ("fairseq_longmem.models", "fairseq_longmem.criterions"),
     ("fairseq_longmem.tasks", "fairseq_longmem.scoring", "fairseq_longmem.icl_data",

@@ -32,7 +32,7 @@ import torch
 from fairseq.tasks import register_task
 
 from .. import memory_scoring
-from ..jsonfile import read_json
+from ..fileio import read_json
 from .candidate_scoring import (
     CandidateScorer,
     CandidateScoringConfig,
