@@ -1,5 +1,4 @@
-"""Checkpoint files that survive a kill at any moment: atomic writes, finding the newest intact
-checkpoint of a folder, deciding what to resume from when the named one is damaged, and removing
+"""Checkpoint files that survive a kill at any moment: finding the newest intact checkpoint of a folder, deciding what to resume from when the named one is damaged, and removing
 writes a killed save left. fairseq is changed to use them in
 :mod:`fairseq_longmem.fairseq_patches.checkpoint_utils`, which says what happens when.
 """
@@ -8,52 +7,21 @@ import contextlib
 import logging
 import os
 import re
-import shutil
 import zipfile
-from typing import Callable, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
+from ..fileio import INCOMPLETE, atomic_copy
 from .guard import safe_globals
 
 logger = logging.getLogger(__name__)
 
-INCOMPLETE = ".incomplete"  # suffix of a write in progress
 DAMAGED = ".damaged"  # suffix a damaged checkpoint is moved aside to
 
 
 class CheckpointResumeError(RuntimeError):
     """The checkpoint to resume from is damaged and no intact one can stand in for it."""
-
-
-def _fsync_dir(folder: str):
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_write(path: str, write: Callable):
-    """``write(f)`` into ``path + '.incomplete'``, fsync, then ``os.replace`` it onto ``path``."""
-    tmp = path + INCOMPLETE
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-def atomic_copy(src: str, dst: str):
-    with open(src, "rb") as f:
-        atomic_write(dst, lambda out: shutil.copyfileobj(f, out, 16 << 20))
 
 
 def is_local(path: str) -> bool:

@@ -28,12 +28,11 @@ import torch
 
 from ..checkpoint.files import (
     CheckpointResumeError,
-    atomic_copy,
-    atomic_write,
     choose_resume_file,
     is_local,
     remove_incomplete,
 )
+from ..fileio import atomic_copy, atomic_write
 
 logger = logging.getLogger(__name__)
 
