@@ -282,7 +282,7 @@ class ChunkedMemoryBank:
             if lengths.shape != (B,) or lengths.is_floating_point() or lengths.dtype == torch.bool:
                 raise ValueError(f"lengths: expected an integer tensor of shape ({B},), "
                                  f"got {lengths.dtype} of shape {tuple(lengths.shape)}")
-        lengths, nonfinite = self._appended(keys, values, lengths)
+        lengths, nonfinite = self._lengths_and_nonfinite_rows(keys, values, lengths)
         if (lengths < 0).any() or (lengths > T).any():
             raise ValueError(f"lengths: expected values in [0, T={T}], got {lengths.tolist()}")
         if nonfinite:
@@ -306,7 +306,7 @@ class ChunkedMemoryBank:
         for b in np.flatnonzero(~fast).tolist():  # ragged rows: partial chunks, staging
             self._add_row(b, keys[b], values[b], int(lengths[b]))
 
-    def _appended(self, keys, values, lengths):
+    def _lengths_and_nonfinite_rows(self, keys, values, lengths):
         """(lengths as numpy (B,), rows whose appended tokens hold inf or NaN).
 
         A sum is finite only if all its terms are, so one fp32 sum per row of its appended keys

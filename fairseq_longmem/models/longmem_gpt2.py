@@ -79,8 +79,8 @@ class LongMemGPT2Config(FairseqDataclass):
     search_backend: SEARCH_BACKENDS = field(
         default="auto",
         metadata={"help": "exact memory search: torch (two-stage block-max selection), matmul (all "
-                  "scores + topk), triton (fused CUDA kernels), faiss, or auto (= torch on CPU, "
-                  "where it measured fastest, and on CUDA, not measured yet; docs/BENCHMARKS.md)"}
+                  "scores + topk), triton (fused CUDA kernels), faiss, or auto (= torch on every "
+                  "device; docs/BENCHMARKS.md compares them)"}
     )
     disable_memory: bool = field(
         default=False,
@@ -130,7 +130,7 @@ class LongMemDecoder(GPT2HeadDecoder):
     def _batch_memory(self, num_rows: int, like: torch.Tensor) -> ChunkedMemoryBank:
         """The current mode's stream memory, built for ``num_rows`` rows with ``like``'s device and
         dtype at the first batch, reset (with a warning) when the batch size changes."""
-        mode = MODES[0] if self.training else MODES[1]
+        mode = "train" if self.training else "eval"
         bank = self._memories.get(mode)
         if bank is None or bank.device != like.device or bank.dtype != like.dtype:
             bank = self.new_memory(num_rows, self.cfg.memory_size, like)
