@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from conftest import USER_DIR, FavoursOneToken, run_cli
-from fairseq_longmem import icl_data, memory_scoring
-from fairseq_longmem.scoring import ICLAccuracyScorer
+from fairseq_longmem.tasks.scoring import icl_data, memory_scoring
+from fairseq_longmem.tasks.scoring.scorers import ICLAccuracyScorer
 
 EOS = 2
 POS_ID, NEG_ID = 3967 + 4, 4633 + 4  # " positive", " negative": GPT-2 id + 4
@@ -96,7 +96,7 @@ def test_sampling_is_the_authors_random_sample():
 
 
 def make_task(gpt2_files, data_dir, **overrides):
-    from fairseq_longmem.tasks.longmem_icl import LongMemICLTask
+    from fairseq_longmem.tasks.scoring.longmem_icl import LongMemICLTask
 
     enc, vocab, dict_txt = gpt2_files
     options = dict(data=os.path.dirname(dict_txt), icl_dataset="tsv", icl_data_dir=str(data_dir),

@@ -16,8 +16,7 @@ LAYERS = [
     ("fairseq_longmem.checkpoint", "fairseq_longmem.memory", "fairseq_longmem.fileio"),
     ("fairseq_longmem.modules",),
     ("fairseq_longmem.models", "fairseq_longmem.criterions"),
-    ("fairseq_longmem.tasks", "fairseq_longmem.scoring", "fairseq_longmem.icl_data",
-     "fairseq_longmem.memory_scoring"),
+    ("fairseq_longmem.tasks",),
     ("fairseq_longmem.fairseq_patches", "fairseq_longmem.convert_hf_gpt2",
      "fairseq_longmem.user_dir"),
 ]

@@ -9,7 +9,7 @@ with it. Both print ``Accuracy 91.06 (794/872)``.
 
 from dataclasses import dataclass
 
-from . import require_fairseq
+from ... import require_fairseq
 
 require_fairseq("fairseq_longmem.scoring")
 

@@ -31,8 +31,8 @@ import torch
 from fairseq.dataclass import ChoiceEnum
 from fairseq.tasks import register_task
 
-from .. import icl_data, memory_scoring
-from ..memory.file_format import read_header
+from . import icl_data, memory_scoring
+from ...memory.file_format import read_header
 from .candidate_scoring import (
     CandidateScorer,
     CandidateScoringConfig,

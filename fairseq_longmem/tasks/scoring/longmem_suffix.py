@@ -31,8 +31,8 @@ from typing import List, Optional
 import torch
 from fairseq.tasks import register_task
 
-from .. import memory_scoring
-from ..fileio import read_json
+from . import memory_scoring
+from ...fileio import read_json
 from .candidate_scoring import (
     CandidateScorer,
     CandidateScoringConfig,
