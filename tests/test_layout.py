@@ -49,7 +49,12 @@ def imports(name: str, path: str, known: Set[str]) -> Set[str]:
                 parts = package.split(".")
                 parts = parts[:len(parts) - node.level + 1]
                 base = ".".join(parts + ([base] if base else []))
-            targets = [base] + [f"{base}.{a.name}" for a in node.names]
+            # ``from pkg import mod`` depends on pkg.mod, not on pkg's __init__; a name that is
+            # not a module is read from pkg itself
+            subs = [f"{base}.{a.name}" for a in node.names]
+            targets = [t for t in subs if t in known]
+            if len(targets) < len(subs):
+                targets.append(base)
         else:
             continue
         for t in targets:

@@ -638,4 +638,4 @@ def test_memory_bank_imports_without_fairseq_and_the_plugin_says_what_to_install
                "(see README.md, 'Install'); the memory bank (fairseq_longmem.memory) works "
                "without it")
     assert lines[3:] == [f"ImportError: fairseq_longmem.{name} {install}"
-                         for name in ("models", "tasks", "scoring")]
+                         for name in ("models", "tasks", "criterions")]
