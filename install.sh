@@ -18,5 +18,5 @@ python -c "import torch; print('torch==' + torch.__version__)" > "$constraints"
 pip install --no-deps "ve-fairseq==0.12.3"
 pip install -c "$constraints" -e ".[${EXTRAS},corpus,test]"
 echo "note: pip's complaint that ve-fairseq 'requires torchaudio/cython' is expected: fairseq's text" \
-     "code uses neither, and torchaudio would break transformers (README.md, Install)"
+     "code uses neither, and torchaudio would break transformers (docs/INSTALL.md)"
 python -c "import fairseq_longmem; print('fairseq-longmem', fairseq_longmem.__version__, 'ready')"

@@ -8,6 +8,9 @@ installed, no R is needed: R's data files are read with the ``rdata`` package, `
 * ``kjv``       bible-kjv + bible-kjv-text: the King James Bible, one document per biblical book
 * ``mobydick``  r-cran-tokenizers: Melville's Moby Dick (R lazy-load database)
 * ``tidytext``  r-cran-tidytext: the Gutenberg novels in ``extdata/books.rda``
+* ``pycode``    not books: the ``.py`` files of pinned pure-Python PyPI packages, one document per
+                file, split by package (examples/pycode_corpus.py; ``--pycode-dir`` reads local
+                package archives instead of downloading)
 
 Document convention (fairseq's ``--sample-break-mode complete_doc``): one paragraph per line
 (a paragraph's wrapped lines joined with single spaces, empty lines inside a book dropped) and
@@ -35,16 +38,26 @@ import subprocess
 import sys
 import zlib
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 logger = logging.getLogger("build_book_corpus")
 
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "fairseq_longmem", "debs")
-ALL_SOURCES = ("austen", "kjv", "mobydick", "tidytext")
+ALL_SOURCES = ("austen", "kjv", "mobydick", "tidytext", "pycode")
 SPLITS = ("train", "valid", "test")
 # sentencepiece's unigram model depends on its thread count (1, 2 and 4 threads give different
 # vocabularies): fixed, so that every machine builds the same one
 SPM_THREADS = 2
+# Source code keeps its indentation through sentencepiece: no whitespace collapsing or stripping,
+# no NFKC (identity normalization, so that decoding gives the line back), no dummy space before
+# a line (an indentation of 8 spaces is then 8 spaces, not 9), and runs of 4..32 spaces as
+# single pieces (user-defined symbols), so that an indentation costs one token, not one per space.
+CODE_SPM_OPTIONS = {
+    "remove_extra_whitespaces": False,
+    "normalization_rule_name": "identity",
+    "add_dummy_prefix": False,
+    "user_defined_symbols": ["\u2581" * n for n in range(32, 0, -4)],
+}
 
 
 class CorpusError(RuntimeError):
@@ -57,6 +70,7 @@ class Book:
     source: str
     text: str  # one paragraph per line, no empty lines
     split: str = ""
+    group: str = ""  # the split unit when not the book itself: a package for source code
 
     @property
     def characters(self) -> int:
@@ -249,6 +263,26 @@ def input_dir_books(folder: str) -> List[Book]:
     return books
 
 
+def code_books(args) -> Tuple[List[Book], list]:
+    """The pycode documents as Books grouped by package, and the packages (pycode_corpus)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import pycode_corpus
+
+    pins = list(pycode_corpus.PINNED)
+    if args.pycode_packages:
+        pins = [p for p in args.pycode_packages.split(",") if p.strip()]
+    try:
+        packages, docs = pycode_corpus.collect(pins, args.pycode_dir, args.pycode_cache, args.min_file_bytes)
+    except pycode_corpus.PackageError as e:
+        raise CorpusError(str(e)) from None
+    books = [Book(f"{pkg.name}/{path}", f"{pkg.name}=={pkg.version}", doc, group=pkg.name) for pkg, path, doc in docs]
+    empty = [p.name for p in packages if not p.kept]
+    if empty:
+        logger.warning("no file of %s passes --min-file-bytes %d and deduplication", ",".join(empty),
+                       args.min_file_bytes)
+    return books, [p for p in packages if p.kept]
+
+
 def collect_books(sources: List[str], input_dir: Optional[str], cache: str) -> List[Book]:
     books: List[Book] = []
     for name in sources:
@@ -270,12 +304,21 @@ def collect_books(sources: List[str], input_dir: Optional[str], cache: str) -> L
 
 
 def split_books(books: List[Book], valid: int, test: int, seed: int) -> Dict[str, List[Book]]:
-    if valid + test >= len(books):
-        raise CorpusError(f"{len(books)} books cannot give {valid} valid + {test} test books and a train split")
-    order = list(range(len(books)))
+    """Split by unit (a book, or the package of a source file), deterministically from seed."""
+    def unit(b: Book):
+        return ("package", b.group) if b.group else ("book", b.title)
+
+    units = list(dict.fromkeys(unit(b) for b in books))
+    if valid + test >= len(units):
+        kind = "books" if not any(b.group for b in books) else "packages" if all(b.group for b in books) else "units"
+        raise CorpusError(f"{len(units)} {kind} cannot give {valid} valid + {test} test {kind} and a train split")
+    order = list(range(len(units)))
     random.Random(seed).shuffle(order)
+    split_of = {}
     for rank, i in enumerate(order):
-        books[i].split = "valid" if rank < valid else "test" if rank < valid + test else "train"
+        split_of[units[i]] = "valid" if rank < valid else "test" if rank < valid + test else "train"
+    for b in books:
+        b.split = split_of[unit(b)]
     # each split keeps the books' collection order, so the raw files read naturally
     return {s: [b for b in books if b.split == s] for s in SPLITS}
 
@@ -297,8 +340,8 @@ def encode_file(encode: Callable[[str], str], src: str, dst: str) -> int:
     return tokens
 
 
-def make_encoder(kind: str, out: str, vocab_size: int, bpe_dest: Optional[str]):
-    """Return (encode function, srcdict or None)."""
+def make_encoder(kind: str, out: str, vocab_size: int, bpe_dest: Optional[str], code: bool = False):
+    """Return (encode function, srcdict or None); code: keep whitespace (CODE_SPM_OPTIONS)."""
     from argparse import Namespace
 
     from fairseq.data import encoders
@@ -318,11 +361,16 @@ def make_encoder(kind: str, out: str, vocab_size: int, bpe_dest: Optional[str]):
     import sentencepiece as spm
 
     prefix = os.path.join(out, "spm")
-    spm.SentencePieceTrainer.train(
-        input=os.path.join(out, "raw", "train.txt"), model_prefix=prefix, vocab_size=vocab_size,
-        model_type="unigram", character_coverage=1.0, input_sentence_size=2_000_000,
-        shuffle_input_sentence=True, num_threads=SPM_THREADS, minloglevel=2,
-    )
+    try:
+        spm.SentencePieceTrainer.train(
+            input=os.path.join(out, "raw", "train.txt"), model_prefix=prefix, vocab_size=vocab_size,
+            model_type="unigram", character_coverage=1.0, input_sentence_size=2_000_000,
+            shuffle_input_sentence=True, num_threads=SPM_THREADS, minloglevel=2,
+            **(CODE_SPM_OPTIONS if code else {}),
+        )
+    except RuntimeError as e:  # e.g. "Vocabulary size too high (120). Please set it to a value <= 85."
+        raise CorpusError(f"--vocab-size {vocab_size}: sentencepiece training failed: "
+                          f"{str(e).splitlines()[-1].split('] ')[-1]}") from None
     bpe = encoders.build_bpe(
         Namespace(bpe="sentencepiece", sentencepiece_model=prefix + ".model",
                   sentencepiece_enable_sampling=False, sentencepiece_alpha=None)
@@ -345,21 +393,32 @@ def binarize(out: str, splits: Dict[str, List[Book]], srcdict: Optional[str], wo
 
 def build(args) -> dict:
     sources = [s for s in args.sources.split(",") if s] if args.sources else []
-    unknown = sorted(set(sources) - set(SOURCES))
+    unknown = sorted(set(sources) - set(ALL_SOURCES))
     if unknown:
         raise CorpusError(f"unknown source {unknown[0]!r}; choose from {','.join(ALL_SOURCES)}")
     if not sources and not args.input_dir:
         raise CorpusError("nothing to build: give --sources and/or --input-dir")
     if set(sources) & set(R_SOURCES):
         _rdata()  # refused before anything is downloaded
-    if sources and not args.input_dir and shutil.which("apt-get") is None:
+    book_sources = [s for s in sources if s != "pycode"]
+    if book_sources and not args.input_dir and shutil.which("apt-get") is None:
         raise CorpusError("apt-get is not available to fetch the packaged books; pass --input-dir with .txt books")
-    books = collect_books(sources, args.input_dir, args.cache)
+    if args.min_file_bytes < 0:
+        raise CorpusError(f"--min-file-bytes must be >= 0, got {args.min_file_bytes}")
+    code = "pycode" in sources
+    books = collect_books(book_sources, args.input_dir, args.cache)
+    packages = []
+    if code:
+        code_docs, packages = code_books(args)
+        books += code_docs
     splits = split_books(books, args.valid_books, args.test_books, args.seed)
+    split_of = {b.group: b.split for b in books if b.group}
+    for pkg in packages:
+        pkg.split = split_of[pkg.name]
     os.makedirs(os.path.join(args.out, "raw"), exist_ok=True)
     for split, bs in splits.items():
         write_raw(os.path.join(args.out, "raw", f"{split}.txt"), bs)
-    encode, srcdict = make_encoder(args.bpe, args.out, args.vocab_size, args.bpe_dest)
+    encode, srcdict = make_encoder(args.bpe, args.out, args.vocab_size, args.bpe_dest, code)
     tokens = {}
     for split in SPLITS:
         if splits[split]:
@@ -372,9 +431,19 @@ def build(args) -> dict:
         "convention": "one paragraph per line; one empty line between books (complete_doc)",
         "splits": {s: {"books": len(splits[s]), "tokens": tokens.get(s, 0),
                        "characters": sum(b.characters for b in splits[s])} for s in SPLITS},
-        "books": [{k: v for k, v in asdict(b).items() if k != "text"} | {"characters": b.characters}
-                  for b in books],
+        "books": [{k: v for k, v in asdict(b).items() if k != "text" and (k != "group" or v)}
+                  | {"characters": b.characters} for b in books],
     }
+    if code:
+        manifest["convention"] += ("; source code: one file per document, one source line per line, "
+                                   "blank lines dropped, tabs expanded to 8 columns, indentation kept")
+        manifest["pycode"] = {
+            "min_file_bytes": args.min_file_bytes,
+            "sentencepiece_options": CODE_SPM_OPTIONS if args.bpe == "sentencepiece" else None,
+            "packages": [p.summary() for p in packages],
+        }
+        for s in SPLITS:
+            manifest["splits"][s]["packages"] = [p.name for p in packages if p.split == s]
     with open(os.path.join(args.out, "manifest.json"), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
     return manifest
@@ -386,14 +455,24 @@ def main(argv=None) -> int:
     p.add_argument("--sources", default="austen,kjv,mobydick",
                    help=f"comma-separated packaged sources ({','.join(ALL_SOURCES)}); '' for none")
     p.add_argument("--input-dir", help="a folder of .txt files, one book per file")
-    p.add_argument("--valid-books", type=int, default=2)
-    p.add_argument("--test-books", type=int, default=2)
+    p.add_argument("--valid-books", "--valid-packages", dest="valid_books", type=int, default=2,
+                   help="books held out for valid (for pycode: packages)")
+    p.add_argument("--test-books", "--test-packages", dest="test_books", type=int, default=2,
+                   help="books held out for test (for pycode: packages)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--bpe", choices=("gpt2", "sentencepiece"), default="sentencepiece")
     p.add_argument("--vocab-size", type=int, default=8000, help="sentencepiece vocabulary size")
     p.add_argument("--bpe-dest", help="GPT-2 BPE cache folder (see examples/get_gpt2_bpe.py)")
     p.add_argument("--cache", default=DEFAULT_CACHE, help="where .deb packages are downloaded and extracted")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument("--pycode-packages", help="pycode: comma-separated NAME==VERSION to fetch instead "
+                   "of the pinned list (examples/pycode_corpus.py PINNED)")
+    p.add_argument("--pycode-dir", help="pycode: a folder of local package archives (.whl, .tar.gz, .zip) "
+                   "or unpacked package folders, read instead of downloading")
+    p.add_argument("--pycode-cache", default=os.path.join(os.path.dirname(DEFAULT_CACHE), "pycode"),
+                   help="pycode: where the wheels are downloaded (once)")
+    p.add_argument("--min-file-bytes", type=int, default=2048,
+                   help="pycode: drop .py files smaller than this many bytes")
     args = p.parse_args(argv)
     logging.basicConfig(format="%(message)s", level=logging.INFO)
     try:
@@ -402,7 +481,9 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for split, info in manifest["splits"].items():
-        print(f"{split}: {info['books']} books, {info['tokens']} tokens, {info['characters']} characters")
+        docs = f"{info['books']} books" if "packages" not in info else \
+            f"{info['books']} documents ({len(info['packages'])} packages)"
+        print(f"{split}: {docs}, {info['tokens']} tokens, {info['characters']} characters")
     return 0
 
 

@@ -7,15 +7,15 @@
 #      one stream per training book (--batch-size 4: a stream is a book, and there are 4);
 #   4. fairseq-eval-lm perplexity on the held-out book, with memory and with memory off.
 # Run from the repository root after `bash install.sh`:  bash examples/quickstart.sh
-# About 5 minutes on 2 CPU cores. WORK=DIR chooses the output folder (default ./quickstart);
+# About 8 minutes on 2 idle CPU cores (459 s measured on an Intel Xeon). WORK=DIR chooses the output folder (default ./quickstart);
 # a step whose output is already there is skipped, so a second run only re-evaluates.
 # DATA=synthetic uses generated documents instead of the books (no Debian package needed);
 # UPDATES=N trains each stage for N updates instead of 1000 (a quick check of the pipeline).
 #
-# Same digits on every machine: the seeds are fixed (--seed 1; the corpus split and the
+# Same digits on the same machine: the seeds are fixed (--seed 1; the corpus split and the
 # sentencepiece model are deterministic), and examples/cpu_determinism.sh pins the thread count
-# (THREADS, default 2) and, on x86 CPUs with AVX2, the AVX2 kernels. See README.md, "Measured
-# results", for the spread measured across thread counts and kernels.
+# (THREADS, default 2) and, on x86 CPUs with AVX2, the AVX2 kernels. Another CPU model can print
+# other digits; compare the memory's gain (docs/RESULTS.md, "Quickstart: same digits").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-$PWD/quickstart}

@@ -186,3 +186,159 @@ def test_r_lazyload_db(tmp_path):
     (tmp_path / "Rdata.rdx").write_bytes(gzip.compress(r_serialize(index)))
     got = bbc.read_lazyload_db(str(tmp_path / "Rdata"))
     assert {k: list(v) for k, v in got.items()} == objects
+
+
+# --------------------------------------------------------------------------- source code (pycode)
+
+import io  # noqa: E402
+import tarfile  # noqa: E402
+import zipfile  # noqa: E402
+
+import pycode_corpus as pyc  # noqa: E402
+
+METADATA = "Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n{license}\n"
+
+
+def code_file(rng, n_funcs, tag):
+    """A Python module with blank lines, nested indentation, a tab-indented line, identifiers reused."""
+    lines = [f'"""Module {tag}."""', "", "import os", ""]
+    for i in range(n_funcs):
+        name = f"{tag}_{rng.choice(['load', 'parse', 'scan', 'merge'])}_{i}"
+        lines += ["", f"def {name}(path, limit={rng.randint(1, 99)}):",
+                  "    total = 0", "    for item in os.listdir(path):", "        if len(item) > limit:",
+                  "            total += 1", "", "\treturn total   "]
+    return "\n".join(lines) + "\n"
+
+
+def make_packages(folder, seed=0):
+    """Six local packages (three wheels, two sdists, one folder) with small files and duplicates;
+    returns {name: (version, {path: source})} of the .py files each holds."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    shared = code_file(rng, 12, "shared")  # vendored: in alpha and in delta (twice)
+    licenses = ["License-Expression: MIT", "Classifier: License :: OSI Approved :: BSD License",
+                "License: Apache-2.0", "", "Classifier: License :: OSI Approved :: MIT License", ""]
+    pkgs = {}
+    for k, name in enumerate(["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]):
+        version = f"1.{k}"
+        files = {f"{name}/__init__.py": f"from .core import {name}_load\n",  # small: dropped
+                 f"{name}/core.py": code_file(rng, 10 + 3 * k, name),
+                 f"{name}/util.py": code_file(rng, 8, name + "u")}
+        if name in ("alpha", "delta"):
+            files[f"{name}/_vendor/shared.py"] = shared
+        if name == "delta":
+            files["delta/_vendor/copy_of_shared.py"] = shared
+            files["delta/tiny.py"] = "x = 1\n" * 5  # small: dropped
+        meta = METADATA.format(name=name, version=version, license=licenses[k])
+        if k < 3:  # wheels
+            with zipfile.ZipFile(folder / f"{name}-{version}-py3-none-any.whl", "w") as z:
+                for path, src in files.items():
+                    z.writestr(path, src)
+                z.writestr(f"{name}-{version}.dist-info/METADATA", meta)
+        elif k < 5:  # sdists with a LICENSE file
+            with tarfile.open(folder / f"{name}-{version}.tar.gz", "w:gz") as t:
+                extra = {"PKG-INFO": meta, "LICENSE": "\nZero-Clause BSD\n\nPermission...\n"}
+                for path, src in {**{f"src/{p}": s for p, s in files.items()}, **extra}.items():
+                    data = src.encode()
+                    info = tarfile.TarInfo(f"{name}-{version}/{path}")
+                    info.size = len(data)
+                    t.addfile(info, io.BytesIO(data))
+            files = {f"{name}-{version}/src/{p}": s for p, s in files.items()}
+        else:  # an unpacked folder, no metadata: name and version from the folder name
+            for path, src in files.items():
+                (folder / f"{name}-{version}" / path).parent.mkdir(parents=True, exist_ok=True)
+                (folder / f"{name}-{version}" / path).write_text(src)
+            (folder / f"{name}-{version}" / "COPYING").write_text("MIT License\n")
+        pkgs[name] = (version, files)
+    return pkgs
+
+
+def test_code_document_keeps_indentation_drops_blank_lines():
+    src = "\ufeffdef f(x):\r\n\r\n    if x:\n\treturn 1  \n\x0c\n    y = 'a\x0bb'\n   \n"
+    assert pyc.code_document(src) == "def f(x):\n    if x:\n        return 1\n    y = 'a b'"
+
+
+def test_pycode_packages_read_with_versions_and_licences(tmp_path):
+    made = make_packages(tmp_path / "pk")
+    pkgs, docs = pyc.collect([], str(tmp_path / "pk"), str(tmp_path / "cache"), min_file_bytes=100)
+    assert [(p.name, p.version, p.license) for p in pkgs] == [
+        ("alpha", "1.0", "MIT"), ("beta", "1.1", "BSD License"), ("delta", "1.3", "Zero-Clause BSD"),
+        ("epsilon", "1.4", "MIT License"), ("gamma", "1.2", "Apache-2.0"), ("zeta", "1.5", "MIT License")]
+    assert {p.name: (p.kept, p.dropped_small, p.dropped_duplicate) for p in pkgs} == {
+        "alpha": (3, 1, 0), "beta": (2, 1, 0), "gamma": (2, 1, 0),
+        "delta": (2, 2, 2),  # both copies of alpha's vendored file: exact duplicates
+        "epsilon": (2, 1, 0), "zeta": (2, 1, 0)}
+    assert [(p.name, path) for p, path, _ in docs if "shared" in path] == [("alpha", "alpha/_vendor/shared.py")]
+    expected = {pyc.code_document(s) for _, files in made.values() for s in files.values() if len(s) >= 100}
+    assert sorted(d for _, _, d in docs) == sorted(expected)  # 13 distinct documents
+    assert len(docs) == 13
+    # the floor counts bytes of the file as it is: 0 keeps the 5-line file, not the empty document
+    pkgs0, docs0 = pyc.collect([], str(tmp_path / "pk"), str(tmp_path / "c"), min_file_bytes=0)
+    assert len(docs0) == 13 + 7
+
+
+def test_build_pycode_corpus(tmp_path):
+    import sentencepiece as spm
+    from fairseq.data import Dictionary, data_utils
+
+    make_packages(tmp_path / "pk")
+    out = tmp_path / "out"
+    rc = bbc.main(["--out", str(out), "--sources", "pycode", "--pycode-dir", str(tmp_path / "pk"),
+                   "--valid-packages", "1", "--test-packages", "2", "--seed", "2", "--min-file-bytes", "100",
+                   "--bpe", "sentencepiece", "--vocab-size", "80", "--workers", "1"])
+    assert rc == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    packages = manifest["pycode"]["packages"]
+    assert all(p["license"] and p["version"] for p in packages) and len(packages) == 6
+    assert sum(p["dropped_small"] for p in packages) == 7 and sum(p["dropped_duplicate"] for p in packages) == 2
+    lists = [manifest["splits"][s]["packages"] for s in bbc.SPLITS]
+    assert [len(x) for x in lists] == [3, 1, 2]
+    assert sorted(sum(lists, [])) == sorted(p["name"] for p in packages)  # each package in one split
+    for doc in manifest["books"]:
+        assert doc["split"] == next(p["split"] for p in packages if p["name"] == doc["group"])
+        assert doc["title"].startswith(doc["group"] + "/")
+    d = Dictionary.load(str(out / "bin" / "dict.txt"))
+    sp = spm.SentencePieceProcessor(model_file=str(out / "spm.model"))
+    for split in bbc.SPLITS:
+        docs = (out / "raw" / f"{split}.txt").read_text()[:-1].split("\n\n")
+        assert len(docs) == manifest["splits"][split]["books"]
+        assert len(docs) == sum(p["kept"] for p in packages if p["split"] == split)
+        ds = data_utils.load_indexed_dataset(str(out / "bin" / split), d)
+        sizes = ds.sizes.tolist()
+        assert sizes.count(1) + 1 == len(docs)  # binarized documents = the manifest's
+        assert sum(sizes) == manifest["splits"][split]["tokens"]
+        if split == "train":  # indentation and spacing survive tokenization (other splits have unseen characters)
+            for line in "\n".join(docs).split("\n"):
+                assert sp.decode(sp.encode(line)) == line
+    # an indentation run is one piece; a line starts without sentencepiece's dummy space
+    assert sp.encode("        return total", out_type=str)[0] == "\u2581" * 8
+    assert sp.encode("            x", out_type=str)[0] == "\u2581" * 12
+    assert sp.encode("import os", out_type=str)[0] != "\u2581"
+    assert set(manifest["splits"]["train"]["packages"]) == {"alpha", "gamma", "zeta"}  # deterministic from --seed 2
+
+
+def test_pycode_cache_and_unreachable_registry(tmp_path, monkeypatch, capsys):
+    wheels = tmp_path / "cache" / "wheels"
+    wheels.mkdir(parents=True)
+    (wheels / "Foo_Bar-1.0-py3-none-any.whl").write_bytes(b"")
+    (wheels / "native-2.0-cp311-cp311-linux_x86_64.whl").write_bytes(b"")
+    calls = []
+    monkeypatch.setattr(pyc.subprocess, "run", lambda *a, **k: calls.append(a))
+    assert pyc.fetch_wheels(["foo-bar==1.0"], str(tmp_path / "cache")) == [str(wheels / "Foo_Bar-1.0-py3-none-any.whl")]
+    assert calls == []  # cached: pip is not run
+    with pytest.raises(pyc.PackageError, match="native-2.0-cp311-cp311-linux_x86_64.whl is not a pure-Python wheel"):
+        pyc.fetch_wheels(["native==2.0"], str(tmp_path / "cache"))
+    monkeypatch.undo()
+    # a registry that cannot be reached: pip fails fast, the builder prints one error line
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
+    monkeypatch.delenv("PIP_EXTRA_INDEX_URL", raising=False)
+    rc = bbc.main(["--out", str(tmp_path / "out"), "--sources", "pycode", "--pycode-packages", "requests==2.31.0",
+                   "--pycode-cache", str(tmp_path / "cache2")])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: pip download of the pycode packages failed (is PyPI reachable?)")
+    assert "--pycode-dir" in err[0]
+    rc = bbc.main(["--out", str(tmp_path / "out"), "--sources", "pycode", "--pycode-packages", "requests>=2"])
+    assert rc == 2 and capsys.readouterr().err.strip() == "error: --pycode-packages: 'requests>=2' is not NAME==VERSION"

@@ -92,6 +92,68 @@ def test_sampling_is_the_authors_random_sample():
         icl_data.sample_demonstrations(train, 5, 51, seed=3)
 
 
+def write_mpqa(folder, train, test, empty_train=(), empty_test=(), raw=False):
+    """The authors' MPQA layout, FOLDER/mpqa/{train,test}.csv of 'L,sentence' rows, with an empty
+    row ('0,') inserted at each line number of ``empty_*``; ``raw``: a UTF-8 BOM and CRLF line
+    ends, as in published files."""
+    os.makedirs(os.path.join(folder, "mpqa"), exist_ok=True)
+    for name, rows, empty in (("train", train, empty_train), ("test", test, empty_test)):
+        lines = [f'{y},"{t}"' for t, y in rows]
+        for i in empty:
+            lines.insert(i - 1, f"{i % 2},")
+        end = "\r\n" if raw else "\n"
+        with open(os.path.join(folder, "mpqa", f"{name}.csv"), "w", newline="") as f:
+            f.write(("\ufeff" if raw else "") + end.join(lines) + end)
+    return folder
+
+
+def test_empty_train_rows_are_skipped_counted_and_leave_the_draw_unchanged(tmp_path, caplog):
+    rng = random.Random(0)
+    train = [review(rng) for _ in range(40)]
+    test = [review(rng) for _ in range(6)]
+    clean = icl_data.load_set("mpqa", write_mpqa(str(tmp_path / "clean"), train, test))
+    dirty_dir = write_mpqa(str(tmp_path / "dirty"), train, test, empty_train=(3, 17, 31),
+                           raw=True)
+    caplog.clear()
+    dirty = icl_data.load_set("mpqa", dirty_dir)
+    assert len(clean.train) == len(dirty.train) == 40 and dirty.test == clean.test
+    assert dirty.train == clean.train
+    for seed in (1, 2, 3):
+        assert icl_data.sample_demonstrations(dirty.train, 4, 25, seed) == \
+            icl_data.sample_demonstrations(clean.train, 4, 25, seed)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"{dirty_dir}/mpqa/train.csv: 3 rows (lines 3, 17, 31) with empty "
+                        "text skipped"]
+
+
+def test_empty_rows_in_every_layout_and_what_is_still_refused(tmp_path):
+    def read(text, fmt, labels=icl_data.POLARITY):
+        (tmp_path / "f").write_text(text)
+        return icl_data.read_examples(str(tmp_path / "f"), fmt, labels)
+
+    one = [icl_data.Example("fine", 1)]
+    assert read("sentence\tlabel\n\t0\nfine\t1\n", "sst2") == (one, [2])
+    assert read("3 \n1 fine\n4  \n", "sst5", "abcde") == ([icl_data.Example("fine", 1)],
+                                                           [1, 3])
+    assert read("1\tfine\npositive\t \n", "tsv") == (one, [2])
+    assert read('1,fine\n0,\n1," "\n', "csv") == (one, [2, 3])
+    lines = list(range(2, 9))
+    assert icl_data.rows_at(lines) == "7 rows (lines 2, 3, 4, 5, 6, ...)"
+    assert icl_data.rows_at([4]) == "1 row (line 4)"
+    # a file with no usable row, a bad label, a missing separator: one line, naming the file
+    path = tmp_path / "f"
+    for text, fmt, message in [
+        ("0,\n1,\n\n1, \n", "csv",
+         f"{path}: no usable examples: all 3 rows (lines 1, 2, 4) have empty text"),
+        ("1,fine\n7,\n", "csv", f"{path}:2: label '7' is neither a label word"),
+        ("1,fine\n0\n", "csv", f"{path}:2: expected 'label,sentence', got ['0']"),
+        ("1\tfine\n0 dull\n", "tsv", f"{path}:2: expected 'label<TAB>text'"),
+    ]:
+        with pytest.raises(icl_data.ICLDataError) as e:
+            read(text, fmt)
+        assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
+
+
 # --------------------------------------------------------------------------- the task in-process
 
 
@@ -302,6 +364,62 @@ def test_generate_prints_every_candidate_and_the_accuracy(icl_setup):
     assert pct == pytest.approx(100 * right / 12, abs=0.01)
     assert re.search(r"S-0\tReview: .* Sentiment:$", log, re.M)
     assert "40 in memory" in log and "written in 1 segments" in log
+
+
+def load_run_icl():
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location(
+        "run_icl", os.path.join(REPO, "examples", "icl", "run_icl.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_empty_rows_are_left_out_of_the_draw_and_the_score_and_run_icl_reports_them(
+        icl_setup, tmp_path, capsys):
+    """fairseq-generate on an MPQA-layout set with empty rows in both files scores exactly as on
+    the same set without them, over the rows scored, and says so; run_icl.py's table shows it."""
+    import json
+
+    rng = random.Random(0)
+    train, test = [review(rng) for _ in range(60)], [review(rng) for _ in range(12)]
+    clean = write_mpqa(str(tmp_path / "clean"), train, test)
+    dirty = write_mpqa(str(tmp_path / "dirty"), train, test, empty_train=(5, 6, 50),
+                       empty_test=(4,), raw=True)
+    runs = {name: generate(SimpleNamespace(**{**vars(icl_setup), "data": folder}),
+                          "--icl-dataset", "mpqa")
+            for name, folder in (("clean", clean), ("dirty", dirty))}
+    rows, accuracy = parse(runs["dirty"])
+    assert (rows, accuracy) == parse(runs["clean"])
+    assert sorted(rows) == list(range(12)) and accuracy[2] == 12
+    assert accuracy[1] == sum(target == hyps[0][0] for target, hyps in rows.values())
+    warnings = [f"{dirty}/mpqa/train.csv: 3 rows (lines 5, 6, 50) with empty text skipped",
+                f"{dirty}/mpqa/test.csv: 1 row (line 4) with empty text left out of scoring; "
+                "accuracy is over the 12 rows scored"]
+    run_icl = load_run_icl()
+    assert run_icl.EMPTY_ROWS.findall(runs["dirty"]) == warnings
+    # fairseq's other log format (when nothing configured logging before fairseq-generate)
+    other = f"2026-12-01 22:00:00 | WARNING | fairseq_longmem.tasks.scoring.icl_data | {warnings[1]}\n"
+    assert run_icl.EMPTY_ROWS.findall(other) == warnings[1:]
+    assert " with empty text " not in runs["clean"]
+    assert "mpqa: 12 test examples" in runs["dirty"]
+
+    # run_icl.py over these logs (one seed, each condition's log this run's) prints the warnings
+    out = tmp_path / "runs" / "mpqa"
+    out.mkdir(parents=True)
+    for condition in ("zero", "context", "memory"):
+        (out / f"{condition}_seed1.log").write_text(f"# cmd\n{runs['dirty']}# seconds: 1.0\n")
+    run_icl.tokenizer_args = lambda args: []
+    capsys.readouterr()
+    run_icl.main(["--path", icl_setup.longmem, "--dict-dir", "unused", "--dataset", "mpqa",
+                  "--data-dir", dirty, "--out", str(tmp_path / "runs"), "--seeds", "1"])
+    table = capsys.readouterr().out.splitlines()
+    assert table[-3:-1] == [f"data: {m}" for m in warnings], table
+    assert table[3] == f"| zero | 0 | 0 | {accuracy[0]:.2f} +- 0.00 | 1 | 1 s |"
+    assert json.load(open(out / "summary.json"))["empty_rows"] == warnings
 
 
 def test_memory_file_is_built_once_then_reused_with_identical_scores(icl_setup, tmp_path):

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import shlex
 import shutil
 
@@ -193,3 +194,70 @@ def test_plots_are_drawn_from_the_logs(tmp_path):
     for name in names:
         with open(tmp_path / name, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("table", sorted(glob.glob(os.path.join(LOGS, "icl*", "*", "table.md"))))
+def test_icl_table_total_is_the_sum_of_its_runs(table):
+    """The total line adds the runs' own times (a table resumed over several calls once printed
+    the last call's wall time, 884 s, under rows that sum to 2,214 s)."""
+    with open(os.path.join(os.path.dirname(table), "summary.json"), encoding="utf-8") as f:
+        summary = json.load(f)
+    seconds = [t for c in ("zero", "context", "memory") for t in summary[c]["seconds"]]
+    text = open(table, encoding="utf-8").read()
+    assert f"total {sum(seconds):.0f} s ({len(seconds)} runs)" in text
+    rows = [int(line.rsplit("|", 2)[1].strip().split()[0])
+            for line in text.splitlines() if line.startswith("| ") and line.endswith(" s |")]
+    assert len(rows) == 3 and abs(sum(rows) - sum(seconds)) <= 1.5
+
+
+# ---------------------------------------------------------------------------------------------
+# docs/BENCHMARKS.md: every table of figures is a benchmark run's table.md, copied
+
+
+BENCHMARKS_MD = os.path.join(REPO, "docs", "BENCHMARKS.md")
+NUMBER_CELL = re.compile(r"^\s*[-+]?[\d,]*\.?\d+\s*(ms|s|x|%)?(\s*\(.*\))?\s*$")
+
+
+def markdown_tables(text):
+    """(line index of the table's first row, its rows) for each table of a markdown text."""
+    lines = text.splitlines()
+    tables, i = [], 0
+    while i < len(lines):
+        if lines[i].startswith("|"):
+            start = i
+            while i < len(lines) and lines[i].startswith("|"):
+                i += 1
+            tables.append((start, lines[start:i]))
+        i += 1
+    return tables
+
+
+def test_benchmarks_md_tables_come_from_their_logs():
+    text = open(BENCHMARKS_MD, encoding="utf-8").read()
+    lines = text.splitlines()
+    checked = 0
+    for start, rows in markdown_tables(text):
+        cells = [c for row in rows[2:] for c in row.strip("|").split("|")]
+        if not any(NUMBER_CELL.match(c) for c in cells):
+            continue  # a table of words (the backends), not of measurements
+        # the nearest `Log:` line above the table names the run it is copied from
+        logs = re.findall(r"^Log: \[`[^`]+`\]\(results/logs/benchmarks/([^)]+)\)$",
+                          "\n".join(lines[:start]), re.M)
+        assert logs, f"docs/BENCHMARKS.md line {start + 1}: a table of figures without a `Log:` line"
+        log = os.path.join(LOGS, "benchmarks", logs[-1])
+        logged = open(os.path.join(log, "table.md"), encoding="utf-8").read().splitlines()
+        for row in rows:
+            assert row in logged, f"docs/BENCHMARKS.md line {start + 1}: not in {log}/table.md: {row}"
+        for name in ("raw.json", "machine.json", "command.txt"):
+            assert os.path.getsize(os.path.join(log, name)) > 0
+        checked += 1
+    assert checked >= 5
+
+
+def test_benchmark_logs_hold_every_repeat_and_the_machine():
+    for log in sorted(glob.glob(os.path.join(LOGS, "benchmarks", "*", "machine.json"))):
+        machine = json.load(open(log, encoding="utf-8"))
+        assert machine["cpu"] and machine["cpu_count"] >= 1
+        assert len(machine["load_average_1_5_15_min"]) == 3 and len(machine["load_average_at_end"]) == 3
+        raw = json.load(open(os.path.join(os.path.dirname(log), "raw.json"), encoding="utf-8"))
+        assert raw and all(isinstance(v, list) and v and min(v) > 0 for v in raw.values())

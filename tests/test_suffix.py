@@ -62,6 +62,42 @@ def test_reads_both_chapterbreak_layouts_and_refuses_malformed_ones(tmp_path):
         read_chapterbreak(str(tmp_path / "broken.json"), None)
 
 
+def test_examples_with_an_empty_prefix_or_candidate_are_left_out_and_counted(gpt2_files, tmp_path,
+                                                                            caplog):
+    good = [{"ctx": f"The capital\nof France is {i}", "pos": f"Paris {i}", "negs": ["Rome", "Oslo"]}
+            for i in range(6)]
+    empty = [{"ctx": " \n", "pos": "a", "negs": ["b"]}, {"ctx": "a b", "pos": "", "negs": ["b"]},
+             {"ctx": "a b", "pos": "c", "negs": ["b", "\n"]}]
+    dirty = write_json(tmp_path / "dirty.json", {"w1": [good[0], empty[0], good[1], good[2]],
+                                                 "w2": [empty[1], good[3], empty[2]],
+                                                 "w3": good[4:]})
+    clean = write_json(tmp_path / "clean.json", {"w1": good[:3], "w2": [good[3]], "w3": good[4:]})
+    caplog.clear()
+    kept = read_chapterbreak(dirty, None)
+    assert [(w, i) for w, i, *_ in kept] == [("w1", 0), ("w1", 2), ("w1", 3), ("w2", 1),
+                                              ("w3", 0), ("w3", 1)]
+    assert [x[2:] for x in kept] == [x[2:] for x in read_chapterbreak(clean, None)]
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"--suffix-data {dirty}: 3 examples with an empty prefix or candidate left out of scoring "
+        "(w1/1, w2/0, w2/2); accuracy is over the 6 examples scored"]
+    # what is scored, candidate order included, is what the file without them gives
+    a, b = (make_task(gpt2_files, d, context_tokens=4).datasets["test"] for d in (dirty, clean))
+    assert a.answers == b.answers and len(a.contexts) == 6
+    for name in ("memories", "contexts"):
+        assert [t.tolist() for t in getattr(a, name)] == [t.tolist() for t in getattr(b, name)]
+    assert [[c.tolist() for c in x] for x in a.candidates] == \
+        [[c.tolist() for c in x] for x in b.candidates]
+    # nothing usable: refused in one line
+    none = write_json(tmp_path / "none.json", {"w": empty})
+    with pytest.raises(ValueError) as e:
+        read_chapterbreak(none, None)
+    assert str(e.value) == (f"--suffix-data {none}: no examples: all 3 have an empty prefix or "
+                            "candidate (w/0, w/1, w/2)")
+    nothing = write_json(tmp_path / "nothing.json", {"w": []})
+    with pytest.raises(ValueError, match=r"^--suffix-data \S+nothing.json: no examples$"):
+        read_chapterbreak(nothing, None)
+
+
 def test_prefix_context_memory_and_candidates_are_exact(gpt2_files, tmp_path):
     # GPT-2 ids: "The capital" = 464 3139, "of France is" = 1659 4881 318 (measured below)
     data = write_json(tmp_path / "s.json", {"w": [{

@@ -13,7 +13,7 @@
 # (paper shapes: B=8, H=16, T=1024, hd=64, csz=4, k=64, msz 65,536 and 262,144; fp16 and bf16;
 # every backend checked against matmul + topk) and the memory on/off step overheads of GPT-2
 # small and medium (bf16 autocast, B=8, T=1024, msz=65,536) for auto, matmul (the search before
-# the two-stage one) and triton. About 5 minutes on an H100/H200.
+# the two-stage one) and triton. Not run yet: no GPU was lent to this project's sessions.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 WH=.cache/device/wh

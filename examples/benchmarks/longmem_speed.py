@@ -8,13 +8,13 @@ import argparse
 import copy
 import functools
 import os
-import platform
 import statistics
 import time
 from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
+from runlog import RunLog, cpu_model  # examples/benchmarks/runlog.py, beside this script
 
 from fairseq.data import Dictionary
 
@@ -247,7 +247,10 @@ def main():
                    help="bf16/fp16: autocast (fp32 weights; fp16 with a GradScaler)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: torch's default)")
+    p.add_argument("--log-dir", help="also write the tables, every step time and the machine's "
+                   "description there (docs/results/logs/benchmarks/RUN)")
     args = p.parse_args()
+    log = RunLog(args.log_dir)
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -276,11 +279,11 @@ def main():
     tokens = int(timed_b[0]["ntokens"])
     dim, layers, heads = GPT2_SIZES[args.size]
 
-    print(f"# {platform.processor() or platform.machine()} ({os.cpu_count()} logical CPUs), "
+    log.print(f"# {cpu_model()} ({os.cpu_count()} logical CPUs), "
           f"torch {torch.__version__}, torch threads = {torch.get_num_threads()}, device={device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
           + f", dtype={args.dtype}")
-    print(f"# {args.size}: d={dim}, {layers} layers, {heads} heads, memory layer "
+    log.print(f"# {args.size}: d={dim}, {layers} layers, {heads} heads, memory layer "
           f"{DEFAULT_MEMORY_LAYER[args.size]}, vocab {len(dictionary)}; B={args.B} T={args.T} "
           f"msz={args.msz} K={args.K} csz={args.csz} backend={args.backend}; trainable params "
           f"on={on.num_trainable:,} off={off.num_trainable:,}")
@@ -294,43 +297,45 @@ def main():
         bank = on.model.decoder.stream_memory(mode)
         fill = bank.fill()
         assert int(fill.min()) == args.msz, fill
-        print(f"# {mode}: memory filled with {fill_segments} segments per row "
+        log.print(f"# {mode}: memory filled with {fill_segments} segments per row "
               f"({int(fill.min())}/{args.msz} tokens, {time.perf_counter() - t0:.0f} s); every "
-              "timed step adds T tokens and evicts T", flush=True)
+              "timed step adds T tokens and evicts T")
         step = (lambda r, b: r.train_step(b)) if train else (lambda r, b: r.eval_forward(b))
         alternate(lambda b: step(on, b), lambda b: step(off, b), warm_b, sync)
         t_on, t_off = alternate(lambda b: step(on, b), lambda b: step(off, b), timed_b, sync)
+        log.times(f"{mode} step memory on", t_on)
+        log.times(f"{mode} step memory off", t_off)
         results[mode] = summarise(t_on, t_off, tokens)
         if brk_b:
             results[mode]["brk"] = breakdown(on, off, brk_b, sync, train)
         if args.profile:
             for name, r in (("memory on", on), ("memory off", off)):
-                print(f"\n## torch.profiler, {mode} step, {name} (1 step)\n")
-                print(profile_top(r, prof_b, train, args.profile))
+                log.print(f"\n## torch.profiler, {mode} step, {name} (1 step)\n")
+                log.print(profile_top(r, prof_b, train, args.profile))
         assert int(bank.fill().min()) == args.msz
 
-    print(f"\nTokens/s = B*T / median step time over {args.steps} alternating steps; overhead = "
+    log.print(f"\nTokens/s = B*T / median step time over {args.steps} alternating steps; overhead = "
           "median(on)/median(off) - 1; 'paired' = median of per-step on/off ratios - 1 "
           "[min, max].\n")
     cols = ["mode", "memory on tok/s", "memory off tok/s", "on ms/step", "off ms/step",
             "overhead", "paired overhead [min, max]"]
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "---|" * len(cols))
+    log.print("| " + " | ".join(cols) + " |")
+    log.print("|" + "---|" * len(cols))
     for mode, r in results.items():
         lo, hi = r["q_pair"]
-        print(f"| {mode} | {r['tps_on']:,.0f} | {r['tps_off']:,.0f} | {1e3 * r['on']:.0f} | "
+        log.print(f"| {mode} | {r['tps_on']:,.0f} | {r['tps_off']:,.0f} | {1e3 * r['on']:.0f} | "
               f"{1e3 * r['off']:.0f} | {100 * (r['ratio'] - 1):+.1f}% | "
               f"{100 * (r['pair'] - 1):+.1f}% [{100 * (lo - 1):+.0f}%, {100 * (hi - 1):+.0f}%] |")
 
     if brk_b:
-        print(f"\nWhere the memory-on overhead goes (ms per step, mean of {len(brk_b)} alternating "
+        log.print(f"\nWhere the memory-on overhead goes (ms per step, mean of {len(brk_b)} alternating "
               "steps with synchronising timers; forward only, except 'backward + rest' = the "
               "remainder of the step difference):\n")
         cols = ["mode", "step on", "step off", "difference", "bank.search",
                 "of which scores + top-k", "of which K/V gather", "bank.add",
                 "memory attention math (fwd)", "backward + rest"]
-        print("| " + " | ".join(cols) + " |")
-        print("|" + "---|" * len(cols))
+        log.print("| " + " | ".join(cols) + " |")
+        log.print("|" + "---|" * len(cols))
         for mode, r in results.items():
             b = r["brk"]
             diff = b["step_on"] - b["step_off"]
@@ -340,11 +345,12 @@ def main():
             def ms(x):
                 return f"{1e3 * x:.0f}" + (f" ({100 * x / diff:.0f}%)" if diff > 0 else "")
 
-            print(f"| {mode} | {1e3 * b['step_on']:.0f} | {1e3 * b['step_off']:.0f} | "
+            log.print(f"| {mode} | {1e3 * b['step_on']:.0f} | {1e3 * b['step_off']:.0f} | "
                   f"{1e3 * diff:.0f} | {ms(b.get('search', 0))} | "
                   f"{ms(b.get('search', 0) - b.get('gather', 0))} | {ms(b.get('gather', 0))} | "
                   f"{ms(b.get('add', 0))} | "
                   f"{ms(attn_math)} | {ms(rest)} |")
+    log.close()
 
 
 if __name__ == "__main__":

@@ -1,16 +1,16 @@
 """Benchmark of the chunked memory bank against the authors' design (one faiss IndexFlatIP per head,
 ``remove_ids`` of the oldest chunks on eviction): add+evict and search time per segment, storage.
 
-Run from the repository root:  python examples/benchmarks/memory_bank.py
+Run from the repository root:  python examples/benchmarks/memory_bank.py [--log-dir DIR]
 """
 
 import argparse
 import gc
-import platform
 import time
 
 import numpy as np
 import torch
+from runlog import RunLog, cpu_model  # examples/benchmarks/runlog.py, beside this script
 
 from fairseq_longmem.memory.bank import ChunkedMemoryBank
 
@@ -64,13 +64,16 @@ class PerHeadFaissBaseline:
         return torch.stack(out_k), torch.stack(out_v)
 
 
-def best_time(fn, repeats):
-    """Fastest of `repeats` runs: on a shared machine the minimum is the least disturbed figure."""
+def best_time(fn, repeats, log=None, key=None):
+    """Fastest of `repeats` runs: on a shared machine the minimum is the least disturbed figure.
+    Every repeat goes to the run's log (raw.json) under `key`."""
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
+    if log is not None:
+        log.times(key, times)
     return min(times)
 
 
@@ -97,7 +100,10 @@ def main():
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--threads", type=int, default=None,
                    help="torch and faiss threads (default: torch's default, all cores)")
+    p.add_argument("--log-dir", help="also write the table, every timing and the machine's "
+                   "description there (docs/results/logs/benchmarks/RUN)")
     args = p.parse_args()
+    log = RunLog(args.log_dir)
     if args.threads:
         import faiss
 
@@ -112,15 +118,15 @@ def main():
     segments = [(torch.randn(B, H, T, hd, generator=g).to(dev, dtype),
                  torch.randn(B, H, T, hd, generator=g).to(dev, dtype)) for _ in range(4)]
     queries = torch.randn(B, H, Tq, hd, generator=g).to(dev, dtype)
-    print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+    log.print(f"# {cpu_model()}, {torch.get_num_threads()} threads, "
           f"device={dev}, dtype={args.dtype}, torch {torch.__version__}")
-    print(f"# B={B} H={H} hd={hd} csz={csz} k={k}, add T={T}, search T={Tq}; times are the best of "
+    log.print(f"# B={B} H={H} hd={hd} csz={csz} k={k}, add T={T}, search T={Tq}; times are the best of "
           f"{args.repeats}, per segment; baseline = one faiss IndexFlatIP per head + remove_ids "
           f"(B=1, CPU fp32 only)")
     cols = ["msz", "add ours ms", "add base ms", "add ratio", "search torch ms", "search faiss ms",
             "search base ms", "torch/base", "faiss/base", "bytes/token ratio"]
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "---|" * len(cols))
+    log.print("| " + " | ".join(cols) + " |")
+    log.print("|" + "---|" * len(cols))
     for msz in args.memory_sizes:
         bank = ChunkedMemoryBank(B, H, hd, csz, msz, dtype=dtype, device=dev, backend="torch")
         fill_to_capacity(bank.add, msz, segments)
@@ -131,7 +137,7 @@ def main():
             sync()
 
         add_ours()  # warm-up
-        t_add = best_time(add_ours, args.repeats)
+        t_add = best_time(add_ours, args.repeats, log, f"{msz} add ours")
 
         def search_with(backend):
             def run():
@@ -139,7 +145,7 @@ def main():
                 bank.search(queries, k)
                 sync()
             run()  # warm-up
-            return best_time(run, max(1, args.repeats // 2 + 1))
+            return best_time(run, max(1, args.repeats // 2 + 1), log, f"{msz} search {backend}")
 
         t_torch = search_with("torch")
         t_faiss = search_with("faiss") if dev.type == "cpu" else float("nan")
@@ -153,10 +159,10 @@ def main():
             fill_to_capacity(base.add, msz, b_segments)
             bseg = iter(b_segments * (args.repeats + 1))
             base.add(*next(bseg))  # warm-up
-            t_badd = best_time(lambda: base.add(*next(bseg)), args.repeats)
+            t_badd = best_time(lambda: base.add(*next(bseg)), args.repeats, log, f"{msz} add base")
             base.search(queries[0], k)
-            t_bsearch = best_time(lambda: base.search(queries[0], k),
-                                    max(1, args.repeats // 2 + 1)) * B  # baseline holds one row
+            t_bsearch = best_time(lambda: base.search(queries[0], k), max(1, args.repeats // 2 + 1),
+                                  log, f"{msz} search base") * B  # baseline holds one row
             del base
             gc.collect()
         else:
@@ -164,7 +170,8 @@ def main():
         row = [f"{msz:,}", f"{1e3 * t_add:.2f}", f"{1e3 * t_badd:.1f}", f"{t_add / t_badd:.3f}",
                f"{1e3 * t_torch:.0f}", f"{1e3 * t_faiss:.0f}", f"{1e3 * t_bsearch:.0f}",
                f"{t_torch / t_bsearch:.2f}", f"{t_faiss / t_bsearch:.2f}", f"{overhead:.3f}"]
-        print("| " + " | ".join(row) + " |", flush=True)
+        log.print("| " + " | ".join(row) + " |")
+    log.close()
 
 
 if __name__ == "__main__":

@@ -3,16 +3,17 @@ every backend returns the reference chunks (``matmul``: all scores, then topk).
 
 Run from the repository root:
   python examples/benchmarks/search.py --threads 1                       # CPU, scaled: B=1
+  (--log-dir DIR also writes the table, every timing and the machine there)
   python examples/benchmarks/search.py --device cuda --dtype float16 --B 8  # the paper's shapes
 """
 
 import argparse
 import logging
 import os
-import platform
 import time
 
 import torch
+from runlog import RunLog, cpu_model  # examples/benchmarks/runlog.py, beside this script
 
 from fairseq_longmem.memory import search as memory_search
 from fairseq_longmem.memory.bank import ChunkedMemoryBank
@@ -38,17 +39,20 @@ def available_backends(device):
     return out
 
 
-def best_time(fn, repeats, sync):
-    """Fastest of ``repeats`` calls (after one warm-up): on a shared machine the least disturbed."""
+def best_time(fn, repeats, sync, log=None, key=None):
+    """Fastest of ``repeats`` calls (after one warm-up): on a shared machine the least disturbed.
+    Every call's time goes to the run's log (raw.json) under ``key``."""
     fn()
     sync()
-    best = float("inf")
+    times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         sync()
-        best = min(best, time.perf_counter() - t0)
-    return best
+        times.append(time.perf_counter() - t0)
+    if log is not None:
+        log.times(key, times)
+    return min(times)
 
 
 def same_as_reference(summaries, queries, slots, ref):
@@ -92,7 +96,10 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--threads", type=int, default=None, help="torch (and faiss) threads")
+    p.add_argument("--log-dir", help="also write the table, every timing and the machine's "
+                   "description there (docs/results/logs/benchmarks/RUN)")
     args = p.parse_args()
+    log = RunLog(args.log_dir)
     dev = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -107,16 +114,16 @@ def main():
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     backends = args.backends or available_backends(dev)
     backends = ["matmul"] + [b for b in backends if b != "matmul"]  # the reference first
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor()
-    print(f"# {name or platform.machine()}, device={dev}, dtype={args.dtype}, torch "
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_model()
+    log.print(f"# {name}, device={dev}, dtype={args.dtype}, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"# B={B} H={args.H} T={args.T} queries hd={args.hd} csz={args.csz} k={args.k} "
+    log.print(f"# B={B} H={args.H} T={args.T} queries hd={args.hd} csz={args.csz} k={args.k} "
           f"({args.k // args.csz} chunks per query); each memory full; best of {args.repeats}; "
           "'select' = the chunk selection alone, 'search' = bank.search (selection + K/V gather)")
     cols = ["msz", "chunks C", "backend", "select ms", "search ms", "select vs matmul",
             "chunks vs matmul"]
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "---|" * len(cols))
+    log.print("| " + " | ".join(cols) + " |")
+    log.print("|" + "---|" * len(cols))
     g = torch.Generator().manual_seed(0)
     for msz in args.memory_sizes:
         bank = ChunkedMemoryBank(B, args.H, args.hd, args.csz, msz, dtype=dtype, device=dev)
@@ -135,15 +142,17 @@ def main():
                                             bank.max_score_bytes)
 
             slots = select().to(dev)
-            t_sel = best_time(select, args.repeats, sync)
-            t_all = best_time(lambda: bank.search(queries, args.k), args.repeats, sync)
+            t_sel = best_time(select, args.repeats, sync, log, f"{msz} {backend} select")
+            t_all = best_time(lambda: bank.search(queries, args.k), args.repeats, sync, log,
+                              f"{msz} {backend} search")
             if backend == "matmul":
                 ref, t_ref, check = slots, t_sel, "reference"
             else:
                 check, _ = same_as_reference(bank._summaries, queries, slots, ref)
-            print(f"| {msz:,} | {bank.capacity:,} | {backend} | {1e3 * t_sel:.1f} | "
-                  f"{1e3 * t_all:.1f} | {t_sel / t_ref:.2f}x | {check} |", flush=True)
+            log.print(f"| {msz:,} | {bank.capacity:,} | {backend} | {1e3 * t_sel:.1f} | "
+                      f"{1e3 * t_all:.1f} | {t_sel / t_ref:.2f}x | {check} |")
         del bank, queries, ref
+    log.close()
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@
 # OUT=DIR (default runs/icl); SETS="sst2 mr rt" chooses sets; SEEDS=1-6; finished runs are reused.
 # MODEL_RUN=runs/long_context_lm/cpu skips step 1 and scores that finished run's LongMem model
 # with its own dictionary and sentencepiece tokenizer (segment length from its train_longmem.cmd).
-# Time on a 2-core CPU: step 1 is slow (GPT-2's 50k-word output layer: 0.13 backbone updates/s
-# measured with 1 thread beside other jobs, so hours); MODEL_RUN avoids it.
+# Time on a 2-core CPU: step 1 is slow (GPT-2's 50k-word output layer makes every update costly);
+# MODEL_RUN avoids it.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 cd "$HERE/../.."

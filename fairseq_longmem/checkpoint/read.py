@@ -12,7 +12,7 @@ from .guard import TRUST_ENV, safe_globals, vet
 
 def load_checkpoint_file(f, map_location=None, **kwargs):
     """``torch.load`` restricted to tensors, containers and the types fairseq needs, and the
-    result vetted by :func:`fairseq_longmem.checkpoint_guard.vet` (no config fairseq would
+    result vetted by :func:`fairseq_longmem.checkpoint.guard.vet` (no config fairseq would
     evaluate).
 
     Unpickling arbitrary objects runs arbitrary code, so a checkpoint holding anything else is

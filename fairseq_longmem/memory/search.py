@@ -20,8 +20,8 @@ Backends (``BACKENDS``; the model's ``--search-backend`` and the benchmarks use 
 - ``faiss``: ``faiss.knn`` over our own CPU storage, ``faiss.knn_gpu`` on CUDA.
 - ``auto``: ``torch`` on every device. On CPU it is the fastest measured (docs/BENCHMARKS.md,
   "Exact search"). On CUDA nothing of ours has been measured (no GPU was available): the choice
-  rests on a measurement of the two-stage idea made before this code (H200, paper shapes:
-  12.9 ms against 19.3 ms for matmul + topk) and on needing no extra package. Run
+  rests on reasoning (no score tensor written, no extra package; an earlier side experiment on
+  a GPU kept no log and is not relied on). Run
   ``examples/benchmarks/gpu_device.sh`` on a GPU before changing it.
 
 The selection primitives every backend shares (the ``matmul`` reference and the exact

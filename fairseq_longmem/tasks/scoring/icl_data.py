@@ -20,9 +20,15 @@ SST-5: terrible/bad/okay/good/great; Subj: subjective/objective). A ``tsv`` labe
 or a 0-based index into the label words given by the user. CSV lines are read with Python's csv
 module, so quoted sentences lose their quotes and keep their commas (the authors' script cut the
 line after the label instead, keeping the CSV quotes in the text).
+
+A row whose text is empty (``0,``: three rows of the authors' MPQA train.csv) is skipped, and
+the rows skipped are counted and named in one warning per file: a train row is never drawn as a
+demonstration, an evaluation row is never scored. Any other malformed row is refused, naming
+its line, and so is a file left without examples.
 """
 
 import csv
+import logging
 import os
 import random
 from dataclasses import dataclass
@@ -31,6 +37,8 @@ from typing import List, Optional, Sequence, Tuple
 REVIEW_TEMPLATE = "Review: {x} Sentiment: {y}. "
 INPUT_TEMPLATE = "Input: {x} Type: {y}. "
 POLARITY = ("negative", "positive")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -107,7 +115,7 @@ class Template:
 def _open(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"ICL data not found: {path}")
-    return open(path, encoding="utf-8", newline="")
+    return open(path, encoding="utf-8-sig", newline="")  # -sig: a leading BOM is not text
 
 
 def _label_index(value: str, labels: Sequence[str], path: str, line: int) -> int:
@@ -122,8 +130,11 @@ def _label_index(value: str, labels: Sequence[str], path: str, line: int) -> int
     )
 
 
-def read_examples(path: str, fmt: str, labels: Sequence[str]) -> List[Example]:
-    out = []
+def read_examples(path: str, fmt: str, labels: Sequence[str]) -> Tuple[List[Example], List[int]]:
+    """The examples of ``path`` and the line numbers of the rows skipped for their empty text
+    (published sets hold a few, e.g. ``0,`` in the authors' MPQA train.csv). A malformed row
+    (no separator, an unknown label) is refused, naming its line; so is a file with no example."""
+    out, empty = [], []
     with _open(path) as f:
         if fmt == "csv":
             rows = ((i, row) for i, row in enumerate(csv.reader(f), 1))
@@ -152,13 +163,27 @@ def read_examples(path: str, fmt: str, labels: Sequence[str]) -> List[Example]:
                 label, sep, text = row.partition("\t")
                 if not sep:
                     raise ICLDataError(f"{path}:{i}: expected 'label<TAB>text', got {row!r}")
+            label = _label_index(label, labels, path, i)  # refused even when the text is empty
             text = text.strip()
-            if not text:
-                raise ICLDataError(f"{path}:{i}: empty text")
-            out.append(Example(text, _label_index(label, labels, path, i)))
+            if text:
+                out.append(Example(text, label))
+            else:
+                empty.append(i)
     if not out:
-        raise ICLDataError(f"{path}: no examples")
-    return out
+        raise ICLDataError(f"{path}: no examples" if not empty else
+                           f"{path}: no usable examples: all {rows_at(empty)} have empty text")
+    return out, empty
+
+
+def first_few(items: Sequence, shown: int = 5) -> str:
+    """``"4, 9, 12"``; past ``shown`` items, the first ones and ``...``."""
+    return ", ".join(str(x) for x in items[:shown]) + (", ..." if len(items) > shown else "")
+
+
+def rows_at(lines: Sequence[int]) -> str:
+    """``"3 rows (lines 4, 9, 12)"``, ``"1 row (line 4)"``."""
+    s = "s" * (len(lines) != 1)
+    return f"{len(lines)} row{s} (line{s} {first_few(lines)})"
 
 
 def load_set(name: str, data_dir: str, labels: Optional[Sequence[str]] = None,
@@ -184,8 +209,14 @@ def load_set(name: str, data_dir: str, labels: Optional[Sequence[str]] = None,
     folder = data_dir
     if layout.folder and os.path.isdir(os.path.join(data_dir, layout.folder)):
         folder = os.path.join(data_dir, layout.folder)
-    train = read_examples(os.path.join(folder, layout.train), layout.fmt, labels)
-    test = read_examples(os.path.join(folder, layout.test), layout.fmt, labels)
+    train_path, test_path = (os.path.join(folder, f) for f in (layout.train, layout.test))
+    train, empty_train = read_examples(train_path, layout.fmt, labels)
+    test, empty_test = read_examples(test_path, layout.fmt, labels)
+    if empty_train:
+        logger.warning("%s: %s with empty text skipped", train_path, rows_at(empty_train))
+    if empty_test:
+        logger.warning("%s: %s with empty text left out of scoring; accuracy is over the %d "
+                       "rows scored", test_path, rows_at(empty_test), len(test))
     return ICLSet(name, labels, template or layout.template, train, test)
 
 

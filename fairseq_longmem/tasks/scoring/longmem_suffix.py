@@ -33,6 +33,7 @@ from fairseq.tasks import register_task
 
 from . import memory_scoring
 from ...fileio import read_json
+from .icl_data import first_few
 from .candidate_scoring import (
     CandidateScorer,
     CandidateScoringConfig,
@@ -98,7 +99,9 @@ class SuffixDataset(ExamplesDataset):
 
 
 def read_chapterbreak(path: str, split: Optional[str]):
-    """[(work_id, index, ctx, pos, negs)] of a ChapterBreak-format file; one-line errors."""
+    """[(work_id, index, ctx, pos, negs)] of a ChapterBreak-format file; one-line errors. An
+    example whose prefix or any candidate is empty (blank) is left out, and counted in one
+    warning: dropping only an empty negative would change that example's chance level."""
     data = read_json(path, "--suffix-data")
     if not isinstance(data, dict) or not data:
         raise ValueError(f"--suffix-data {path}: expected a JSON object of works, got "
@@ -111,7 +114,7 @@ def read_chapterbreak(path: str, split: Optional[str]):
         if split not in data:
             raise ValueError(f"--suffix-split {split}: {path} holds {sorted(data)}")
         data = data[split]
-    out = []
+    out, empty = [], []  # empty: "work/index" of the examples left out
     for work, examples in data.items():
         if not isinstance(examples, list):
             raise ValueError(f"--suffix-data {path}: work {work!r}: expected a list of "
@@ -125,7 +128,18 @@ def read_chapterbreak(path: str, split: Optional[str]):
                     f"--suffix-data {path}: work {work!r} example {i}: expected "
                     "{'ctx': str, 'pos': str, 'negs': [str, ...]}"
                 )
-            out.append((str(work), i, ex["ctx"], ex["pos"], ex["negs"]))
+            if all(t.strip() for t in [ex["ctx"], ex["pos"]] + ex["negs"]):
+                out.append((str(work), i, ex["ctx"], ex["pos"], ex["negs"]))
+            else:
+                empty.append(f"{work}/{i}")
+    where = first_few(empty)
+    if not out:
+        raise ValueError(f"--suffix-data {path}: no examples" + (
+            f": all {len(empty)} have an empty prefix or candidate ({where})" if empty else ""))
+    if empty:
+        logger.warning("--suffix-data %s: %d example%s with an empty prefix or candidate left out "
+                       "of scoring (%s); accuracy is over the %d examples scored", path,
+                       len(empty), "s" * (len(empty) != 1), where, len(out))
     return out
 
 
