@@ -160,6 +160,7 @@ def test_crafted_backbone_is_refused(refused, crafted):
     assert f"UnsafeCheckpointError: checkpoint {files['model'][0]} {files['model'][1]}" in log
 
 
+@pytest.mark.slow
 def test_payloads_run_with_the_opt_in(crafted, corpus, backbone):
     """The positive control: trusted, the same files do run their code (so the tests above
     would fail without the guard)."""

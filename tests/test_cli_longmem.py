@@ -177,6 +177,7 @@ def test_resume_continues_at_the_saved_iterator_position(trained, corpus, backbo
     assert finite(records(log, "train")[-1]["train_loss"])
 
 
+@pytest.mark.slow
 def test_resume_with_another_stream_layout_is_refused(trained, corpus, backbone, tmp_path):
     """A different batch size regroups documents into other streams, so the saved iterator
     position would point at other data: the task refuses instead of skipping or replaying."""
