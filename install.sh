@@ -2,6 +2,7 @@
 # Install fairseq-longmem into the active Python environment (a venv is strongly advised).
 #   bash install.sh            # CPU: torch 2.13.0, faiss-cpu
 #   EXTRAS=gpu bash install.sh # CUDA machines: faiss-gpu-cu12 (torch already installed there)
+#   EXTRAS=cpu,triton bash install.sh # CPU, plus triton for the search kernels' tests (interpreter; CI)
 #   TORCH_SPEC=torch==2.4.1 bash install.sh
 # torch is installed first and then pinned with a constraints file, so that no later step can
 # replace it with a multi-GB CUDA build. fairseq comes from the ve-fairseq wheel with --no-deps

@@ -43,7 +43,8 @@ setup(
         "corpus": CORPUS,
         "test": ["pytest>=7", "transformers>=4.40", "hypothesis>=6"] + CORPUS,
         # CPU machines only: runs the search kernels' tests through Triton's interpreter (286 MB
-        # wheel, 1 GB installed). CUDA builds of torch ship their own triton: don't add this there.
+        # wheel, 1 GB installed; CI installs it, .ci/run). CUDA builds of torch ship their own
+        # triton: don't add this there.
         "triton": ["triton>=3.9"],
         "plots": ["matplotlib>=3.7"],  # examples/plot_results.py
     },

@@ -1,8 +1,9 @@
 """fairseq-longmem: LongMem (Wang et al. 2023) as a plugin for stock fairseq.
 
 Load with ``--user-dir $(python -m fairseq_longmem.user_dir)``; importing this package registers
-the tasks, models, criterion and scorers with fairseq when fairseq is installed. The memory bank
-and the GPT-2 modules (:mod:`fairseq_longmem.modules`) need only torch.
+the tasks, models, criterion and scorers with fairseq when fairseq is installed. The memory
+(:mod:`fairseq_longmem.memory`) and the GPT-2 modules (:mod:`fairseq_longmem.modules`) need only
+torch.
 """
 
 import importlib.util
@@ -23,7 +24,7 @@ def require_fairseq(what: str) -> None:
     if not fairseq_installed():
         raise ImportError(
             f"{what} needs fairseq, which is not installed: {FAIRSEQ_INSTALL}; the memory bank "
-            "(fairseq_longmem.modules) works without it"
+            "(fairseq_longmem.memory) works without it"
         )
 
 
@@ -32,8 +33,8 @@ if fairseq_installed():
     # root handler it installs itself; it is noise for a text-only plugin
     logging.getLogger("fairseq.tasks.text_to_speech").setLevel(logging.WARNING)
 
-    from . import compat
+    from . import fairseq_patches
 
-    compat.install()
+    fairseq_patches.install()
 
-    from . import criterions, models, scoring, tasks  # noqa: E402,F401
+    from . import criterions, models, tasks  # noqa: E402,F401

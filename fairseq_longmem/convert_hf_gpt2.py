@@ -23,7 +23,7 @@ from typing import Dict, List, Optional
 import torch
 
 from . import require_fairseq
-from .jsonfile import read_json
+from .fileio import atomic_write, read_json
 from .modules.gpt2 import GPT2Backbone, GPT2Dims
 
 SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
@@ -47,10 +47,7 @@ def gpt2_dict_ids(vocab_size: int, eos_id: Optional[int] = None) -> List[int]:
 def write_gpt2_dict(path: str, vocab_size: int = 50257, eos_id: Optional[int] = None) -> int:
     """Write fairseq's dict.txt for GPT-2 ids (``"<id> 1"`` per line); return the number of lines."""
     ids = gpt2_dict_ids(vocab_size, eos_id)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(f"{i} 1\n" for i in ids)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write("".join(f"{i} 1\n" for i in ids).encode("utf-8")))
     return len(ids)
 
 
@@ -322,9 +319,7 @@ def convert(hf_dir: str, out_dir: str, force: bool = False) -> str:
         "extra_state": {"converted_from": os.path.abspath(hf_dir)},
         "last_optimizer_state": None,
     }
-    tmp = ckpt_path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, ckpt_path)
+    atomic_write(ckpt_path, lambda f: torch.save(state, f))
     with open(os.path.join(out_dir, "README.txt"), "w", encoding="utf-8") as f:
         f.write(summary(config, n_symbols) + "\n")
     return ckpt_path

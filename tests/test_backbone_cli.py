@@ -7,6 +7,8 @@ import math
 import random
 import re
 
+import pytest
+
 from conftest import TOKENS_PER_SAMPLE, USER_DIR, run_cli
 
 
@@ -27,6 +29,7 @@ def bigram_text(n_lines, seed):
     return "\n".join(lines) + "\n"
 
 
+@pytest.mark.slow
 def test_backbone_trains_from_scratch_and_eval_lm_agrees(tmp_path):
     (tmp_path / "train.txt").write_text(bigram_text(400, 0))
     (tmp_path / "valid.txt").write_text(bigram_text(60, 1))

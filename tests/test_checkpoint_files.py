@@ -24,7 +24,9 @@ import pytest
 import torch
 
 from conftest import BIN_DIR, TOKENS_PER_SAMPLE, USER_DIR, run_cli
-from test_distributed import PROBE_DIR, STREAMS_PER_RANK, WORLD, expected_streams, launch
+from distributed_launch import PROBE_DIR, STREAMS_PER_RANK, WORLD, expected_streams, launch
+
+pytestmark = pytest.mark.slow  # a kill loop, a resumed run and a two-process run
 
 MAX_UPDATE = 8
 KILL_SEED = 20240611

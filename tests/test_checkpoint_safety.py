@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from conftest import TOKENS_PER_SAMPLE, USER_DIR, run_cli
-from fairseq_longmem import checkpoint_guard
-from fairseq_longmem.checkpoint_guard import UnsafeCheckpointError, vet
+from fairseq_longmem.checkpoint import guard as checkpoint_guard
+from fairseq_longmem.checkpoint.guard import UnsafeCheckpointError, vet
 
 TRUST = {"FAIRSEQ_LONGMEM_TRUST_CHECKPOINTS": "1"}
 
@@ -147,7 +147,7 @@ def test_crafted_checkpoint_is_refused_in_one_line(refused, crafted, kind, cli):
     log, left_marker = refused[f"{kind}-{cli}"]
     assert not left_marker, f"{kind} payload ran through {cli}"
     line = next((l for l in log.splitlines() if "UnsafeCheckpointError:" in l), "")
-    assert line.startswith(f"fairseq_longmem.checkpoint_guard.UnsafeCheckpointError: "
+    assert line.startswith(f"fairseq_longmem.checkpoint.guard.UnsafeCheckpointError: "
                            f"checkpoint {path} {found}"), log[-2000:]
     assert line.endswith("if you trust it, set FAIRSEQ_LONGMEM_TRUST_CHECKPOINTS=1 and retry")
     assert "num_updates" not in log and "Loaded checkpoint" not in log
@@ -160,6 +160,7 @@ def test_crafted_backbone_is_refused(refused, crafted):
     assert f"UnsafeCheckpointError: checkpoint {files['model'][0]} {files['model'][1]}" in log
 
 
+@pytest.mark.slow
 def test_payloads_run_with_the_opt_in(crafted, corpus, backbone):
     """The positive control: trusted, the same files do run their code (so the tests above
     would fail without the guard)."""

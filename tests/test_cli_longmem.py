@@ -81,6 +81,7 @@ def test_train_logs_finite_losses_and_memory_stats(trained):
         assert {"valid_mem_gate", "valid_mem_share"} <= v.keys()
 
 
+@pytest.mark.slow
 def test_sentence_avg_divides_by_the_segments_of_the_batch(corpus, backbone, tmp_path):
     # a sentence is a segment: a batch row whose stream has not run out yet
     ds = stream_dataset(corpus, "train", BATCH_SIZE)
@@ -141,6 +142,7 @@ def test_eval_lm_with_and_without_memory_matches_validate(trained, corpus):
 # resume
 
 
+@pytest.mark.slow
 def test_resume_continues_at_the_saved_iterator_position(trained, corpus, backbone, tmp_path):
     """Checkpoints hold no memory. On resume fairseq restores the epoch iterator's position; rows
     whose document is in flight continue with an empty memory (as if that document began at the
@@ -175,6 +177,7 @@ def test_resume_continues_at_the_saved_iterator_position(trained, corpus, backbo
     assert finite(records(log, "train")[-1]["train_loss"])
 
 
+@pytest.mark.slow
 def test_resume_with_another_stream_layout_is_refused(trained, corpus, backbone, tmp_path):
     """A different batch size regroups documents into other streams, so the saved iterator
     position would point at other data: the task refuses instead of skipping or replaying."""
@@ -333,6 +336,7 @@ def test_bad_input_fails_with_a_clear_message(error_logs, name):
 # fairseq-hydra-train configs
 
 
+@pytest.mark.slow
 def test_tiny_yaml_trains_with_fairseq_hydra_train(corpus, backbone, tmp_path):
     log = run_cli([
         "fairseq-hydra-train", "--config-dir", CONFIG_DIR, "--config-name", "longmem_tiny_cpu",

@@ -211,6 +211,7 @@ def test_converted_checkpoint_records_its_dictionary_fingerprint(converted):
     assert cfg["dictionary_fingerprint"] == fingerprint_of(out_dir / "dict.txt")
 
 
+@pytest.mark.slow
 def test_eval_refuses_data_binarized_with_a_reordered_converted_dict(converted, tmp_path):
     """The same GPT-2 symbols in another order would silently score other tokens: fairseq-eval-lm
     refuses the data's dict.txt, naming it; with the converter's own dict.txt it runs."""
@@ -371,6 +372,7 @@ def test_dict_ids_skip_eos():
     assert gpt2_dict_ids(6, eos_id=2) == [0, 1, 3, 4, 5]
 
 
+@pytest.mark.slow
 def test_converted_checkpoint_is_a_longmem_backbone(converted):
     """--backbone-path takes the converter's output: the frozen backbone holds exactly the
     converted weights, and the special-symbol masking travels into the LongMem model."""

@@ -9,7 +9,7 @@ import torch
 
 from conftest import TOKENS_PER_SAMPLE, USER_DIR, run_cli, run_cli_cases
 from fairseq_longmem.modules.decoding_state import SharedPromptMemory
-from test_longmem_model import DICT, T, make_model, random_tokens, stream
+from tiny_longmem import DICT, T, make_model, random_tokens, stream
 
 SEGMENTS = 5  # 4 boundaries; the 64-token memory is full after 4 segments, so FIFO is crossed
 

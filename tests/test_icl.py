@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from conftest import USER_DIR, FavoursOneToken, run_cli
-from fairseq_longmem import icl_data, memory_scoring
-from fairseq_longmem.scoring import ICLAccuracyScorer
+from fairseq_longmem.tasks.scoring import icl_data, memory_scoring
+from fairseq_longmem.tasks.scoring.scorers import ICLAccuracyScorer
 
 EOS = 2
 POS_ID, NEG_ID = 3967 + 4, 4633 + 4  # " positive", " negative": GPT-2 id + 4
@@ -158,7 +158,7 @@ def test_empty_rows_in_every_layout_and_what_is_still_refused(tmp_path):
 
 
 def make_task(gpt2_files, data_dir, **overrides):
-    from fairseq_longmem.tasks.longmem_icl import LongMemICLTask
+    from fairseq_longmem.tasks.scoring.longmem_icl import LongMemICLTask
 
     enc, vocab, dict_txt = gpt2_files
     options = dict(data=os.path.dirname(dict_txt), icl_dataset="tsv", icl_data_dir=str(data_dir),
@@ -402,7 +402,7 @@ def test_empty_rows_are_left_out_of_the_draw_and_the_score_and_run_icl_reports_t
     run_icl = load_run_icl()
     assert run_icl.EMPTY_ROWS.findall(runs["dirty"]) == warnings
     # fairseq's other log format (when nothing configured logging before fairseq-generate)
-    other = f"2026-12-01 22:00:00 | WARNING | fairseq_longmem.icl_data | {warnings[1]}\n"
+    other = f"2026-12-01 22:00:00 | WARNING | fairseq_longmem.tasks.scoring.icl_data | {warnings[1]}\n"
     assert run_icl.EMPTY_ROWS.findall(other) == warnings[1:]
     assert " with empty text " not in runs["clean"]
     assert "mpqa: 12 test examples" in runs["dirty"]

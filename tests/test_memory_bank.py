@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fairseq_longmem.modules.memory_bank import ChunkedMemoryBank, MemoryRetrieval
+from fairseq_longmem.memory.bank import ChunkedMemoryBank, MemoryRetrieval
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES_DIR = os.path.join(REPO, "fairseq_longmem", "modules")
@@ -348,7 +348,7 @@ def test_load_across_processes_is_bit_exact(tmp_path):
     script = textwrap.dedent(f"""
         import torch
         from safetensors.torch import load_file, save_file
-        from fairseq_longmem.modules.memory_bank import ChunkedMemoryBank
+        from fairseq_longmem.memory.bank import ChunkedMemoryBank
         bank = ChunkedMemoryBank(3, 4, 16, 4, 64, fingerprint="fp")
         bank.load({str(tmp_path / "mem.safetensors")!r})
         q = load_file({str(tmp_path / "queries.safetensors")!r})["queries"]
@@ -615,13 +615,13 @@ def test_memory_bank_imports_without_fairseq_and_the_plugin_says_what_to_install
         import importlib.util, sys
         print("fairseq found:", importlib.util.find_spec("fairseq") is not None)
         import torch
-        import fairseq_longmem.modules.memory_bank as mod
+        import fairseq_longmem.memory.bank as mod
         bank = mod.ChunkedMemoryBank(1, 1, 4, 2, 8)
         bank.add(torch.randn(1, 1, 4, 4), torch.randn(1, 1, 4, 4))
         print("search mask:", bank.search(torch.randn(1, 1, 1, 4), 2).mask.tolist())
         print("imported:", sorted(m for m in sys.modules
                                   if m.split(".")[0] in ("fairseq", "faiss", "triton")))
-        for name in ("fairseq_longmem.models", "fairseq_longmem.tasks", "fairseq_longmem.scoring"):
+        for name in ("fairseq_longmem.models", "fairseq_longmem.tasks", "fairseq_longmem.criterions"):
             try:
                 importlib.import_module(name)
             except ImportError as e:
@@ -635,7 +635,7 @@ def test_memory_bank_imports_without_fairseq_and_the_plugin_says_what_to_install
     lines = out.stdout.strip().splitlines()
     assert lines[:3] == ["fairseq found: False", "search mask: [[[[True, True]]]]", "imported: []"]
     install = ("needs fairseq, which is not installed: pip install --no-deps ve-fairseq==0.12.3 "
-               "(see README.md, 'Install'); the memory bank (fairseq_longmem.modules) works "
+               "(see README.md, 'Install'); the memory bank (fairseq_longmem.memory) works "
                "without it")
     assert lines[3:] == [f"ImportError: fairseq_longmem.{name} {install}"
-                         for name in ("models", "tasks", "scoring")]
+                         for name in ("models", "tasks", "criterions")]

@@ -24,6 +24,8 @@ from fairseq_longmem.models.longmem_gpt2 import LongMemGPT2Config, LongMemGPT2Mo
 from fairseq_longmem.modules.gpt2 import GPT2Backbone, GPT2Dims
 from fairseq_longmem.tasks.longmem_lm import DocumentStreamDataset
 
+pytestmark = pytest.mark.slow  # trains a LongMem model in-process for about 100 s
+
 NK, NV, NF, T, SEGS, FACTS = 8, 8, 32, 32, 4, 4
 D, LAYERS, HEADS = 128, 4, 4
 

@@ -1,4 +1,4 @@
-"""The triton search backend against the brute-force reference of test_memory_search.py.
+"""The triton search backend against the brute-force reference (tests/search_reference.py).
 
 On a CUDA machine the kernels run for real. Without CUDA they run through Triton's interpreter
 (TRITON_INTERPRET=1, on CPU tensors): ``test_kernels_through_the_interpreter`` reruns this file
@@ -14,9 +14,9 @@ import sys
 import pytest
 import torch
 
-from fairseq_longmem.modules import memory_search
-from fairseq_longmem.modules.memory_bank import ChunkedMemoryBank
-from test_memory_search import CASES, assert_exact_top_k, make_bank, queries_for
+from fairseq_longmem.memory import search as memory_search
+from fairseq_longmem.memory.bank import ChunkedMemoryBank
+from search_reference import CASES, assert_exact_top_k, make_bank, queries_for
 
 HAS_TRITON = True
 try:
@@ -66,6 +66,7 @@ def test_triton_query_blocks_and_tiles_do_not_change_results():
     assert_exact_top_k(bank.to("cpu"), queries, 64, res)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton (pip install -e .[triton])")
 @pytest.mark.skipif(torch.cuda.is_available() or INTERPRETING, reason="runs the kernels itself")
 def test_kernels_through_the_interpreter():

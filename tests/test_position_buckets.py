@@ -12,6 +12,8 @@ import pytest
 
 from conftest import REPO, TOKENS_PER_SAMPLE, USER_DIR, document_tokens, run_cli, train_longmem
 
+pytestmark = pytest.mark.slow  # every test here runs fairseq-train several times
+
 SCORE_POSITIONS = os.path.join(REPO, "examples", "long_context_lm", "score_positions.py")
 BATCH_SIZE = 4
 # 40 is inside a 32-token segment's second half, 64 a segment boundary

@@ -21,7 +21,7 @@ from fairseq_longmem.criterions.longmem_cross_entropy import (
     LongMemCrossEntropyCriterion,
     reach_sums,
 )
-from fairseq_longmem.modules.memory_bank import ChunkedMemoryBank
+from fairseq_longmem.memory.bank import ChunkedMemoryBank
 from fairseq_longmem.modules.sidenet import reach_of_read
 from fairseq_longmem.tasks.longmem_lm import DocumentStreamDataset, previous_bigram_distance
 

@@ -14,9 +14,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import REPO, USER_DIR, FavoursOneToken, run_cli
-from fairseq_longmem import memory_scoring
-from fairseq_longmem.scoring import CandidateAccuracyScorer
-from fairseq_longmem.tasks.longmem_suffix import read_chapterbreak
+from fairseq_longmem.tasks.scoring import memory_scoring
+from fairseq_longmem.tasks.scoring.longmem_suffix import read_chapterbreak
+from fairseq_longmem.tasks.scoring.scorers import CandidateAccuracyScorer
 
 EOS = 2
 
@@ -31,7 +31,7 @@ def write_json(path, data):
 
 
 def make_task(gpt2_files, data, **overrides):
-    from fairseq_longmem.tasks.longmem_suffix import LongMemSuffixTask
+    from fairseq_longmem.tasks.scoring.longmem_suffix import LongMemSuffixTask
 
     enc, vocab, dict_txt = gpt2_files
     options = dict(_name="longmem_suffix", data=os.path.dirname(dict_txt), suffix_data=data,
@@ -151,7 +151,7 @@ def test_prefix_goes_into_memory_once_and_scoring_never_writes(gpt2_vocab_models
                                                               monkeypatch):
     from fairseq import checkpoint_utils
 
-    from fairseq_longmem.modules.memory_bank import ChunkedMemoryBank
+    from fairseq_longmem.memory.bank import ChunkedMemoryBank
 
     examples = [{"ctx": "\n".join(f"the film was fine {j} ." for j in range(6 + i)),
                  "pos": "it was", "negs": ["so it", "then"]} for i in range(3)]

@@ -21,7 +21,7 @@ import time
 import torch
 from runlog import RunLog, cpu_model  # examples/benchmarks/runlog.py, beside this script
 
-from fairseq_longmem.modules.memory_bank import ChunkedMemoryBank
+from fairseq_longmem.memory.bank import ChunkedMemoryBank
 
 
 def knn_memory_class():

@@ -24,7 +24,7 @@ from fairseq_longmem.models.longmem_gpt2 import (
     LongMemGPT2Model,
 )
 from fairseq_longmem.modules.gpt2 import GPT2_SIZES, GPT2Backbone, GPT2Dims
-from fairseq_longmem.modules.memory_bank import ChunkedMemoryBank
+from fairseq_longmem.memory.bank import ChunkedMemoryBank
 from fairseq_longmem.modules.sidenet import JointAttention
 from fairseq_longmem.tasks.longmem_lm import DocumentStreamDataset
 

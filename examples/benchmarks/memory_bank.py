@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from runlog import RunLog, cpu_model  # examples/benchmarks/runlog.py, beside this script
 
-from fairseq_longmem.modules.memory_bank import ChunkedMemoryBank
+from fairseq_longmem.memory.bank import ChunkedMemoryBank
 
 
 class PerHeadFaissBaseline:

@@ -15,8 +15,8 @@ import time
 import torch
 from runlog import RunLog, cpu_model  # examples/benchmarks/runlog.py, beside this script
 
-from fairseq_longmem.modules import memory_search
-from fairseq_longmem.modules.memory_bank import ChunkedMemoryBank
+from fairseq_longmem.memory import search as memory_search
+from fairseq_longmem.memory.bank import ChunkedMemoryBank
 
 
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)

@@ -8,15 +8,12 @@ Training and evaluation keep separate memories, so validation never reads traini
 
 import dataclasses
 import logging
-import os
-import zipfile
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import (
-    ARCH_MODEL_REGISTRY,
     FairseqIncrementalDecoder,
     FairseqLanguageModel,
     register_model,
@@ -24,23 +21,20 @@ from fairseq.models import (
 from omegaconf import II
 
 from ..buckets import parse_segment_buckets, segment_label
-from ..compat import load_checkpoint_file
+from ..memory.bank import ChunkedMemoryBank
 from ..modules.decoding_state import DecodingState
-from ..modules.gpt2 import GPT2Backbone, GPT2Dims
-from ..modules.memory_bank import ChunkedMemoryBank
+from ..modules.gpt2 import GPT2Backbone
 from ..modules.sidenet import SIDENET_INITS, SideNet
+from .backbone import load_backbone
+from .memory_fit import check_memory_fits
 from .gpt2_lm import (
-    FINGERPRINT,
     GPT2HeadDecoder,
-    GPT2LanguageModel,
     bind_dictionary,
-    check_fingerprint,
     check_vocab,
     dims_from_config,
     fingerprint_field,
     record_in_config,
     register_size_archs,
-    task_dict_path,
 )
 
 logger = logging.getLogger(__name__)
@@ -89,8 +83,8 @@ class LongMemGPT2Config(FairseqDataclass):
     search_backend: SEARCH_BACKENDS = field(
         default="auto",
         metadata={"help": "exact memory search: torch (two-stage block-max selection), matmul (all "
-                  "scores + topk), triton (fused CUDA kernels), faiss, or auto (= torch on CPU, "
-                  "where it measured fastest, and on CUDA, not measured yet; docs/BENCHMARKS.md)"}
+                  "scores + topk), triton (fused CUDA kernels), faiss, or auto (= torch on every "
+                  "device; docs/BENCHMARKS.md compares them)"}
     )
     disable_memory: bool = field(
         default=False,
@@ -123,91 +117,6 @@ class LongMemGPT2Config(FairseqDataclass):
     attention_dropout: float = field(default=0.0, metadata={"help": "SideNet attention dropout"})
     dictionary_fingerprint: str = fingerprint_field()
     max_target_positions: Optional[int] = II("task.tokens_per_sample")
-
-
-# a torch.save file is a zip archive; torch's legacy format starts with a pickle protocol byte
-_CHECKPOINT_MAGICS = (b"PK\x03\x04", b"\x80")
-
-
-def read_checkpoint(path: str, option: str) -> dict:
-    """Load a checkpoint file that an option names, refusing an empty, foreign or damaged file in
-    one line that names it (torch alone says ``EOFError`` or ``pop from empty list``)."""
-    fix = "point it at a complete gpt2_lm checkpoint (re-copy it, or re-run what wrote it)"
-    size = os.path.getsize(path)
-    if size == 0:
-        raise ValueError(f"{option} {path} is empty (0 bytes; an interrupted copy or save?): {fix}")
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if not head.startswith(_CHECKPOINT_MAGICS):
-        raise ValueError(
-            f"{option} {path} is not a torch checkpoint: it starts with {head!r}, where a "
-            f"checkpoint (a zip archive) starts with b'PK\\x03\\x04'; {fix}"
-        )
-    try:
-        return load_checkpoint_file(path, map_location="cpu")
-    except (EOFError, OSError, RuntimeError, zipfile.BadZipFile, IndexError, KeyError) as e:
-        detail = (str(e).strip() or type(e).__name__).splitlines()[0]
-        raise ValueError(
-            f"{option} {path} ({size} bytes) cannot be read as a torch checkpoint, truncated or "
-            f"damaged ({type(e).__name__}: {detail}): {fix}"
-        ) from None
-
-
-def load_backbone(path: str, dims: GPT2Dims, task):
-    """Build the backbone from a gpt2_lm checkpoint and check it is the one --arch describes and
-    that it was trained with the task's dictionary; returns the backbone and its model config."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"--backbone-path: no checkpoint at {path} (evaluating a LongMem checkpoint? pass "
-            "--task longmem_lm, which takes the backbone from the checkpoint itself)"
-        )
-    dictionary = task.target_dictionary
-    state = read_checkpoint(path, "--backbone-path")
-    model_cfg = (state.get("cfg") or {}).get("model") or {}
-    weights = {
-        k[len("decoder.backbone."):]: v
-        for k, v in state.get("model", {}).items()
-        if k.startswith("decoder.backbone.")
-    }
-    name = model_cfg.get("_name")
-    if ARCH_MODEL_REGISTRY.get(name) is not GPT2LanguageModel or not weights:
-        raise ValueError(
-            f"--backbone-path {path} is not a gpt2_lm checkpoint (model "
-            f"{name!r}); train one with --arch gpt2_lm_* or convert one with "
-            "python -m fairseq_longmem.convert_hf_gpt2"
-        )
-    found = tuple(model_cfg.get(k) for k in ("embed_dim", "num_layers", "num_heads"))
-    wanted = (dims.embed_dim, dims.num_layers, dims.num_heads)
-    if found != wanted:
-        raise ValueError(
-            f"--backbone-path {path} is a GPT-2 of width/layers/heads {found} but the arch "
-            f"expects {wanted}; pick the matching --arch longmem_gpt2_* or set "
-            "--embed-dim/--num-layers/--num-heads"
-        )
-    check_vocab(weights, "wte.weight", dictionary, f"--backbone-path {path}")
-    check_fingerprint(
-        model_cfg.get(FINGERPRINT), dictionary, f"--backbone-path {path}", task_dict_path(task)
-    )
-    dims.max_positions = model_cfg.get("max_positions", dims.max_positions)
-    dims.layer_norm_eps = model_cfg.get("layer_norm_eps", dims.layer_norm_eps)
-    backbone = GPT2Backbone(dims)
-    backbone.load_state_dict(weights)
-    return backbone, model_cfg
-
-
-class BuildsLongMemFromCheckpoints:
-    """Task mixin: tells ``longmem_gpt2.build_model`` when fairseq rebuilds a saved model, so
-    that the backbone comes from the LongMem checkpoint itself and --backbone-path is not read
-    (fairseq passes ``from_checkpoint`` to the task, not to the model)."""
-
-    building_from_checkpoint = False
-
-    def build_model(self, cfg, from_checkpoint=False):
-        self.building_from_checkpoint = from_checkpoint
-        try:
-            return super().build_model(cfg, from_checkpoint)
-        finally:
-            self.building_from_checkpoint = False
 
 
 class LongMemDecoder(GPT2HeadDecoder, FairseqIncrementalDecoder):
@@ -259,7 +168,7 @@ class LongMemDecoder(GPT2HeadDecoder, FairseqIncrementalDecoder):
     def _batch_memory(self, num_rows: int, like: torch.Tensor) -> ChunkedMemoryBank:
         """The current mode's stream memory, built for ``num_rows`` rows with ``like``'s device and
         dtype at the first batch, reset (with a warning) when the batch size changes."""
-        mode = MODES[0] if self.training else MODES[1]
+        mode = "train" if self.training else "eval"
         bank = self._memories.get(mode)
         if bank is None or bank.device != like.device or bank.dtype != like.dtype:
             bank = self.new_memory(num_rows, self.cfg.memory_size, like)
@@ -481,62 +390,6 @@ def validate_config(cfg, num_layers: Optional[int] = None):
          f"--memory-layer {cfg.memory_layer} is not a layer of the {layers}-layer backbone: "
          f"expected 0 to {layers - 1} (0-based), or leave it unset with a sized arch "
          "(longmem_gpt2_tiny ... _xl), which picks one about 3/4 deep")
-
-
-_GIB = 2**30
-
-
-def memory_bytes(rows: int, heads: int, head_dim: int, memory_size: int, chunk_size: int,
-                 itemsize: int) -> int:
-    """Bytes one memory (``ChunkedMemoryBank``) allocates up front: per row and head, keys and
-    values of ``memory_size`` tokens, one mean key per chunk, and one chunk's staging area."""
-    per_head = 2 * memory_size + memory_size // chunk_size + 2 * chunk_size  # vectors of head_dim
-    return rows * heads * per_head * head_dim * itemsize
-
-
-def free_bytes(device: torch.device) -> Optional[int]:
-    """Memory free for new tensors on ``device``: CUDA's free memory, or the host's available RAM
-    (Linux MemAvailable; free pages elsewhere). None when unknown."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return None
-
-
-def check_memory_fits(cfg, dims: GPT2Dims, task):
-    """Refuse a --memory-size whose memories cannot fit on the device, before anything is
-    allocated (the bank is built at the first batch, which would otherwise ask for it then)."""
-    tcfg = getattr(task, "cfg", None)
-    rows = getattr(tcfg, "batch_size", None)
-    if cfg.disable_memory or not rows:
-        return
-    cuda = not getattr(tcfg, "cpu", False) and torch.cuda.is_available()
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    half = cuda and (getattr(tcfg, "fp16", False) or getattr(tcfg, "bf16", False))
-    # training keeps a second memory for validation, which never reads training text
-    banks = 1 if getattr(task, "building_from_checkpoint", False) else 2
-    one = memory_bytes(rows, dims.num_heads, dims.head_dim, cfg.memory_size, cfg.chunk_size,
-                       2 if half else 4)
-    free = free_bytes(device)
-    if free is not None and banks * one > free:
-        what = "a training and a validation memory" if banks == 2 else "the memory"
-        raise ValueError(
-            f"--memory-size {cfg.memory_size} needs {banks * one / _GIB:,.1f} GiB for {what} "
-            f"({rows} streams (--batch-size) x {dims.num_heads} heads x {cfg.memory_size} tokens "
-            f"x {dims.head_dim} dims x keys and values, plus chunk means, in "
-            f"{'16' if half else '32'}-bit floats), more than the {free / _GIB:,.1f} GiB free on "
-            f"{device}: lower --memory-size or --batch-size"
-        )
-    logger.info("memory: %.3f GiB per memory (%s, %d streams)", one / _GIB, device, rows)
 
 
 def _memory_layer_default(args, size):

@@ -21,8 +21,8 @@ from typing import List, Optional
 
 import torch
 
+from ..memory.bank import ChunkedMemoryBank, MemoryRetrieval
 from .gpt2 import KVCache
-from .memory_bank import ChunkedMemoryBank, MemoryRetrieval
 from .sidenet import read_memory
 
 

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..memory.bank import MemoryRetrieval
 from .gpt2 import Block, CausalSelfAttention, GPT2Backbone, GPT2Dims, KVCache
-from .memory_bank import MemoryRetrieval
 
 
 @dataclass

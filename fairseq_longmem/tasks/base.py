@@ -4,7 +4,20 @@ LongMem checkpoints rebuilt with the backbone they hold (:class:`BuildsLongMemFr
 from fairseq.data import Dictionary
 from fairseq.tasks import FairseqTask
 
-from ..models.longmem_gpt2 import BuildsLongMemFromCheckpoints
+
+class BuildsLongMemFromCheckpoints:
+    """Task mixin: tells ``longmem_gpt2.build_model`` when fairseq rebuilds a saved model, so
+    that the backbone comes from the LongMem checkpoint itself and --backbone-path is not read
+    (fairseq passes ``from_checkpoint`` to the task, not to the model)."""
+
+    building_from_checkpoint = False
+
+    def build_model(self, cfg, from_checkpoint=False):
+        self.building_from_checkpoint = from_checkpoint
+        try:
+            return super().build_model(cfg, from_checkpoint)
+        finally:
+            self.building_from_checkpoint = False
 
 
 class OneDictionaryTask(BuildsLongMemFromCheckpoints, FairseqTask):

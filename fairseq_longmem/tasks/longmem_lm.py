@@ -23,7 +23,7 @@ from fairseq.tasks import register_task
 from omegaconf import II
 
 from .base import OneDictionaryTask
-from .candidate_scoring import ExamplesDataset
+from .scoring.candidate_scoring import ExamplesDataset
 from .split_files import check_mmap_split, split_shards
 
 logger = logging.getLogger(__name__)
@@ -502,7 +502,7 @@ class LongMemLMTask(OneDictionaryTask):
     def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None,
                         **kwargs):
         # fairseq-generate and fairseq-interactive call this before they read any input
-        from ..generation import (
+        from .generation import (
             LongMemSequenceGenerator,
             check_new_file,
             load_prompt_memory,

@@ -14,7 +14,7 @@ import torch
 from fairseq.criterions import register_criterion
 
 import fairseq_longmem  # noqa: F401  (registers the task, models and criterion)
-from fairseq_longmem import checkpoint_guard
+from fairseq_longmem.checkpoint import guard as checkpoint_guard
 from fairseq_longmem.criterions.longmem_cross_entropy import (
     LongMemCrossEntropyConfig,
     LongMemCrossEntropyCriterion,

@@ -2,7 +2,7 @@
 
 Per seed, ``--demos-in-context`` demonstrations are drawn from the train set and put before
 every test query, and ``--demos-in-memory`` more are written into a read-only memory before any
-query is scored (LongMem's protocol; :mod:`fairseq_longmem.icl_data`). Each test example is then
+query is scored (LongMem's protocol; :mod:`fairseq_longmem.tasks.scoring.icl_data`). Each test example is then
 scored per label word: fairseq-generate prints ``S-`` (the query), ``T-`` (the gold label), one
 ``H-``/``P-`` pair per candidate (``--nbest``), and the accuracy of the registered scorer
 ``icl_accuracy``.
@@ -31,8 +31,8 @@ import torch
 from fairseq.dataclass import ChoiceEnum
 from fairseq.tasks import register_task
 
-from .. import icl_data, memory_scoring
-from ..modules.memory_file import read_header
+from . import icl_data, memory_scoring
+from ...memory.file_format import read_header
 from .candidate_scoring import (
     CandidateScorer,
     CandidateScoringConfig,

@@ -12,12 +12,13 @@ another fingerprint or with none; a bank without one accepts any file.
 
 import json
 import os
-import secrets
 import zlib
 from dataclasses import dataclass
 from typing import Dict, List
 
 import torch
+
+from ..fileio import atomic_write
 
 FORMAT_NAME = "fairseq_longmem.memory_bank"
 FORMAT_VERSION = 1
@@ -38,7 +39,7 @@ class SavedRow:
 
 def save(path, config: dict, dtype: torch.dtype, fingerprint: str, rows: List[SavedRow],
          overwrite: bool = False):
-    """Write ``rows`` to ``path`` atomically (a temporary file in the same folder, then a rename).
+    """Write ``rows`` to ``path`` atomically (:func:`fairseq_longmem.fileio.atomic_write`).
 
     ``config``: num_heads, head_dim, chunk_size, memory_size. The file gets the usual permissions
     of a new file (0666 less the umask), like any file the user writes.
@@ -46,7 +47,7 @@ def save(path, config: dict, dtype: torch.dtype, fingerprint: str, rows: List[Sa
     path = os.fspath(path)
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    from safetensors.torch import save_file
+    from safetensors.torch import save as safetensors_bytes
 
     tensors, row_meta = {}, []
     for i, row in enumerate(rows):
@@ -57,20 +58,8 @@ def save(path, config: dict, dtype: torch.dtype, fingerprint: str, rows: List[Sa
     header = dict(format=FORMAT_NAME, version=FORMAT_VERSION, **config,
                   dtype=str(dtype).replace("torch.", ""), fingerprint=fingerprint,
                   rows=row_meta, crc32={n: crc32(t) for n, t in tensors.items()})
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
-    # created as open() would create it (0666 less the umask); safetensors writes its files 0600,
-    # so that mode is put back once it has written
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    try:
-        mode = os.stat(tmp).st_mode & 0o777
-        save_file(tensors, tmp, metadata={HEADER_KEY: json.dumps(header)})
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    data = safetensors_bytes(tensors, metadata={HEADER_KEY: json.dumps(header)})
+    atomic_write(path, lambda f: f.write(data))
 
 
 def load(path, config: dict, fingerprint: str, num_rows: int) -> List[SavedRow]:

@@ -9,9 +9,9 @@ with it. Both print ``Accuracy 91.06 (794/872)``.
 
 from dataclasses import dataclass
 
-from . import require_fairseq
+from ... import require_fairseq
 
-require_fairseq("fairseq_longmem.scoring")
+require_fairseq("fairseq_longmem.tasks.scoring.scorers")
 
 from fairseq.dataclass import FairseqDataclass  # noqa: E402
 from fairseq.scoring import BaseScorer, register_scorer  # noqa: E402

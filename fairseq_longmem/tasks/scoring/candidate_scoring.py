@@ -15,7 +15,7 @@ from fairseq.data import Dictionary, FairseqDataset, encoders, iterators
 from fairseq.dataclass import FairseqDataclass
 from omegaconf import II
 
-from .base import OneDictionaryTask
+from ..base import OneDictionaryTask
 
 logger = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from fairseq.sequence_generator import EnsembleModel, SequenceGenerator
 
-from . import memory_scoring
-from .modules.memory_bank import ChunkedMemoryBank
-from .modules.memory_file import read_header
+from ..memory.bank import ChunkedMemoryBank
+from ..memory.file_format import read_header
+from .scoring import memory_scoring
 
 logger = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """Fused Triton kernels for the exact two-stage chunk search (``backend="triton"``; the selection
-and why it is exact: ``memory_search.py``). The (B, H, T, C) score tensor is never written.
+and why it is exact: ``topk.py``). The (B, H, T, C) score tensor is never written.
 
 1. ``_block_max_kernel``: per (row-head, tile of queries, tile of blocks), scores the tile's
    chunks member by member with ``tl.dot`` and keeps the running block maxima in registers;
@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import memory_search
+from . import topk
 
 BLOCK_T = 64  # queries per program of the block-max kernel
 BLOCK_J = 64  # blocks per program of the block-max kernel
@@ -78,12 +78,12 @@ def _refine_kernel(q_ptr, s_ptr, count_ptr, top_ptr, out_ptr, NB, D, BLK, NK,
         s = tl.load(s_ptr + r * ss_r + c[:, None] * ss_c + d[None, :],
                     mask=ok[:, None] & (d[None, :] < D), other=0.0).to(tl.float32)
         sc = tl.where(ok, tl.sum(s * q[None, :], axis=1), float("-inf"))  # (BLOCK_K,)
-        # candidate m * NK + i, the layout memory_search.finish_two_stage reads
+        # candidate m * NK + i, the layout topk.finish_two_stage reads
         tl.store(out_ptr + r * so_r + t * so_t + m * NK + i, sc, mask=i < NK)
 
 
 def search(queries, summaries, count, nk, max_score_bytes):
-    """Top-nk slots (B, H, T, nk) per query, as memory_search.search's backends return them."""
+    """Top-nk slots (B, H, T, nk) per query, as search.search's backends return them."""
     if queries.device.type != "cuda" and not interpreting():
         raise RuntimeError(
             "backend='triton' runs on CUDA devices (on CPU only under Triton's interpreter, "
@@ -92,9 +92,9 @@ def search(queries, summaries, count, nk, max_score_bytes):
         )
     B, H, T, D = queries.shape
     C = summaries.shape[2]
-    layout = memory_search.block_layout(C, nk)
+    layout = topk.block_layout(C, nk)
     if layout is None:  # few chunks: scoring them all is as cheap
-        return memory_search.matmul_topk(queries, summaries, count, nk, max_score_bytes)
+        return topk.matmul_topk(queries, summaries, count, nk, max_score_bytes)
     blk, nb = layout
     R, dev = B * H, queries.device
     q = queries.reshape(R, T, D).contiguous()  # (R, T, hd); the kernels index hd with stride 1
@@ -124,6 +124,6 @@ def search(queries, summaries, count, nk, max_score_bytes):
                                qb.stride(0), qb.stride(1), s.stride(0), s.stride(1),
                                top.stride(0), top.stride(1), cand.stride(0), cand.stride(1),
                                BLOCK_K=block_k, BLOCK_D=block_d)
-        sel = memory_search.finish_two_stage(cand.view(R, n, blk, nk), top, nk, nb)
+        sel = topk.finish_two_stage(cand.view(R, n, blk, nk), top, nk, nb)
         slots[:, :, t0:t0 + n] = sel.view(B, H, n, nk)
     return slots

@@ -31,9 +31,9 @@ from typing import List, Optional
 import torch
 from fairseq.tasks import register_task
 
-from .. import memory_scoring
-from ..icl_data import first_few
-from ..jsonfile import read_json
+from . import memory_scoring
+from ...fileio import read_json
+from .icl_data import first_few
 from .candidate_scoring import (
     CandidateScorer,
     CandidateScoringConfig,

@@ -1,9 +1,9 @@
 """LongMem's long-term memory: a per-row, per-head chunked ring buffer of keys and values with exact
 top-k chunk retrieval, per-row clearing and save/load (pure torch; faiss and triton optional).
 
-This module holds the interface and the storage; the search backends live in ``memory_search.py``
-(the CUDA kernels in ``memory_triton.py``), the file format in ``memory_file.py``. None of them
-imports fairseq: ``import fairseq_longmem.modules.memory_bank`` works without fairseq installed.
+This module holds the interface and the storage; the search backends live in ``search.py``
+(the CUDA kernels in ``search_triton.py``), the file format in ``file_format.py``. None of them
+imports fairseq: ``import fairseq_longmem.memory.bank`` works without fairseq installed.
 
 Layout and semantics
 --------------------
@@ -29,7 +29,7 @@ resets it to 0), which keeps masking and saving trivial. Keys or values that are
 *Search*: per (row, head, query token) the top ``k // chunk_size`` chunks by inner product
 ``<q, summary>`` (exact), in descending score order, expanded to their ``k`` tokens. The backends
 (``BACKENDS``: ``auto``, ``torch``, ``matmul``, ``triton``, ``faiss``) and what ``auto`` picks
-(``torch``) are described in ``memory_search.py``; all return the same chunks, ties aside.
+(``torch``) are described in ``search.py``; all return the same chunks, ties aside.
 
 *Write times*: each row counts its ``add`` calls since it was last cleared, and each chunk slot
 remembers the count of the ``add`` that completed it, so :meth:`segments_back` tells how many
@@ -37,7 +37,7 @@ segments ago a retrieved chunk was written (1 = by the latest ``add``). A loaded
 counting afresh: its loaded chunks count as written by the latest ``add``.
 
 *Files* (``save``/``load``): one safetensors file with a JSON header, no pickle
-(``memory_file.py``). Loading casts to the bank's own device and dtype, so a memory saved from
+(``file_format.py``). Loading casts to the bank's own device and dtype, so a memory saved from
 fp16 on a GPU loads into an fp32 CPU bank (and vice versa; fp32 -> fp16 rounds).
 
 The bank is a plain object, not an ``nn.Module``: its tensors never enter a model's ``state_dict``
@@ -51,7 +51,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import memory_file, memory_search
+from . import file_format as memory_file
+from . import search as memory_search
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +154,16 @@ class ChunkedMemoryBank:
         self._clock = np.zeros(B, dtype=np.int64)  # add calls since the row was cleared
         self._written = torch.zeros(B, C, dtype=torch.long, device=self._device)  # clock per slot
         self._gather_buffers = {}  # CPU search outputs, reused (_gather)
+
+    @staticmethod
+    def bytes_for(num_rows: int, num_heads: int, head_dim: int, chunk_size: int,
+                  memory_size: int, dtype=torch.float32) -> int:
+        """Bytes the tensors of a bank built with these arguments take, allocated at construction
+        (keys and values, one mean key per chunk, one chunk's staging area per row and head)."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        capacity = memory_size // chunk_size
+        per_head = 2 * capacity * chunk_size + capacity + 2 * chunk_size  # vectors of head_dim
+        return num_rows * num_heads * per_head * head_dim * itemsize
 
     @property
     def num_rows(self) -> int:
@@ -297,7 +308,7 @@ class ChunkedMemoryBank:
             if lengths.shape != (B,) or lengths.is_floating_point() or lengths.dtype == torch.bool:
                 raise ValueError(f"lengths: expected an integer tensor of shape ({B},), "
                                  f"got {lengths.dtype} of shape {tuple(lengths.shape)}")
-        lengths, nonfinite = self._appended(keys, values, lengths)
+        lengths, nonfinite = self._lengths_and_nonfinite_rows(keys, values, lengths)
         if (lengths < 0).any() or (lengths > T).any():
             raise ValueError(f"lengths: expected values in [0, T={T}], got {lengths.tolist()}")
         if nonfinite:
@@ -322,7 +333,7 @@ class ChunkedMemoryBank:
         for b in np.flatnonzero(~fast).tolist():  # ragged rows: partial chunks, staging
             self._add_row(b, keys[b], values[b], int(lengths[b]))
 
-    def _appended(self, keys, values, lengths):
+    def _lengths_and_nonfinite_rows(self, keys, values, lengths):
         """(lengths as numpy (B,), rows whose appended tokens hold inf or NaN).
 
         A sum is finite only if all its terms are, so one fp32 sum per row of its appended keys

@@ -2,7 +2,7 @@
 of memory-augmented in-context learning (task ``longmem_icl``) and of suffix identification.
 
 Works with a ``longmem_gpt2`` model (memory on or off) and with a plain ``gpt2_lm`` backbone. A
-memory here is a :class:`~fairseq_longmem.modules.memory_bank.ChunkedMemoryBank` the caller owns
+memory here is a :class:`~fairseq_longmem.memory.bank.ChunkedMemoryBank` the caller owns
 (``model.decoder.new_memory``), never the model's own per-stream memories; scoring passes it with
 ``write_memory=False``, so the memory is bit-identical before and after.
 """

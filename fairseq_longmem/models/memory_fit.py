@@ -1,0 +1,60 @@
+"""Refusing a ``--memory-size`` whose memories cannot fit on the device, before anything is
+allocated."""
+
+import logging
+import os
+from typing import Optional
+
+import torch
+
+from ..memory.bank import ChunkedMemoryBank
+from ..modules.gpt2 import GPT2Dims
+
+logger = logging.getLogger(__name__)
+
+_GIB = 2**30
+
+
+def free_bytes(device: torch.device) -> Optional[int]:
+    """Memory free for new tensors on ``device``: CUDA's free memory, or the host's available RAM
+    (Linux MemAvailable; free pages elsewhere). None when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_memory_fits(cfg, dims: GPT2Dims, task):
+    """Refuse a --memory-size whose memories cannot fit on the device, before anything is
+    allocated (the bank is built at the first batch, which would otherwise ask for it then)."""
+    tcfg = getattr(task, "cfg", None)
+    rows = getattr(tcfg, "batch_size", None)
+    if cfg.disable_memory or not rows:
+        return
+    cuda = not getattr(tcfg, "cpu", False) and torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    half = cuda and (getattr(tcfg, "fp16", False) or getattr(tcfg, "bf16", False))
+    # training keeps a second memory for validation, which never reads training text
+    banks = 1 if getattr(task, "building_from_checkpoint", False) else 2
+    one = ChunkedMemoryBank.bytes_for(rows, dims.num_heads, dims.head_dim, cfg.chunk_size,
+                                      cfg.memory_size, torch.float16 if half else torch.float32)
+    free = free_bytes(device)
+    if free is not None and banks * one > free:
+        what = "a training and a validation memory" if banks == 2 else "the memory"
+        raise ValueError(
+            f"--memory-size {cfg.memory_size} needs {banks * one / _GIB:,.1f} GiB for {what} "
+            f"({rows} streams (--batch-size) x {dims.num_heads} heads x {cfg.memory_size} tokens "
+            f"x {dims.head_dim} dims x keys and values, plus chunk means, in "
+            f"{'16' if half else '32'}-bit floats), more than the {free / _GIB:,.1f} GiB free on "
+            f"{device}: lower --memory-size or --batch-size"
+        )
+    logger.info("memory: %.3f GiB per memory (%s, %d streams)", one / _GIB, device, rows)
