@@ -23,6 +23,7 @@ def test_bytes_for_is_what_a_bank_allocates(rows, heads, head_dim, chunk, size, 
     expected = ChunkedMemoryBank.bytes_for(rows, heads, head_dim, chunk, size, dtype)
     assert allocated(bank) == expected
     # keys + values (2 * size) + a mean key per chunk (size / chunk) + staging (2 * chunk) per
-    # row and head, in vectors of head_dim
+    # row and head, in vectors of head_dim; plus an int64 write time per chunk slot and row
     itemsize = torch.empty((), dtype=dtype).element_size()
-    assert expected == rows * heads * (2 * size + size // chunk + 2 * chunk) * head_dim * itemsize
+    assert expected == (rows * heads * (2 * size + size // chunk + 2 * chunk) * head_dim * itemsize
+                        + rows * (size // chunk) * 8)

@@ -159,11 +159,13 @@ class ChunkedMemoryBank:
     def bytes_for(num_rows: int, num_heads: int, head_dim: int, chunk_size: int,
                   memory_size: int, dtype=torch.float32) -> int:
         """Bytes the tensors of a bank built with these arguments take, allocated at construction
-        (keys and values, one mean key per chunk, one chunk's staging area per row and head)."""
+        (keys and values, one mean key per chunk, one chunk's staging area per row and head, and
+        each chunk slot's write time, an int64 per row)."""
         itemsize = torch.empty((), dtype=dtype).element_size()
         capacity = memory_size // chunk_size
         per_head = 2 * capacity * chunk_size + capacity + 2 * chunk_size  # vectors of head_dim
-        return num_rows * num_heads * per_head * head_dim * itemsize
+        write_times = num_rows * capacity * torch.empty((), dtype=torch.long).element_size()
+        return num_rows * num_heads * per_head * head_dim * itemsize + write_times
 
     @property
     def num_rows(self) -> int:
