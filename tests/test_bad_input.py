@@ -371,8 +371,10 @@ def test_option_values_out_of_range_are_refused(logs):
 
 def test_memory_that_cannot_fit_is_refused_before_allocating(logs):
     # two memories (training, validation) x 4 rows x 4 heads x 32 dims x 4 bytes, per head:
-    # keys and values of msz tokens, msz / csz chunk means, a 4-token staging area (K and V)
-    need = 2 * BATCH_SIZE * 4 * 32 * 4 * (2 * HUGE_MEMORY + HUGE_MEMORY // 4 + 8)
+    # keys and values of msz tokens, msz / csz chunk means, a 4-token staging area (K and V);
+    # plus, per row, an 8-byte write time for each of the msz / csz chunks
+    need = 2 * BATCH_SIZE * (4 * 32 * 4 * (2 * HUGE_MEMORY + HUGE_MEMORY // 4 + 8)
+                             + 8 * (HUGE_MEMORY // 4))
     refused(logs, "memory_too_large", f"--memory-size {HUGE_MEMORY} needs {need / 2**30:,.1f} GiB "
             "for a training and a validation memory", "GiB free on cpu",
             "lower --memory-size or --batch-size")

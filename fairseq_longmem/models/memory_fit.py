@@ -54,7 +54,7 @@ def check_memory_fits(cfg, dims: GPT2Dims, task):
             f"--memory-size {cfg.memory_size} needs {banks * one / _GIB:,.1f} GiB for {what} "
             f"({rows} streams (--batch-size) x {dims.num_heads} heads x {cfg.memory_size} tokens "
             f"x {dims.head_dim} dims x keys and values, plus chunk means, in "
-            f"{'16' if half else '32'}-bit floats), more than the {free / _GIB:,.1f} GiB free on "
+            f"{'16' if half else '32'}-bit floats, and chunk write times), more than the {free / _GIB:,.1f} GiB free on "
             f"{device}: lower --memory-size or --batch-size"
         )
     logger.info("memory: %.3f GiB per memory (%s, %d streams)", one / _GIB, device, rows)
