@@ -3,17 +3,15 @@ incremental decoding (a segment of T tokens in the local caches, the past in a m
 tokens) against the plain backbone decoding with a key/value cache over its whole context, up to
 its maximum positions, where stock decoding has to stop. Both in the same run, same weights.
 
-    python examples/benchmarks/generation_speed.py --tokens 16384 --out docs/results/logs/benchmarks/generation
+    python examples/benchmarks/generation_speed.py --tokens 16384 --log-dir DIR
 
-writes ``table.md`` (median ms per token per range of tokens already generated, and the ratio
-to the first segment), ``timings.json`` (every token's time) and ``machine.json`` into --out.
+prints a table (median ms per token per range of tokens already generated, and the ratio to the
+first segment); with --log-dir it also writes ``table.md``, ``raw.json`` (every token's time),
+``machine.json`` and ``command.txt`` there (``runlog.py``, like the other benchmarks).
 The weights are random (the cost does not depend on them); the defaults are a tiny model.
 """
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import time
 
@@ -22,6 +20,7 @@ from fairseq.data import Dictionary
 
 from fairseq_longmem.models.longmem_gpt2 import LongMemGPT2Config, LongMemGPT2Model
 from fairseq_longmem.modules.gpt2 import GPT2Backbone, GPT2Dims
+from runlog import RunLog  # examples/benchmarks/runlog.py, beside this script
 
 
 def build(args):
@@ -98,10 +97,14 @@ def main():
     p.add_argument("--retrieved-tokens", type=int, default=64)
     p.add_argument("--backend", default="torch")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--note", default="", help="a line about the machine's load, for the table")
-    p.add_argument("--out", default="docs/results/logs/benchmarks/generation")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--log-dir", default=None,
+                   help="also write table.md, raw.json, machine.json and command.txt here")
     args = p.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    log = RunLog(args.log_dir)
     device = torch.device(args.device)
     model, d = build(args)
     model.to(device)
@@ -123,21 +126,13 @@ def main():
     head = (f"LongMem {args.layers} layers x {args.dim} ({args.heads} heads), T={args.segment}, "
             f"msz={args.memory_size}, csz={args.chunk_size}, K={args.retrieved_tokens}, "
             f"{args.backend} search, {device}; {args.tokens} tokens generated one at a time; "
-            f"decoding state {state_bytes / 2**20:.1f} MiB (fixed: caches + memory). "
-            f"{args.note}")
-    table = head + "\n\n" + "\n".join(rows) + "\n"
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(table)
-    with open(os.path.join(args.out, "timings.json"), "w") as f:
-        json.dump({"args": vars(args), "longmem_ms": longmem, "backbone_ms": backbone}, f)
-    machine = {"platform": platform.platform(), "processor": platform.processor(),
-               "cpus": os.cpu_count(), "torch": torch.__version__,
-               "threads": torch.get_num_threads(), "load_average": os.getloadavg(),
-               "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
-    with open(os.path.join(args.out, "machine.json"), "w") as f:
-        json.dump(machine, f, indent=1)
-    print(table)
+            f"decoding state {state_bytes / 2**20:.1f} MiB (fixed: caches + memory), "
+            f"{torch.get_num_threads()} thread(s)")
+    for line in [head, ""] + rows:
+        log.print(line)
+    log.times("longmem_token_s", [ms / 1e3 for ms in longmem])
+    log.times("backbone_token_s", [ms / 1e3 for ms in backbone])
+    log.close()
 
 
 if __name__ == "__main__":
