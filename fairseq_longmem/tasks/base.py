@@ -1,6 +1,8 @@
 """The base of every task here: one dictionary, a language model's, for source and target, and
 LongMem checkpoints rebuilt with the backbone they hold (:class:`BuildsLongMemFromCheckpoints`)."""
 
+import os
+
 from fairseq.data import Dictionary
 from fairseq.tasks import FairseqTask
 
@@ -18,6 +20,15 @@ class BuildsLongMemFromCheckpoints:
             return super().build_model(cfg, from_checkpoint)
         finally:
             self.building_from_checkpoint = False
+
+
+def load_dictionary(data_dir: str, what: str = "", cls=Dictionary) -> Dictionary:
+    """``data_dir/dict.txt`` as a ``cls``, or fairseq's one-line FileNotFoundError naming it
+    (``what`` says which dictionary is expected there)."""
+    path = os.path.join(data_dir, "dict.txt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Dictionary not found: {path}{f' ({what})' if what else ''}")
+    return cls.load(path)
 
 
 class OneDictionaryTask(BuildsLongMemFromCheckpoints, FairseqTask):

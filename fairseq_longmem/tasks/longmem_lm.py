@@ -22,7 +22,7 @@ from fairseq.distributed import utils as dist_utils
 from fairseq.tasks import register_task
 from omegaconf import II
 
-from .base import OneDictionaryTask
+from .base import OneDictionaryTask, load_dictionary
 from .scoring.candidate_scoring import ExamplesDataset
 from .split_files import check_mmap_split, split_shards
 
@@ -316,10 +316,7 @@ class LongMemLMTask(OneDictionaryTask):
         paths = utils.split_paths(cfg.data)
         if not paths:
             raise ValueError("--data: no data directory given")
-        dict_path = os.path.join(paths[0], "dict.txt")
-        if not os.path.isfile(dict_path):
-            raise FileNotFoundError(f"Dictionary not found: {dict_path}")
-        dictionary = LineEndDictionary.load(dict_path)
+        dictionary = load_dictionary(paths[0], cls=LineEndDictionary)
         bpe = cfg.bpe_cfg.get("_name") if cfg.bpe_cfg is not None else None
         dictionary.line_end = "" if bpe == "gpt2" else cfg.line_end_marker
         if cfg.prompt_tokens < 0:

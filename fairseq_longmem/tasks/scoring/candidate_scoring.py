@@ -15,7 +15,7 @@ from fairseq.data import Dictionary, FairseqDataset, encoders, iterators
 from fairseq.dataclass import FairseqDataclass
 from omegaconf import II
 
-from ..base import OneDictionaryTask
+from ..base import OneDictionaryTask, load_dictionary
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,8 @@ class ExamplesDataset(FairseqDataset):
 
 
 class CandidateScoringTask(OneDictionaryTask):
+    scorer_class = None  # the CandidateScorer subclass fairseq-generate gets as its "generator"
+
     def __init__(self, cfg: CandidateScoringConfig, dictionary: Dictionary, bpe):
         super().__init__(cfg, dictionary)
         self.bpe = bpe
@@ -67,10 +69,7 @@ class CandidateScoringTask(OneDictionaryTask):
     def setup_task(cls, cfg: CandidateScoringConfig, **kwargs):
         if cfg.tokens_per_sample < 2:
             raise ValueError(f"--tokens-per-sample must be >= 2, got {cfg.tokens_per_sample}")
-        dict_path = os.path.join(cfg.data, "dict.txt")
-        if not os.path.isfile(dict_path):
-            raise FileNotFoundError(f"Dictionary not found: {dict_path} (the checkpoint's dict.txt)")
-        dictionary = Dictionary.load(dict_path)
+        dictionary = load_dictionary(cfg.data, "the checkpoint's dict.txt")
         if cfg.bpe_cfg is None:
             raise ValueError(
                 f"--task {_name(cfg)} needs the tokenizer the model was trained with to encode "
@@ -131,6 +130,11 @@ class CandidateScoringTask(OneDictionaryTask):
             buffer_size=data_buffer_size, disable_shuffling=True,
         )
 
+    def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None, **kw):
+        # fairseq-generate prints "beam=" in its final line; scoring has no beam, so say 1
+        args.beam = 1
+        return self.scorer_class(self, models, nbest=args.nbest)
+
     def inference_step(self, generator, models, sample, prefix_tokens=None, constraints=None):
         return generator.generate(sample)
 
@@ -168,7 +172,7 @@ class CandidateScorer:
             )
 
     @property
-    def like(self) -> torch.Tensor:
+    def model_parameter(self) -> torch.Tensor:
         """A parameter of the model: the device and dtype memories take."""
         return next(self.model.parameters())
 

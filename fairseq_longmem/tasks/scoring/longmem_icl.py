@@ -204,10 +204,6 @@ class LongMemICLTask(CandidateScoringTask):
         prompt = self.lines(demos[first:] + [query[cut:]])
         return prompt, first, cut
 
-    def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None, **kw):
-        # fairseq-generate prints "beam=" in its final line; scoring has no beam, so say 1
-        args.beam = 1
-        return ICLScorer(self, models, nbest=args.nbest)
 
 
 class ICLScorer(CandidateScorer):
@@ -253,7 +249,7 @@ class ICLScorer(CandidateScorer):
         task, decoder, cfg = self.task, self.model.decoder, self.task.cfg
         ident = self.identity()
         fingerprint = json.dumps(ident, sort_keys=True)
-        like = self.like
+        like = self.model_parameter
         size = memory_scoring.memory_size_for(len(task.memory_stream), decoder.cfg.chunk_size,
                                               decoder.cfg.retrieved_tokens)
         path = cfg.memory_file
@@ -297,7 +293,7 @@ class ICLScorer(CandidateScorer):
         if memory is None and memory_scoring.reads_memory(self.model):
             # no demonstrations in memory: an empty memory reads as memory off
             memory = self.model.decoder.new_memory(1, self.model.decoder.cfg.retrieved_tokens,
-                                                   self.like)
+                                                   self.model_parameter)
         if self.decision == "vocab":
             tokens, lens = memory_scoring.pad_rows(prompts, self.pad)
             lp = memory_scoring.next_token_logprobs(self.model, tokens, lens, memory).cpu()
@@ -323,3 +319,7 @@ def read_identity(path: str) -> dict:
             "(no identity in its header): pass another --memory-file"
         ) from None
     return ident
+
+
+# what the task's build_generator (CandidateScoringTask's) hands fairseq-generate
+LongMemICLTask.scorer_class = ICLScorer

@@ -212,10 +212,6 @@ class LongMemSuffixTask(CandidateScoringTask):
             sum(len(m) for m in memories) // n, cfg.suffix_tokens,
         )
 
-    def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None, **kw):
-        # fairseq-generate prints "beam=" in its final line; scoring has no beam, so say 1
-        args.beam = 1
-        return SuffixScorer(self, models, nbest=args.nbest)
 
 
 class SuffixScorer(CandidateScorer):
@@ -241,10 +237,14 @@ class SuffixScorer(CandidateScorer):
             size = memory_scoring.memory_size_for(max(len(s) for s in streams),
                                                   decoder.cfg.chunk_size,
                                                   decoder.cfg.retrieved_tokens)
-            memory = decoder.new_memory(len(ids), size, self.like)
+            memory = decoder.new_memory(len(ids), size, self.model_parameter)
             memory_scoring.write_streams(self.model, memory, streams,
                                          self.task.cfg.tokens_per_sample, self.pad)
         cands = [ds.candidates[i] for i in ids]
         scores = memory_scoring.continuation_logprobs(self.model, contexts, cands, self.pad,
                                                       memory)
         return [self.ranked(c, row) for c, row in zip(cands, scores)]
+
+
+# what the task's build_generator (CandidateScoringTask's) hands fairseq-generate
+LongMemSuffixTask.scorer_class = SuffixScorer
