@@ -141,49 +141,48 @@ class LongMemCrossEntropyCriterion(CrossEntropyCriterion):
             )
         return T
 
+    def positions(self, sample, option):
+        """(B, W) position of every target token in its document: segment x T + offset."""
+        T = self.segment_length(sample, option)
+        target = sample["target"]
+        offset = torch.arange(target.shape[1], device=target.device)
+        return sample["segment"].to(target.device).unsqueeze(1) * T + offset, T
+
+    def sums_by_bucket(self, token_loss, sample, masks, loss_prefix, count_prefix):
+        """Summed loss (nats) and count of the scored (non-padding) tokens under each
+        ``label -> (B, W) mask`` of ``masks``."""
+        target = sample["target"]
+        scored = target.ne(self.padding_idx)
+        token_loss = token_loss.view(target.shape).detach()
+        out = {}
+        for label, mask in masks:
+            mask = scored & mask
+            out[loss_prefix + label] = float(token_loss[mask].sum())
+            out[count_prefix + label] = int(mask.sum())
+        return out
+
     def recurrence_sums(self, token_loss, sample):
         """Summed loss (nats) and token count per recurrence bucket of the batch."""
-        T = self.segment_length(sample, "--recurrence-buckets")
+        pos, T = self.positions(sample, "--recurrence-buckets")
         if "recurrence_distance" not in sample:
             raise ValueError(
                 "--recurrence-buckets: the batch carries no recurrence_distance; the task must "
                 "be longmem_lm, which adds it for a criterion that asks (build_criterion)"
             )
-        target = sample["target"]
-        B, W = target.shape
-        dist = sample["recurrence_distance"].to(target.device)  # (B, W) tokens back, 0 = none
-        pos = sample["segment"].to(target.device).unsqueeze(1) * T + torch.arange(
-            W, device=target.device)  # (B, W) position in the document
+        dist = sample["recurrence_distance"].to(pos.device)  # (B, W) tokens back, 0 = none
         back = pos // T - (pos - dist) // T  # segments between the two occurrences
         # bucket 0: none, 1: local (same segment), 2..: the segment buckets
         index = torch.where(
             dist == 0, 0,
             torch.where(back == 0, 1, 2 + segments_back_bucket(back.clamp_min(1), self.rec_buckets)))
-        scored = target.ne(self.padding_idx)
-        token_loss = token_loss.view(B, W).detach()
-        out = {}
-        for i, label in enumerate(recurrence_labels(self.rec_buckets)):
-            mask = scored & (index == i)
-            out[REC_LOSS + label] = float(token_loss[mask].sum())
-            out[REC_COUNT + label] = int(mask.sum())
-        return out
+        masks = ((label, index == i) for i, label in enumerate(recurrence_labels(self.rec_buckets)))
+        return self.sums_by_bucket(token_loss, sample, masks, REC_LOSS, REC_COUNT)
 
     def bucket_sums(self, token_loss, sample):
         """Summed loss (nats) and token count per position bucket of the batch."""
-        target = sample["target"]  # (B, W), W <= T: a document's last segment may be shorter
-        T = self.segment_length(sample, "--position-buckets")
-        B, W = target.shape
-        offset = torch.arange(W, device=target.device)
-        pos = sample["segment"].to(target.device).unsqueeze(1) * T + offset  # (B, W)
-        scored = target.ne(self.padding_idx)
-        token_loss = token_loss.view(B, W).detach()
-        out = {}
-        for lo, hi in self.buckets:
-            mask = scored & (pos >= lo) & (pos < hi)
-            label = bucket_label(lo, hi)
-            out[BUCKET_LOSS + label] = float(token_loss[mask].sum())
-            out[BUCKET_COUNT + label] = int(mask.sum())
-        return out
+        pos, _ = self.positions(sample, "--position-buckets")  # W <= T: a last segment may be shorter
+        masks = ((bucket_label(lo, hi), (pos >= lo) & (pos < hi)) for lo, hi in self.buckets)
+        return self.sums_by_bucket(token_loss, sample, masks, BUCKET_LOSS, BUCKET_COUNT)
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:
