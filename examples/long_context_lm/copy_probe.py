@@ -1,0 +1,142 @@
+"""Can a model copy a span it has seen before, and from how far back? A span of random tokens is
+written into real text twice, the second time ``d`` segments after the first (``d = 0``: right
+after it, in the same segment, where the local attention sees it); the loss on the second copy
+against the loss on the first (both unpredictable from the text around them) is what the model
+recalls. The memory is for exactly this: the first copy is d segments back, inside the memory
+and outside the local window::
+
+    python examples/long_context_lm/copy_probe.py DATA --path CK [--path CK2 ...] \\
+        --tokens-per-sample 256 [--span 32] [--trials 64] [--distances 0,1,2,4,8,16] \\
+        [--model-overrides "{'disable_memory': True}"] [--results-json FILE]
+
+Each trial is a document of ``d + 2`` segments of real text from ``DATA``'s ``--split`` (valid by
+default) with the span at the same random offset of segment 1 and of segment ``1 + d``; the
+same trials (same spans, offsets and text, from ``--seed``) for every model and distance. Its
+segments are scored in order, one stream per trial, as ``fairseq-eval-lm --task longmem_lm``
+streams a document: a LongMem model writes each segment into its memory after reading it; a
+``gpt2_lm`` backbone (or LongMem with memory off) scores each segment from an empty context.
+Prints, per model and distance, the loss in bits per token of the first and the second copy
+(the span's first token is left out: nothing predicts it) and the recall: their difference.
+"""
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+from fairseq import checkpoint_utils, utils
+from fairseq.data import data_utils
+
+from fairseq_longmem import user_dir
+
+logger = logging.getLogger("copy_probe")
+
+
+def real_text(data: str, split: str, dictionary) -> np.ndarray:
+    """The split's tokens as one array, documents and lines in order."""
+    ds = data_utils.load_indexed_dataset(os.path.join(data, split), dictionary)
+    if ds is None:
+        raise SystemExit(f"error: no binarized split {split!r} under {data}")
+    return np.concatenate([ds[i].numpy() for i in range(len(ds))])
+
+
+def make_trials(text: np.ndarray, vocab: range, T: int, span: int, distance: int, trials: int,
+                seed: int):
+    """``(docs, first, second)``: ``docs`` (trials, (d + 2) * T) token ids and the document
+    positions where the two copies start. Trial ``i`` draws its span, offset and text from
+    ``seed`` and ``i`` only, so every distance shares them."""
+    if not 1 <= span <= T // 2 - 1:
+        raise SystemExit(f"error: --span {span} must be in [1, {T // 2 - 1}] for T = {T}")
+    length = (distance + 2) * T
+    docs, first, second = [], [], []
+    for i in range(trials):
+        rng = np.random.RandomState([seed, i])
+        tokens = rng.randint(vocab.start, vocab.stop, size=span)
+        offset = int(rng.randint(1, T - 2 * span + 1))
+        start = int(rng.randint(0, len(text)))
+        doc = np.take(text, np.arange(start, start + length), mode="wrap")  # wraps at the end
+        a = T + offset
+        b = a + span if distance == 0 else (1 + distance) * T + offset
+        doc[a:a + span] = tokens
+        doc[b:b + span] = tokens
+        docs.append(doc)
+        first.append(a)
+        second.append(b)
+    return torch.from_numpy(np.stack(docs)).long(), first, second
+
+
+@torch.no_grad()
+def score(model, docs: torch.Tensor, T: int, eos: int, memory: bool) -> torch.Tensor:
+    """Log-probability (nats) of every document token, the documents read as streams."""
+    B, n = docs.shape
+    source = torch.cat([torch.full((B, 1), eos, dtype=docs.dtype), docs[:, :-1]], dim=1)
+    out = torch.empty(B, n)
+    for s in range(n // T):
+        src, tgt = source[:, s * T:(s + 1) * T], docs[:, s * T:(s + 1) * T]
+        kwargs = {"new_document": torch.full((B,), s == 0)} if memory else {}
+        logits, _ = model(src, **kwargs)
+        lprobs = torch.log_softmax(logits.float(), dim=-1)
+        out[:, s * T:(s + 1) * T] = lprobs.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+    return out
+
+
+def copy_losses(lprobs: torch.Tensor, first, second, span: int):
+    """Mean loss in bits on the two copies, each without its first token."""
+    a = torch.stack([lprobs[i, p + 1:p + span] for i, p in enumerate(first)])
+    b = torch.stack([lprobs[i, p + 1:p + span] for i, p in enumerate(second)])
+    bits = -1.0 / math.log(2)
+    return float(a.mean() * bits), float(b.mean() * bits)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("data")
+    p.add_argument("--path", action="append", required=True, help="a checkpoint; repeatable")
+    p.add_argument("--split", default="valid")
+    p.add_argument("--tokens-per-sample", type=int, required=True)
+    p.add_argument("--span", type=int, default=32)
+    p.add_argument("--trials", type=int, default=64)
+    p.add_argument("--distances", default="0,1,2,4,8,16", help="segments between the copies")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--model-overrides", default="{}", help="applied to every --path")
+    p.add_argument("--results-json")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stdout)
+    utils.import_user_module(argparse.Namespace(user_dir=user_dir.path()))
+    distances = [int(d) for d in args.distances.split(",")]
+    T = args.tokens_per_sample
+    overrides = eval(args.model_overrides)  # a dict literal, as fairseq's --model-overrides
+    results = []
+    for path in args.path:
+        models, _, task = checkpoint_utils.load_model_ensemble_and_task(
+            [path], arg_overrides=dict(overrides, data=args.data, tokens_per_sample=T))
+        model = models[0].eval()
+        d = task.source_dictionary
+        text = real_text(args.data, args.split, d)
+        memory = model.__class__.__name__ == "LongMemGPT2Model" and not getattr(
+            model.decoder.cfg, "disable_memory", True)
+        for distance in distances:
+            docs, first, second = make_trials(text, range(d.nspecial, len(d)), T, args.span,
+                                              distance, args.trials, args.seed)
+            if hasattr(model, "decoder") and hasattr(model.decoder, "reset_memory"):
+                model.decoder.reset_memory()
+            lp = score(model, docs, T, d.eos(), memory)
+            loss1, loss2 = copy_losses(lp, first, second, args.span)
+            row = {"path": path, "memory": memory, "distance": distance, "trials": args.trials,
+                   "span": args.span, "first_bits": loss1, "second_bits": loss2,
+                   "recall_bits": loss1 - loss2}
+            results.append(row)
+            print(f"{path} memory={memory} d={distance}: first {loss1:.3f} second {loss2:.3f} "
+                  f"recall {loss1 - loss2:+.3f} bits/token", flush=True)
+    if args.results_json:
+        with open(args.results_json, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""examples/repeat_augment.py (spans copied from earlier in a training document) and
+examples/long_context_lm/copy_probe.py (how well a model copies a span from d segments back)."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from fairseq.data import Dictionary, data_utils
+
+from conftest import REPO, TOKENS_PER_SAMPLE, train_longmem
+
+sys.path.insert(0, os.path.join(REPO, "examples"))
+sys.path.insert(0, os.path.join(REPO, "examples", "long_context_lm"))
+import copy_probe  # noqa: E402
+import repeat_augment  # noqa: E402
+
+
+def test_augment_document_copies_only_from_earlier_text():
+    eos = 2
+    doc = np.arange(10, 5010, dtype=np.int64)
+    doc[::97] = eos  # line ends
+    orig = doc.copy()
+    written = repeat_augment.augment_document(doc, eos, np.random.RandomState(3), rate=0.2,
+                                              span=(4, 9), max_distance=300)
+    changed = np.flatnonzero(doc != orig)
+    # every token value is distinct in the original, so a copied token names where it came from
+    assert 0.1 * len(doc) < written <= 0.2 * len(doc) + 9
+    assert len(changed) <= written  # a copy may repeat the token already there: not counted
+    assert (doc == eos).sum() == (orig == eos).sum() and (doc[orig == eos] == eos).all()
+    assert (doc[changed] < orig[changed]).all()  # copied from an earlier position
+    src = doc[changed] - 10  # position of the original token each copy carries
+    assert (changed - src).min() >= 4
+
+
+def test_augment_document_is_seeded():
+    def run(seed):
+        doc = np.arange(3, 4003, dtype=np.int64)
+        repeat_augment.augment_document(doc, 2, np.random.RandomState(seed), 0.1, (8, 32), 1000)
+        return doc
+    assert (run(1) == run(1)).all() and not (run(1) == run(2)).all()
+
+
+def test_repeat_augment_changes_only_the_training_split(corpus, tmp_path):
+    out = tmp_path / "rep"
+    assert repeat_augment.main([corpus.data_dir, "--out", str(out), "--rate", "0.1",
+                                "--max-distance", "64", "--span", "2,6"]) == 0
+    d = Dictionary.load(os.path.join(corpus.data_dir, "dict.txt"))
+    for split in ("valid", "test"):
+        for ext in ("bin", "idx"):
+            a = open(os.path.join(corpus.data_dir, f"{split}.{ext}"), "rb").read()
+            assert a == open(out / f"{split}.{ext}", "rb").read()
+    old = data_utils.load_indexed_dataset(os.path.join(corpus.data_dir, "train"), d)
+    new = data_utils.load_indexed_dataset(str(out / "train"), d)
+    assert len(old) == len(new)
+    a = np.concatenate([old[i].numpy() for i in range(len(old))])
+    b = np.concatenate([new[i].numpy() for i in range(len(new))])
+    assert [len(old[i]) for i in range(len(old))] == [len(new[i]) for i in range(len(new))]
+    assert ((a == d.eos()) == (b == d.eos())).all()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tokens"] == len(a) - sum(len(old[i]) == 1 for i in range(len(old)))
+    assert 0 < (a != b).sum() <= manifest["tokens_overwritten"]
+    with pytest.raises(SystemExit):  # never overwrites an existing folder
+        repeat_augment.main([corpus.data_dir, "--out", str(out)])
+
+
+def test_make_trials_geometry():
+    text = np.arange(100, 1100)
+    T, span = 32, 5
+    for d in (0, 1, 3):
+        docs, first, second = copy_probe.make_trials(text, range(4, 50), T, span, d, 6, seed=7)
+        assert docs.shape == (6, (d + 2) * T)
+        for i in range(6):
+            a, b = first[i], second[i]
+            assert T < a and a + span <= T + T - span  # segment 1, room for the d = 0 copy
+            assert b == (a + span if d == 0 else a + d * T)
+            assert (docs[i, a:a + span] == docs[i, b:b + span]).all()
+            assert ((docs[i, a:a + span] >= 4) & (docs[i, a:a + span] < 50)).all()
+    # the same trials (span, offset, text) at every distance
+    d0, f0, _ = copy_probe.make_trials(text, range(4, 50), T, span, 0, 6, seed=7)
+    d2, f2, _ = copy_probe.make_trials(text, range(4, 50), T, span, 2, 6, seed=7)
+    assert f0 == f2 and (d0[:, :f0[0]] == d2[:, :f0[0]]).all()
+
+
+def test_copy_losses():
+    lp = torch.full((1, 20), -1.0)
+    lp[0, 12:16] = -0.25  # the second copy's tokens 1..3 (positions 12-14 of copy at 11)
+    a, b = copy_probe.copy_losses(lp, [3], [11], span=4)
+    assert a == pytest.approx(1 / np.log(2)) and b == pytest.approx(0.25 / np.log(2))
+
+
+def test_copy_probe_end_to_end(corpus, backbone, tmp_path):
+    lm = train_longmem(corpus, backbone, tmp_path / "lm")
+    out = tmp_path / "probe.json"
+    assert copy_probe.main([corpus.data_dir, "--path", backbone, "--path", lm,
+                            "--tokens-per-sample", str(TOKENS_PER_SAMPLE), "--span", "6",
+                            "--trials", "4", "--distances", "0,1,3",
+                            "--results-json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["path"], r["memory"], r["distance"]) for r in rows] == [
+        (backbone, False, 0), (backbone, False, 1), (backbone, False, 3),
+        (lm, True, 0), (lm, True, 1), (lm, True, 3)]
+    for r in rows:
+        assert r["recall_bits"] == pytest.approx(r["first_bits"] - r["second_bits"])
+    # the first copy sits in segment 1 whatever the distance: what comes after it (the second
+    # copy, more segments) cannot change its loss, with or without a memory (causality)
+    for model in (backbone, lm):
+        firsts = [r["first_bits"] for r in rows if r["path"] == model]
+        assert max(firsts) - min(firsts) < 1e-5
