@@ -127,7 +127,8 @@ done
 # 5. loss per position bucket and recurrence bucket (same streams, same tokens) ----------------
 # recurrence buckets in segments back: 1, 2-4, 5-16, up to the memory's span (msz / T), beyond
 SPAN=$((MEMORY_SIZE / T))
-REC_BUCKETS=${REC_BUCKETS:-1,4,16$([ "$SPAN" -gt 16 ] && echo ",$SPAN")}
+if [ "$SPAN" -gt 16 ]; then REC_DEFAULT=1,4,16,$SPAN; else REC_DEFAULT=1,4,16; fi
+REC_BUCKETS=${REC_BUCKETS:-$REC_DEFAULT}
 positions() {  # positions NAME CHECKPOINT OVERRIDES [more options]
   local name=$1 path=$2 overrides=$3; shift 3
   # shellcheck disable=SC2086
