@@ -263,18 +263,21 @@ def test_recurrence_buckets_through_the_clis_match_eval_lm(corpus, backbone, lon
 # the sliding window (b) on the same streams: score_positions.py --context-window
 
 
-def eval_lm_window(data, path, subsets, C):
-    """fairseq-eval-lm's sliding window over each of ``subsets`` on its own: {subset: (tokens,
-    loss in bits)}, all in one interpreter."""
-    cases = {s: ("fairseq-eval-lm", [
+def eval_lm_windows(data, path, subsets, windows):
+    """fairseq-eval-lm's sliding window over each of ``subsets`` on its own, for each context
+    window C of ``windows``: {(C, subset): (tokens, loss in bits)}, all in one interpreter."""
+    cases = {f"{C}:{s}": ("fairseq-eval-lm", [
         data, "--user-dir", USER_DIR, "--path", path, "--task", "language_modeling",
         "--sample-break-mode", "none", "--tokens-per-sample", T_EVAL, "--context-window", C,
-        "--batch-size", BATCH, "--cpu", "--num-workers", "0", "--gen-subset", s]) for s in subsets}
+        "--batch-size", BATCH, "--cpu", "--num-workers", "0", "--gen-subset", s])
+        for C in windows for s in subsets}
     out = {}
-    for s, case in run_cli_cases(cases).items():
+    for name, case in run_cli_cases(cases).items():
         assert not case.failed, case.log[-2000:]
-        out[s] = (int(re.search(r"Evaluated ([\d,]+) tokens", case.log).group(1).replace(",", "")),
-                  float(re.search(r"Loss \(base 2\): ([\d.]+)", case.log).group(1)))
+        C, s = name.split(":")
+        out[int(C), s] = (
+            int(re.search(r"Evaluated ([\d,]+) tokens", case.log).group(1).replace(",", "")),
+            float(re.search(r"Loss \(base 2\): ([\d.]+)", case.log).group(1)))
     return out
 
 
@@ -296,36 +299,41 @@ def one_document_per_split(corpus, tmp_path_factory):
     return str(root / "bin"), [f"test{i + 1}" for i in range(len(docs))]
 
 
-# C = 4: blocks of 4 nest in the 8-token segments; C = 3: blocks of 5 straddle segment boundaries
-@pytest.mark.parametrize("C", [4, 3])
+@pytest.mark.slow  # 3 score_positions.py runs and 26 of fairseq-eval-lm
 def test_sliding_window_scores_the_tokens_of_a_as_eval_lm_scores_each_document(
-        corpus, backbone, one_document_per_split, C, tmp_path):
+        corpus, backbone, one_document_per_split, tmp_path):
     data, doc_subsets = one_document_per_split
+    windows = (4, 3)  # C = 4: blocks of 4 nest in the 8-token segments; 3: blocks of 5 straddle them
     with ThreadPoolExecutor(2) as pool:
-        window = pool.submit(score, corpus, backbone, tmp_path / "b.json", "--context-window", C)
-        segments = pool.submit(score, corpus, backbone, tmp_path / "a.json")
-        per_doc = eval_lm_window(data, backbone, ["test"] + doc_subsets, C)
-        window, segments = window.result(), segments.result()
+        jobs = {C: pool.submit(score, corpus, backbone, tmp_path / f"b{C}.json",
+                               "--context-window", C) for C in windows}
+        jobs["a"] = pool.submit(score, corpus, backbone, tmp_path / "a.json")
+        eval_lm = eval_lm_windows(data, backbone, ["test"] + doc_subsets, windows)
+        res = {k: j.result() for k, j in jobs.items()}
     counts = expected_counts(corpus)
-    # the same tokens as (a), bucket by bucket
-    assert {k: v for k, v in window.items() if k.startswith("ntokens")} \
-        == {k: v for k, v in segments.items() if k.startswith("ntokens")}
-    assert {label: window.get("ntokens_rec" + label, 0) for label in LABELS} == counts
-    assert sum(counts.values()) == per_doc["test"][0] == corpus.num_tokens("valid")
-    # and the same loss as eval-lm's window over each document alone. run.sh's eval-lm (b)
-    # reads all documents as one stream ("test" here), whose window does not reset at a
-    # document's start: the first C tokens of every later document also see the end of the one
-    # before, so only the token count can equal that run's
-    tokens = [per_doc[s][0] for s in doc_subsets]
-    assert tokens == document_tokens(corpus.docs["valid"])
-    mean = sum(n * loss for n, loss in (per_doc[s] for s in doc_subsets)) / sum(tokens)
-    # eval-lm prints 4 decimals: each document's loss, and so their mean, is within 5e-5 bits.
-    # The random-word documents leave a context little to predict with, so the losses of other
-    # contexts lie close: (a) (none) and the one stream (across documents) are still told apart
-    tol = 6e-5
-    assert window["loss"] == pytest.approx(mean, abs=tol)
-    assert abs(window["loss"] - segments["loss"]) > 2 * tol
-    assert abs(window["loss"] - per_doc["test"][1]) > 2 * tol
+    segments = res["a"]
+    for C in windows:
+        window = res[C]
+        # the same tokens as (a), bucket by bucket
+        assert {k: v for k, v in window.items() if k.startswith("ntokens")} \
+            == {k: v for k, v in segments.items() if k.startswith("ntokens")}
+        assert {label: window.get("ntokens_rec" + label, 0) for label in LABELS} == counts
+        assert sum(counts.values()) == eval_lm[C, "test"][0] == corpus.num_tokens("valid")
+        # and the same loss as eval-lm's window over each document alone. run.sh's eval-lm (b)
+        # reads all documents as one stream ("test" here), whose window does not reset at a
+        # document's start: the first C tokens of every later document also see the end of the
+        # one before, so only the token count can equal that run's
+        per_doc = [eval_lm[C, s] for s in doc_subsets]
+        assert [n for n, _ in per_doc] == document_tokens(corpus.docs["valid"])
+        mean = sum(n * loss for n, loss in per_doc) / sum(n for n, _ in per_doc)
+        # eval-lm prints 4 decimals: each document's loss, and so their mean, is within 5e-5
+        # bits. The random-word documents leave a context little to predict with, so the losses
+        # of other contexts lie close: (a) (none) and the one stream (across documents) are
+        # still told apart
+        tol = 6e-5
+        assert window["loss"] == pytest.approx(mean, abs=tol)
+        assert abs(window["loss"] - segments["loss"]) > 2 * tol
+        assert abs(window["loss"] - eval_lm[C, "test"][1]) > 2 * tol
 
 
 def test_sliding_window_refuses_other_models_and_windows(corpus, backbone, longmem_checkpoint):
