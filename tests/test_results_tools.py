@@ -158,6 +158,14 @@ def write_recurrence(root, tokens=REC_TOKENS):
     return root
 
 
+def table_under(text, title):
+    """The rows of the first markdown table after the line ``title``."""
+    lines = text.splitlines()[text.splitlines().index(title):]
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return lines[start:end]
+
+
 def test_summarize_recurrence_and_reach_tables(tmp_path):
     r = summarize.summarize(write_recurrence(write_run(str(tmp_path / "run"))))
     assert r["problems"] == []
@@ -174,9 +182,8 @@ def test_summarize_recurrence_and_reach_tables(tmp_path):
         {"none": 0, "local": -25, "1": 10, "2_4": 20, "5_16": 40, "all": 100 * (1 - 6.8 / 6.95)})
     assert r["reach"]["mass"] == {"1": 0.5, "2_4": 0.25, "5_16": 0.125, "17_end": 0.125}
     assert r["reach"]["heads"][1]["17_end"] == 0.25
-    lines = summarize.markdown(r).splitlines()
-    start = lines.index("### Loss by recurrence distance")
-    assert lines[start + 4:start + 13] == [
+    text = summarize.markdown(r)
+    assert table_under(text, "### Loss by recurrence distance") == [
         "| | first | same segment | 1 | 2-4 | 5-16 | >16 | all |",
         "|---|---|---|---|---|---|---|---|",
         "| tokens | 500 | 300 | 100 | 60 | 40 | 0 | 1,000 |",
@@ -187,8 +194,7 @@ def test_summarize_recurrence_and_reach_tables(tmp_path):
         "| gain of (d) over (c) memory off | +0.00% | +0.00% | +10.00% | +20.00% | +25.00% | - | +1.45% |",
         "| gain of (d) over (b) sliding window | +0.00% | -25.00% | +10.00% | +20.00% | +40.00% | - | +2.16% |",
     ]
-    start = lines.index("### Where the memory reads reach ((d))")
-    assert lines[start + 4:start + 10] == [
+    assert table_under(text, "### Where the memory reads reach ((d))") == [
         "| | 1 | 2-4 | 5-16 | >16 |",
         "|---|---|---|---|---|",
         "| attention mass | 50.0% | 25.0% | 12.5% | 12.5% |",
