@@ -16,7 +16,7 @@ import torch
 from fairseq.data import Dictionary
 from fairseq.logging import metrics
 
-from conftest import REPO, USER_DIR, run_cli, train_longmem
+from conftest import REPO, USER_DIR, document_tokens, run_cli, run_cli_cases, train_longmem
 from fairseq_longmem.criterions.longmem_cross_entropy import (
     LongMemCrossEntropyCriterion,
     reach_sums,
@@ -257,3 +257,97 @@ def test_recurrence_buckets_through_the_clis_match_eval_lm(corpus, backbone, lon
             == pytest.approx(1, abs=1e-6)
     assert validated["mem_reach1"] == pytest.approx(shares[0], abs=1e-3)
     assert "mem_reach1" not in res["backbone"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the sliding window (b) on the same streams: score_positions.py --context-window
+
+
+def eval_lm_windows(data, path, subsets, windows):
+    """fairseq-eval-lm's sliding window over each of ``subsets`` on its own, for each context
+    window C of ``windows``: {(C, subset): (tokens, loss in bits)}, all in one interpreter."""
+    cases = {f"{C}:{s}": ("fairseq-eval-lm", [
+        data, "--user-dir", USER_DIR, "--path", path, "--task", "language_modeling",
+        "--sample-break-mode", "none", "--tokens-per-sample", T_EVAL, "--context-window", C,
+        "--batch-size", BATCH, "--cpu", "--num-workers", "0", "--gen-subset", s])
+        for C in windows for s in subsets}
+    out = {}
+    for name, case in run_cli_cases(cases).items():
+        assert not case.failed, case.log[-2000:]
+        C, s = name.split(":")
+        out[int(C), s] = (
+            int(re.search(r"Evaluated ([\d,]+) tokens", case.log).group(1).replace(",", "")),
+            float(re.search(r"Loss \(base 2\): ([\d.]+)", case.log).group(1)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_document_per_split(corpus, tmp_path_factory):
+    """The valid split binarized once as one stream without the empty lines between documents
+    (``test``, what run.sh's eval-lm (b) reads) and once per document (``test1``, ``test2``, ...),
+    with the corpus's dict.txt."""
+    root = tmp_path_factory.mktemp("window_docs")
+    docs = corpus.docs["valid"]
+    (root / "stream").write_text("".join("\n".join(lines) + "\n" for lines in docs))
+    prefixes = [root / "stream"]
+    for i, lines in enumerate(docs):
+        (root / f"doc{i}").write_text("\n".join(lines) + "\n")
+        prefixes.append(root / f"doc{i}")
+    run_cli(["fairseq-preprocess", "--only-source", "--srcdict",
+             os.path.join(corpus.data_dir, "dict.txt"), "--testpref",
+             ",".join(str(p) for p in prefixes), "--destdir", root / "bin", "--workers", "1"])
+    return str(root / "bin"), [f"test{i + 1}" for i in range(len(docs))]
+
+
+@pytest.mark.slow  # 3 score_positions.py runs and 26 of fairseq-eval-lm
+def test_sliding_window_scores_the_tokens_of_a_as_eval_lm_scores_each_document(
+        corpus, backbone, one_document_per_split, tmp_path):
+    data, doc_subsets = one_document_per_split
+    windows = (4, 3)  # C = 4: blocks of 4 nest in the 8-token segments; 3: blocks of 5 straddle them
+    with ThreadPoolExecutor(2) as pool:
+        jobs = {C: pool.submit(score, corpus, backbone, tmp_path / f"b{C}.json",
+                               "--context-window", C) for C in windows}
+        jobs["a"] = pool.submit(score, corpus, backbone, tmp_path / "a.json")
+        eval_lm = eval_lm_windows(data, backbone, ["test"] + doc_subsets, windows)
+        res = {k: j.result() for k, j in jobs.items()}
+    counts = expected_counts(corpus)
+    segments = res["a"]
+    for C in windows:
+        window = res[C]
+        # the same tokens as (a), bucket by bucket
+        assert {k: v for k, v in window.items() if k.startswith("ntokens")} \
+            == {k: v for k, v in segments.items() if k.startswith("ntokens")}
+        assert {label: window.get("ntokens_rec" + label, 0) for label in LABELS} == counts
+        assert sum(counts.values()) == eval_lm[C, "test"][0] == corpus.num_tokens("valid")
+        # and the same loss as eval-lm's window over each document alone. run.sh's eval-lm (b)
+        # reads all documents as one stream ("test" here), whose window does not reset at a
+        # document's start: the first C tokens of every later document also see the end of the
+        # one before, so only the token count can equal that run's
+        per_doc = [eval_lm[C, s] for s in doc_subsets]
+        assert [n for n, _ in per_doc] == document_tokens(corpus.docs["valid"])
+        mean = sum(n * loss for n, loss in per_doc) / sum(n for n, _ in per_doc)
+        # eval-lm prints 4 decimals: each document's loss, and so their mean, is within 5e-5
+        # bits. The random-word documents leave a context little to predict with, so the losses
+        # of other contexts lie close: (a) (none) and the one stream (across documents) are
+        # still told apart
+        tol = 6e-5
+        assert window["loss"] == pytest.approx(mean, abs=tol)
+        assert abs(window["loss"] - segments["loss"]) > 2 * tol
+        assert abs(window["loss"] - eval_lm[C, "test"][1]) > 2 * tol
+
+
+def test_sliding_window_refuses_other_models_and_windows(corpus, backbone, longmem_checkpoint):
+    sys.path.insert(0, os.path.dirname(SCORE_POSITIONS))
+    try:
+        import score_positions
+    finally:
+        sys.path.pop(0)
+    base = [corpus.data_dir, "--user-dir", USER_DIR, "--task", "longmem_lm", "--tokens-per-sample",
+            str(T_EVAL), "--batch-size", "2", "--cpu", "--num-workers", "0", "--valid-subset",
+            "valid", "--criterion", "longmem_cross_entropy"]
+    with pytest.raises(ValueError, match=r"--context-window 4 is for a gpt2_lm backbone; --path "
+                                         r"holds a LongMemGPT2Model"):
+        score_positions.main(base + ["--path", longmem_checkpoint, "--context-window", "4"])
+    with pytest.raises(ValueError, match=r"--context-window 8: expected 0 < C < "
+                                         r"--tokens-per-sample \(8\), e.g. 4"):
+        score_positions.main(base + ["--path", backbone, "--context-window", "8"])

@@ -128,6 +128,130 @@ def test_summarize_reads_suffix_identification(tmp_path):
     assert "different numbers of examples" in summarize.summarize(root)["problems"][0]
 
 
+REC_TOKENS = {"none": 500, "local": 300, "1": 100, "2_4": 60, "5_16": 40, "17_end": 0}
+# loss in bits per bucket (none, local, 1, 2-4, 5-16) and overall, per condition
+REC_LOSSES = {
+    "backbone": ([8.0, 4.0, 6.0, 6.0, 5.0], 7.0),
+    "backbone_window": ([8.0, 3.2, 6.0, 5.0, 5.0], 6.95),
+    "memory_off": ([8.0, 4.0, 6.0, 5.0, 4.0], 6.9),
+    "memory_16384_csz4": ([8.0, 4.0, 5.4, 4.0, 3.0], 6.8),
+}
+
+
+def write_recurrence(root, tokens=REC_TOKENS):
+    """write_run's folder with positions files holding recurrence buckets as score_positions.py
+    writes them (an empty bucket has a count and no loss) for (a)-(d), and (d)'s reach shares."""
+    for name, (losses, loss) in REC_LOSSES.items():
+        values = {"loss": loss, "ntokens_pos0_1024": 400, "loss_pos0_1024": 6.9,
+                  "ntokens_pos1024_end": 600, "loss_pos1024_end": 6.7}
+        for (label, n), bits in zip(tokens.items(), losses + [None]):
+            values[f"ntokens_rec{label}"] = n
+            if n:
+                values[f"loss_rec{label}"] = bits
+        if name.startswith("memory_1"):
+            for label, mass, chunks, h0, h1 in (("1", 0.5, 0.4, 0.75, 0.25), ("2_4", 0.25, 0.3, 0.25, 0.25),
+                                                ("5_16", 0.125, 0.2, 0.0, 0.25), ("17_end", 0.125, 0.1, 0.0, 0.25)):
+                values.update({f"mem_reach{label}": mass, f"mem_chunks{label}": chunks,
+                               f"mem_reach{label}_h0": h0, f"mem_reach{label}_h1": h1})
+        with open(os.path.join(root, "logs", f"positions_{name}.json"), "w") as f:
+            json.dump(values, f)
+    return root
+
+
+def table_under(text, title):
+    """The rows of the first markdown table after the line ``title``."""
+    lines = text.splitlines()[text.splitlines().index(title):]
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return lines[start:end]
+
+
+def test_summarize_recurrence_and_reach_tables(tmp_path):
+    r = summarize.summarize(write_recurrence(write_run(str(tmp_path / "run"))))
+    assert r["problems"] == []
+    assert list(r["recurrence"]["backbone_window"]) == ["none", "local", "1", "2_4", "5_16",
+                                                        "17_end", "all"]
+    assert r["recurrence"]["memory_off"]["2_4"] == {"tokens": 60, "loss": 5.0}
+    assert r["recurrence"]["memory_off"]["17_end"] == {"tokens": 0, "loss": None}
+    assert r["recurrence"]["memory_off"]["all"] == {"tokens": 1000, "loss": 6.9}
+    gain = r["recurrence_gain"]
+    assert list(gain) == ["memory_off", "backbone_window"]
+    assert gain["memory_off"] == pytest.approx(
+        {"none": 0, "local": 0, "1": 10, "2_4": 20, "5_16": 25, "all": 100 * (1 - 6.8 / 6.9)})
+    assert gain["backbone_window"] == pytest.approx(
+        {"none": 0, "local": -25, "1": 10, "2_4": 20, "5_16": 40, "all": 100 * (1 - 6.8 / 6.95)})
+    assert r["reach"]["mass"] == {"1": 0.5, "2_4": 0.25, "5_16": 0.125, "17_end": 0.125}
+    assert r["reach"]["heads"][1]["17_end"] == 0.25
+    text = summarize.markdown(r)
+    assert table_under(text, "### Loss by recurrence distance") == [
+        "| | first | same segment | 1 | 2-4 | 5-16 | >16 | all |",
+        "|---|---|---|---|---|---|---|---|",
+        "| tokens | 500 | 300 | 100 | 60 | 40 | 0 | 1,000 |",
+        "| (a) backbone | 8.000 | 4.000 | 6.000 | 6.000 | 5.000 | - | 7.000 |",
+        "| (b) sliding window | 8.000 | 3.200 | 6.000 | 5.000 | 5.000 | - | 6.950 |",
+        "| (c) memory off | 8.000 | 4.000 | 6.000 | 5.000 | 4.000 | - | 6.900 |",
+        "| (d) memory 16,384, csz 4 | 8.000 | 4.000 | 5.400 | 4.000 | 3.000 | - | 6.800 |",
+        "| gain of (d) over (c) memory off | +0.00% | +0.00% | +10.00% | +20.00% | +25.00% | - | +1.45% |",
+        "| gain of (d) over (b) sliding window | +0.00% | -25.00% | +10.00% | +20.00% | +40.00% | - | +2.16% |",
+    ]
+    assert table_under(text, "### Where the memory reads reach ((d))") == [
+        "| | 1 | 2-4 | 5-16 | >16 |",
+        "|---|---|---|---|---|",
+        "| attention mass | 50.0% | 25.0% | 12.5% | 12.5% |",
+        "| retrieved chunks | 40.0% | 30.0% | 20.0% | 10.0% |",
+        "| head 0: attention mass | 75.0% | 25.0% | 0.0% | 0.0% |",
+        "| head 1: attention mass | 25.0% | 25.0% | 25.0% | 25.0% |",
+    ]
+
+
+def test_summarize_checks_recurrence_token_counts(tmp_path):
+    root = write_run(str(tmp_path / "run"))
+    write_recurrence(root)
+    # (b)'s window reads each book alone, eval-lm's runs across books: its loss may differ
+    assert summarize.summarize(root)["conditions"]["backbone_window"]["loss"] == 6.95
+    with open(os.path.join(root, "logs", "positions_backbone_window.json")) as f:
+        window = json.load(f)
+    window["ntokens_rec2_4"] -= 1
+    window["ntokens_rec1"] += 1
+    with open(os.path.join(root, "logs", "positions_backbone_window.json"), "w") as f:
+        json.dump(dict(window, loss=5.0), f)
+    assert summarize.summarize(root)["problems"][0].startswith(
+        "conditions scored different tokens per recurrence bucket")
+    assert len(summarize.summarize(root)["problems"]) == 1
+    window["ntokens_rec1"] -= 1
+    with open(os.path.join(root, "logs", "positions_backbone_window.json"), "w") as f:
+        json.dump(window, f)
+    problems = summarize.summarize(root)["problems"]
+    assert problems[0] == ("positions_backbone_window: recurrence buckets hold 999 tokens, "
+                           "eval-lm scored 1000")
+    assert len(problems) == 2 and summarize.main([root]) == 1
+
+
+def test_recurrence_plot_draws_the_gains_by_bucket(tmp_path):
+    pytest.importorskip("matplotlib")
+    root = write_recurrence(write_run(str(tmp_path / "run")))
+    assert summarize.main([root]) == 0
+    with open(os.path.join(root, "recurrence_gain.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.pyplot as plt
+
+    r = summarize.summarize(root)
+    fig = summarize.recurrence_plot(plt, r, str(tmp_path / "plot.png"))
+    ax = fig.axes[0]
+    over_c, over_b = ax.containers
+    assert [b.get_height() for b in over_c] == pytest.approx([0, 0, 10, 20, 25, 100 * (1 - 6.8 / 6.9)])
+    assert [b.get_height() for b in over_b] == pytest.approx([0, -25, 10, 20, 40, 100 * (1 - 6.8 / 6.95)])
+    # the empty >16 bucket is left out; every label carries its token count
+    assert [t.get_text() for t in ax.get_xticklabels()] == [
+        "first\n500 tokens", "same segment\n300 tokens", "1\n100 tokens", "2-4\n60 tokens",
+        "5-16\n40 tokens", "all\n1,000 tokens"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "(d) over (c) memory off", "(d) over (b) sliding window"]
+    assert [tuple(line.get_ydata()) for line in ax.get_lines()] == [(0, 0)]  # the zero line
+    assert ax.yaxis.get_major_formatter().get_useOffset() is False
+    plt.close(fig)
+
+
 # ---------------------------------------------------------------------------------------------
 # docs/RESULTS.md is generated from the committed logs
 

@@ -8,9 +8,10 @@
 #      (c) LongMem, memory off (same weights) (d) LongMem with memory,
 #      a memory-size sweep and a chunk-size sweep (--model-overrides);
 #   5. loss per position bucket in the book, and by how far back each token's bigram last
-#      occurred (REC_BUCKETS, in segments, default 1,4,16), for (a), (c), (d) (score_positions.py);
+#      occurred (REC_BUCKETS, in segments, default 1,4,16,msz/T), for (a), (b), (c), (d)
+#      (score_positions.py), and where (d)'s memory reads reach;
 #   6. suffix identification on the test books' chapter boundaries (task longmem_suffix);
-#   7. summarize.py: tables, token-count checks, results.json.
+#   7. summarize.py: tables, token-count checks, results.json, the recurrence plot.
 # Run from the repository root after `bash install.sh`:
 #   bash examples/long_context_lm/run.sh                 # CPU default, about 2.5 hours on 2 cores
 #   PRESET=smoke bash examples/long_context_lm/run.sh    # generated books, a few minutes
@@ -123,20 +124,27 @@ for csz in $CHUNK_SWEEP; do
   eval_streams "memory_${MEMORY_SIZE}_csz${csz}" "$LONGMEM" "{'chunk_size': $csz}"
 done
 
-# 5. loss per position bucket (same streams, same tokens) -------------------------------------
-positions() {
-  local name=$1 path=$2 overrides=$3
+# 5. loss per position bucket and recurrence bucket (same streams, same tokens) ----------------
+# recurrence buckets in segments back: 1, 2-4, 5-16, up to the memory's span (msz / T), beyond
+SPAN=$((MEMORY_SIZE / T))
+if [ "$SPAN" -gt 16 ]; then REC_DEFAULT=1,4,16,$SPAN; else REC_DEFAULT=1,4,16; fi
+REC_BUCKETS=${REC_BUCKETS:-$REC_DEFAULT}
+positions() {  # positions NAME CHECKPOINT OVERRIDES [more options]
+  local name=$1 path=$2 overrides=$3; shift 3
   # shellcheck disable=SC2086
   step "positions_$name" "$LOGS/positions_$name.json" python "$HERE/score_positions.py" "$DATA/bin" \
     --user-dir "$UD" --task longmem_lm --path "$path" --valid-subset test --tokens-per-sample "$T" \
     --batch-size "$EVAL_BATCH" --num-workers 0 --criterion longmem_cross_entropy \
-    --position-buckets "$BUCKETS" --recurrence-buckets "${REC_BUCKETS:-1,4,16}" \
-    --model-overrides "$overrides" \
+    --position-buckets "$BUCKETS" --recurrence-buckets "$REC_BUCKETS" \
+    --model-overrides "$overrides" "$@" \
     --results-json "$LOGS/positions_$name.json" $DEVICE_ARGS
 }
 positions backbone "$BACKBONE" "{}"
+# (b) on the same streams: eval-lm's window over each book alone, so exactly (a)'s tokens (README)
+positions backbone_window "$BACKBONE" "{}" --context-window $((T / 2))
 positions memory_off "$LONGMEM" "{'disable_memory': True}"
-positions "memory_${MEMORY_SIZE}_csz${CHUNK_SIZE}" "$LONGMEM" "{}"
+# (d) also logs where its memory reads reach (mem_reach*), in the same buckets
+positions "memory_${MEMORY_SIZE}_csz${CHUNK_SIZE}" "$LONGMEM" "{'memory_reach_buckets': '$REC_BUCKETS'}"
 
 # 6. suffix identification on the test books (ChapterBreak's protocol, docs/SUFFIX.md) ---------
 # every chapter boundary of the test books with SUFFIX_CTX_WORDS words before it; the prefix's

@@ -22,6 +22,14 @@ A ``gpt2_lm`` backbone is then scored on the same T-token segments of the same s
 segment from an empty context (eval-lm's condition (a)), so that the backbone and LongMem are
 compared on identical tokens; a LongMem model with ``--model-overrides "{'memory_reach_buckets':
 '1,4,16'}"`` also reports where its memory reads reach (``mem_reach1``, ...).
+
+``--context-window C`` (a ``gpt2_lm`` model only) scores the same tokens as a sliding window,
+exactly as ``fairseq-eval-lm --task language_modeling --sample-break-mode none
+--tokens-per-sample T --context-window C`` scores one document on its own: the document is cut
+into blocks of ``T - C`` tokens from its first token, and each block is read after the ``C``
+tokens before it (fewer at the document's start), never across a document boundary. Each
+``T``-token segment of the streams is thus scored block by block, so the position and
+recurrence buckets of the sliding window (condition (b)) count exactly the tokens of (a).
 """
 
 import json
@@ -46,6 +54,12 @@ logger = logging.getLogger("score_positions")
 def main(argv=None) -> int:
     parser = options.get_validation_parser()
     parser.add_argument("--results-json", help="also write the summary (unrounded) to this file")
+    parser.add_argument(
+        "--context-window", type=int, default=0, metavar="C",
+        help="gpt2_lm model only: score every token after up to C earlier tokens of its document, "
+        "in blocks of tokens-per-sample - C, as fairseq-eval-lm --context-window C scores one "
+        "document",
+    )
     args = options.parse_args_and_arch(parser, input_args=argv)
     cfg = convert_namespace_to_omegaconf(args)
     if "sentence_avg" in cfg.criterion:
@@ -70,6 +84,8 @@ def main(argv=None) -> int:
 
     subset = cfg.dataset.valid_subset
     task.load_dataset(subset, combine=False, epoch=1)
+    scorer = SlidingWindow(model, task.dataset(subset), args.context_window) \
+        if args.context_window else model
     itr = task.get_batch_iterator(
         dataset=task.dataset(subset),
         max_tokens=cfg.dataset.max_tokens,
@@ -87,7 +103,9 @@ def main(argv=None) -> int:
     log_outputs = []
     for sample in progress:
         sample = utils.move_to_cuda(sample) if use_cuda else sample
-        _, _, log_output = task.valid_step(sample, model, criterion)
+        if args.context_window:  # the window reads each row's document before its segment
+            sample["net_input"].update(document=sample["document"], segment=sample["segment"])
+        _, _, log_output = task.valid_step(sample, scorer, criterion)
         log_outputs.append(log_output)
     with metrics.aggregate() as agg:
         task.reduce_metrics(log_outputs, criterion)
@@ -97,6 +115,67 @@ def main(argv=None) -> int:
         with open(args.results_json, "w", encoding="utf-8") as f:
             json.dump(unrounded(agg), f, indent=1)
     return 0
+
+
+class SlidingWindow(torch.nn.Module):
+    """A ``gpt2_lm`` model that scores the rows of a longmem_lm batch as fairseq-eval-lm's
+    ``--context-window C`` scores each document alone (``LMContextWindowDataset`` over blocks of
+    ``S = T - C`` tokens): the token at document position ``p`` is predicted in block
+    ``k = p // S``, whose input is the document's source (``</s>`` then the document shifted
+    right) from ``max(0, k S - C)`` to ``(k + 1) S``. With T = 8 and C = 4 a document's tokens
+    4-7 are read after tokens 0-3 (source positions 0-7) and tokens 8-11 after 4-7; segment 1
+    (tokens 8-15) is scored in blocks 2 and 3."""
+
+    def __init__(self, model, dataset, context_window: int):
+        super().__init__()
+        from fairseq_longmem.models.gpt2_lm import GPT2LanguageModel
+        from fairseq_longmem.tasks.longmem_lm import DocumentStreamDataset
+
+        C = context_window
+        if not isinstance(model, GPT2LanguageModel):
+            raise ValueError(f"--context-window {C} is for a gpt2_lm backbone; --path holds a "
+                             f"{type(model).__name__}, which reads the past from its memory")
+        if not isinstance(dataset, DocumentStreamDataset):
+            raise ValueError(f"--context-window {C} scores longmem_lm's document streams: pass "
+                             "--task longmem_lm")
+        T = dataset.T
+        if not 0 < C < T:
+            raise ValueError(f"--context-window {C}: expected 0 < C < --tokens-per-sample ({T}), "
+                             f"e.g. {T // 2}")
+        self.model, self.dataset, self.C, self.S = model, dataset, C, T - C
+
+    def forward(self, src_tokens, src_lengths, document, segment, **unused):
+        """Logits (B, W, V) of the batch's rows, each block of each row in one padded batch."""
+        B, W = src_tokens.shape
+        T, S, C = self.dataset.T, self.S, self.C
+        eos, pad = self.dataset.eos, self.dataset.pad
+        blocks, where = [], []  # model inputs; (row, first target, last target + 1, input offset)
+        for b in range(B):
+            n = int(src_lengths[b])
+            if n == 0:
+                continue  # a stream that ran out: all padding
+            tokens = self.dataset.documents[int(document[b])].long()
+            source = torch.cat([tokens.new_tensor([eos]), tokens[:-1]])
+            a = int(segment[b]) * T
+            for k in range(a // S, (a + n - 1) // S + 1):
+                lo, hi = max(k * S, a), min((k + 1) * S, a + n)  # targets of this block in the row
+                start = max(0, k * S - C)
+                blocks.append(source[start:(k + 1) * S])
+                where.append((b, lo - a, hi - a, lo - start))
+        x = torch.full((len(blocks), max(len(t) for t in blocks)), pad, dtype=torch.long)
+        for i, t in enumerate(blocks):  # right padding: a causal model's earlier outputs ignore it
+            x[i, :len(t)] = t
+        logits, _ = self.model(x.to(src_tokens.device))  # (blocks, L, V)
+        out = logits.new_zeros(B, W, logits.shape[-1])
+        for i, (b, lo, hi, offset) in enumerate(where):
+            out[b, lo:hi] = logits[i, offset:offset + hi - lo]
+        return out, {}
+
+    def get_normalized_probs(self, net_output, log_probs, sample=None):
+        return self.model.get_normalized_probs(net_output, log_probs, sample)
+
+    def get_targets(self, sample, net_output):
+        return self.model.get_targets(sample, net_output)
 
 
 def unrounded(agg) -> dict:

@@ -4,9 +4,11 @@
 
 reads ``OUT/logs`` (``eval_*.log`` from fairseq-eval-lm, ``positions_*.json`` from
 score_positions.py, ``times.tsv``, ``hardware.txt``), checks that every condition scored the same
-number of tokens and that the position buckets add up to the whole, prints markdown tables and
-writes them to ``OUT/results.md`` and the numbers to ``OUT/results.json`` (read by
-examples/plot_results.py). Exit status 1 when a check fails.
+number of tokens and that the position and recurrence buckets add up to the whole, prints markdown
+tables and writes them to ``OUT/results.md`` and the numbers to ``OUT/results.json`` (read by
+examples/plot_results.py). With matplotlib installed it also draws ``OUT/recurrence_gain.png``:
+the loss gain of (d) over memory off and over the sliding window by recurrence distance. Exit
+status 1 when a check fails.
 """
 
 import argparse
@@ -24,6 +26,10 @@ CONDITIONS = {  # name: (label, short label for plots)
     "memory_off": ("(c) LongMem, memory off (same weights)", "(c) memory off"),
 }
 MEMORY = re.compile(r"memory_(\d+)_csz(\d+)$")
+# longmem_cross_entropy's recurrence buckets (none, local, 1, 2_4, ..., 17_end) and reach shares
+REC_TOKENS = re.compile(r"ntokens_rec(none|local|\d+(?:_(?:\d+|end))?)$")
+REACH = re.compile(r"mem_(reach|chunks)(\d+(?:_(?:\d+|end))?)(?:_h(\d+))?$")
+REC_CONDITIONS = ("backbone", "backbone_window", "memory_off")  # the rows before (d)
 
 
 def read_eval_lm(path):
@@ -95,8 +101,19 @@ def summarize(out):
         total = sum(r["tokens"] for r in rows.values())
         if name in evals and total != evals[name]["tokens"]:
             problems.append(f"positions_{name}: buckets hold {total} tokens, eval-lm scored {evals[name]['tokens']}")
-        if name in evals and abs(values["loss"] - evals[name]["loss"]) > 1e-3:
+        # (b) here keeps its window inside each book, eval-lm's lets it run on across books
+        if name in evals and name != "backbone_window" \
+                and abs(values["loss"] - evals[name]["loss"]) > 1e-3:
             problems.append(f"positions_{name}: loss {values['loss']:.4f} but eval-lm's {evals[name]['loss']:.4f}")
+    recurrence = {n: rec_buckets(v) for n, v in positions.items() if rec_buckets(v)}
+    for name, rows in recurrence.items():
+        total = rows["all"]["tokens"]
+        if name in evals and total != evals[name]["tokens"]:
+            problems.append(f"positions_{name}: recurrence buckets hold {total} tokens, eval-lm "
+                            f"scored {evals[name]['tokens']}")
+    counts = {n: {b: row["tokens"] for b, row in rows.items()} for n, rows in recurrence.items()}
+    if len({json.dumps(c) for c in counts.values()}) > 1:
+        problems.append(f"conditions scored different tokens per recurrence bucket: {counts}")
     times = {}
     if os.path.exists(os.path.join(logs, "times.tsv")):
         for line in open(os.path.join(logs, "times.tsv"), encoding="utf-8"):
@@ -128,7 +145,69 @@ def summarize(out):
                        for n, e in evals.items()},
         "sweeps": {k: dict(sorted(v.items())) for k, v in sweeps.items()},
         "positions": buckets, "suffix": dict(sorted(suffix.items())), "problems": problems,
+        "recurrence": recurrence, "recurrence_gain": gains(recurrence, main),
+        "reach": reach(positions.get(main, {})),
     }
+
+
+def rec_order(label):
+    """none, local, then by the bucket's first number."""
+    return {"none": -2, "local": -1}[label] if label in ("none", "local") else int(label.split("_")[0])
+
+
+def rec_buckets(values):
+    """{label: {"tokens", "loss" (bits)}} of one positions file's recurrence buckets, in order,
+    then "all" (the whole, from the same file); {} without recurrence buckets."""
+    rows = {m.group(1): {"tokens": int(n), "loss": values.get(f"loss_rec{m.group(1)}")}
+            for key, n in values.items() for m in [REC_TOKENS.match(key)] if m}
+    if not rows:
+        return {}
+    rows = dict(sorted(rows.items(), key=lambda kv: rec_order(kv[0])))
+    rows["all"] = {"tokens": sum(r["tokens"] for r in rows.values()), "loss": values["loss"]}
+    return rows
+
+
+def gains(recurrence, main):
+    """{reference: {label: % lower loss of (d) than the reference}} per recurrence bucket, for
+    references memory off (c) and the sliding window (b)."""
+    out = {}
+    for ref in ("memory_off", "backbone_window"):
+        if main in recurrence and ref in recurrence:
+            ref_loss = {b: row["loss"] for b, row in recurrence[ref].items()}
+            out[ref] = {b: 100 * (1 - row["loss"] / ref_loss[b])
+                        for b, row in recurrence[main].items()
+                        if row["loss"] is not None and ref_loss.get(b)}
+    return out
+
+
+def reach(values):
+    """Where (d)'s memory reads reach: {"mass": {label: share}, "chunks": {...}, "heads": {h:
+    {label: share}}} from its positions file (``--memory-reach-buckets``); {} without."""
+    out = {}
+    for key, v in values.items():
+        m = REACH.match(key)
+        if m:
+            kind, label, head = m.groups()
+            if head is None:
+                out.setdefault("mass" if kind == "reach" else "chunks", {})[label] = v
+            elif kind == "reach":
+                out.setdefault("heads", {}).setdefault(int(head), {})[label] = v
+    for key in ("mass", "chunks"):
+        if key in out:
+            out[key] = dict(sorted(out[key].items(), key=lambda kv: rec_order(kv[0])))
+    if "heads" in out:
+        out["heads"] = {h: dict(sorted(row.items(), key=lambda kv: rec_order(kv[0])))
+                        for h, row in sorted(out["heads"].items())}
+    return out
+
+
+def rec_name(label):
+    """A recurrence bucket's column name: none -> first, local -> same segment, 2_4 -> 2-4,
+    17_end -> >16."""
+    if label in ("none", "local", "all"):
+        return {"none": "first", "local": "same segment", "all": "all"}[label]
+    lo, _, hi = label.partition("_")
+    return lo if not hi else f">{int(lo) - 1}" if hi == "end" else f"{lo}-{hi}"
 
 
 def order(names, main):
@@ -164,6 +243,7 @@ def markdown(r):
         for b, row in first.items():
             cells = [f"{r['positions'][n][b]['ppl']:.2f}" if r["positions"][n][b]["ppl"] else "-" for n in names]
             out.append(f"| {bucket_name(b)} | {row['tokens']:,} | " + " | ".join(cells) + " |")
+    out += recurrence_markdown(r)
     if r.get("suffix"):
         prefixes = list(r["suffix"])
         first = next(iter(r["suffix"].values()))
@@ -184,6 +264,74 @@ def markdown(r):
     return "\n".join(out) + "\n"
 
 
+def recurrence_markdown(r):
+    """The recurrence table ((a)-(d) by recurrence bucket, and the gains of (d)) and the table of
+    where (d)'s memory reads reach; [] for a run without them."""
+    rec, main, out = r.get("recurrence") or {}, r.get("main"), []
+    if rec:
+        names = [n for n in REC_CONDITIONS if n in rec] + ([main] if main in rec else [])
+        first = rec[names[0]]
+        short = {n: labels(n, r["settings"], main)[1] for n in names}
+        out += ["", "### Loss by recurrence distance", "",
+                "Columns: how many segments back the token's bigram (previous token, token) last "
+                "occurred in its book (first: never before); loss in bits per token.", "",
+                "| | " + " | ".join(rec_name(b) for b in first) + " |",
+                "|---|" + "---|" * len(first),
+                "| tokens | " + " | ".join(f"{row['tokens']:,}" for row in first.values()) + " |"]
+        for n in names:
+            out.append(f"| {short[n]} | " + " | ".join(
+                f"{rec[n][b]['loss']:.3f}" if rec[n][b]["loss"] is not None else "-" for b in first)
+                + " |")
+        for ref, gain in r["recurrence_gain"].items():
+            out.append(f"| gain of (d) over {short[ref]} | " + " | ".join(
+                f"{gain[b]:+.2f}%" if b in gain else "-" for b in first) + " |")
+    shares = r.get("reach") or {}
+    if shares.get("mass"):
+        cols = list(shares["mass"])
+        out += ["", "### Where the memory reads reach ((d))", "",
+                "Share of the memory attention's mass (and of the retrieved chunks) by how many "
+                "segments back the chunk read was written.", "",
+                "| | " + " | ".join(rec_name(b) for b in cols) + " |", "|---|" + "---|" * len(cols),
+                "| attention mass | " + " | ".join(f"{100 * shares['mass'][b]:.1f}%" for b in cols) + " |"]
+        if shares.get("chunks"):
+            out.append("| retrieved chunks | " + " | ".join(
+                f"{100 * shares['chunks'].get(b, 0):.1f}%" for b in cols) + " |")
+        for h, row in shares.get("heads", {}).items():
+            out.append(f"| head {h}: attention mass | " + " | ".join(
+                f"{100 * row.get(b, 0):.1f}%" for b in cols) + " |")
+    return out
+
+
+def recurrence_plot(plt, r, path, tag=""):
+    """Bars of the loss gain (%) of (d) over memory off and over the sliding window, one group
+    per recurrence bucket holding tokens (its token count in the label), then all tokens."""
+    from matplotlib.ticker import ScalarFormatter
+
+    rec, main, gain = r["recurrence"], r["main"], r["recurrence_gain"]
+    buckets = [b for b, row in rec[main].items() if row["tokens"]]
+    fig, ax = plt.subplots(figsize=(8.5, 4.4))
+    width = 0.8 / len(gain)
+    for i, (ref, values) in enumerate(gain.items()):
+        xs = [j + (i - (len(gain) - 1) / 2) * width for j in range(len(buckets))]
+        ax.bar(xs, [values.get(b, 0.0) for b in buckets], width, color=f"C{i}",
+               label=f"(d) over {labels(ref, r['settings'], main)[1]}")
+    ax.axhline(0, color="k", lw=0.8)
+    fmt = ScalarFormatter(useOffset=False)
+    fmt.set_scientific(False)
+    ax.yaxis.set_major_formatter(fmt)
+    ax.set_xticks(range(len(buckets)),
+                  [f"{rec_name(b)}\n{rec[main][b]['tokens']:,} tokens" for b in buckets])
+    ax.set_xlabel("segments back to the previous occurrence of the token's bigram")
+    ax.set_ylabel("loss gain of (d), % (higher: (d) better)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"Where the memory pays: {labels(main, r['settings'], main)[1]}"
+                 + (f" ({tag})" if tag else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return fig
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", help="run.sh's output folder (holds logs/)")
@@ -195,12 +343,25 @@ def main(argv=None) -> int:
         f.write(text)
     with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
         json.dump(r, f, indent=1)
+    if r["recurrence_gain"]:
+        try:
+            import matplotlib
+        except ImportError:
+            print("recurrence plot not drawn: it needs matplotlib (pip install -e .[plots])",
+                  file=sys.stderr)
+        else:
+            matplotlib.use("Agg")  # files only, no display
+            import matplotlib.pyplot as plt
+
+            path = os.path.join(args.out, "recurrence_gain.png")
+            plt.close(recurrence_plot(plt, r, path))
+            print(f"wrote {path}")
     for problem in r["problems"]:
         print(f"error: {problem}", file=sys.stderr)
     if not r["problems"]:
         n = {e["tokens"] for e in r["conditions"].values()}
         print(f"check: all {len(r['conditions'])} conditions scored the same {n.pop():,} tokens; "
-              "position buckets add up to them")
+              "position" + (" and recurrence" if r["recurrence"] else "") + " buckets add up to them")
     return 1 if r["problems"] else 0
 
 
