@@ -30,13 +30,17 @@ from fairseq.data import Dictionary, data_utils, indexed_dataset
 
 
 def augment_document(doc: np.ndarray, eos: int, rng: np.random.RandomState, rate: float,
-                     span: tuple, max_distance: int) -> int:
+                     span: tuple, max_distance: int, random_vocab: range = None) -> int:
     """Overwrite, in place, about ``rate * len(doc)`` tokens of ``doc`` with spans copied from
     earlier in it, left to right (a later span may copy an earlier copy, as the model sees it).
-    Spans never cover ``eos``. Returns the number of tokens overwritten."""
+    With ``random_vocab``, the earlier span is first overwritten with tokens drawn uniformly from
+    it, so that only recalling the first occurrence predicts the second (real text's spans are
+    partly predictable from their own words). Spans never cover ``eos``. Returns the number of
+    tokens overwritten."""
     lo, hi = span
     n = len(doc)
-    wanted = int(rate * n / ((lo + hi) / 2))
+    per_copy = (lo + hi) / 2 * (1 if random_vocab is None else 2)  # random: both copies written
+    wanted = int(rate * n / per_copy)
     if wanted == 0 or n < 2 * hi:
         return 0
     starts = np.sort(rng.randint(hi, n - hi, size=wanted))
@@ -52,6 +56,11 @@ def augment_document(doc: np.ndarray, eos: int, rng: np.random.RandomState, rate
         a = b - distance
         if (doc[a:a + length] == eos).any() or (doc[b:b + length] == eos).any():
             continue
+        if random_vocab is not None and a < free_from:
+            continue  # writing the first copy would break the previous pair
+        if random_vocab is not None:
+            doc[a:a + length] = rng.randint(random_vocab.start, random_vocab.stop, size=length)
+            written += length
         doc[b:b + length] = doc[a:a + length]
         written += length
         free_from = b + length
@@ -65,6 +74,9 @@ def main(argv=None) -> int:
     p.add_argument("--rate", type=float, default=0.1, help="share of training tokens overwritten")
     p.add_argument("--max-distance", type=int, default=16384, help="tokens back, at most")
     p.add_argument("--span", default="8,32", help="span lengths: min,max tokens")
+    p.add_argument("--random-spans", type=int, default=0, metavar="N",
+                   help="write random tokens (from the N most frequent types) at both copies "
+                        "instead of copying the document's own text (0: copy its text)")
     p.add_argument("--split", default="train")
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args(argv)
@@ -81,6 +93,10 @@ def main(argv=None) -> int:
         p.error(f"no binarized split {args.split!r} in {args.data}")
     lines = [ds[i].numpy().astype(np.int64) for i in range(len(ds))]
     eos = dictionary.eos()
+    random_vocab = None
+    if args.random_spans:
+        top = dictionary.nspecial + args.random_spans
+        random_vocab = range(dictionary.nspecial, min(len(dictionary), top))
 
     os.makedirs(args.out)
     for name in os.listdir(args.data):
@@ -99,7 +115,8 @@ def main(argv=None) -> int:
             j += 1
         if j > i:
             flat = np.concatenate(lines[i:j])
-            written += augment_document(flat, eos, rng, args.rate, span, args.max_distance)
+            written += augment_document(flat, eos, rng, args.rate, span, args.max_distance,
+                                        random_vocab)
             total += len(flat)
             docs += 1
             pieces = np.split(flat, np.cumsum([len(x) for x in lines[i:j]])[:-1])
@@ -110,6 +127,7 @@ def main(argv=None) -> int:
         i = j + 1
     builder.finalize(os.path.join(args.out, args.split + ".idx"))
     manifest = {"source": os.path.abspath(args.data), "split": args.split, "rate": args.rate,
+                "random_spans": args.random_spans,
                 "max_distance": args.max_distance, "span": list(span), "seed": args.seed,
                 "documents": docs, "tokens": total, "tokens_overwritten": written}
     with open(os.path.join(args.out, "manifest.json"), "w", encoding="utf-8") as f:

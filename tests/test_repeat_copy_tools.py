@@ -35,6 +35,21 @@ def test_augment_document_copies_only_from_earlier_text():
     assert (changed - src).min() >= 4
 
 
+def test_augment_document_random_spans_come_in_pairs():
+    eos = 2
+    doc = np.arange(5000, 9000, dtype=np.int64)
+    doc[::97] = eos
+    written = repeat_augment.augment_document(doc, eos, np.random.RandomState(5), rate=0.1,
+                                              span=(4, 9), max_distance=60,
+                                              random_vocab=range(4, 50))
+    rand = np.flatnonzero(doc < 50)
+    rand = rand[doc[rand] != eos]
+    assert len(rand) == written and 0.05 * len(doc) < written <= 0.1 * len(doc) + 18
+    runs = [tuple(doc[r]) for r in np.split(rand, np.flatnonzero(np.diff(rand) != 1) + 1)]
+    # each random span is written twice: its first occurrence and the copy, nothing else
+    assert len(runs) % 2 == 0 and all(runs.count(r) == 2 for r in runs)
+
+
 def test_augment_document_is_seeded():
     def run(seed):
         doc = np.arange(3, 4003, dtype=np.int64)

@@ -7,7 +7,7 @@ and outside the local window::
 
     python examples/long_context_lm/copy_probe.py DATA --path CK [--path CK2 ...] \\
         --tokens-per-sample 256 [--span 32] [--trials 64] [--distances 0,1,2,4,8,16] \\
-        [--model-overrides "{'disable_memory': True}"] [--results-json FILE]
+        [--span-vocab 1000] [--model-overrides "{'disable_memory': True}"] [--results-json FILE]
 
 Each trial is a document of ``d + 2`` segments of real text from ``DATA``'s ``--split`` (valid by
 default) with the span at the same random offset of segment 1 and of segment ``1 + d``; the
@@ -101,6 +101,9 @@ def main(argv=None) -> int:
     p.add_argument("--span", type=int, default=32)
     p.add_argument("--trials", type=int, default=64)
     p.add_argument("--distances", default="0,1,2,4,8,16", help="segments between the copies")
+    p.add_argument("--span-vocab", type=int, default=1000,
+                   help="span tokens are drawn from the N most frequent types (dict.txt is sorted "
+                        "by count): rare types' embeddings are barely trained in a small model")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--model-overrides", default="{}", help="applied to every --path")
     p.add_argument("--results-json")
@@ -120,7 +123,8 @@ def main(argv=None) -> int:
         memory = model.__class__.__name__ == "LongMemGPT2Model" and not getattr(
             model.decoder.cfg, "disable_memory", True)
         for distance in distances:
-            docs, first, second = make_trials(text, range(d.nspecial, len(d)), T, args.span,
+            vocab = range(d.nspecial, min(len(d), d.nspecial + args.span_vocab))
+            docs, first, second = make_trials(text, vocab, T, args.span,
                                               distance, args.trials, args.seed)
             if hasattr(model, "decoder") and hasattr(model.decoder, "reset_memory"):
                 model.decoder.reset_memory()
