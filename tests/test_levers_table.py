@@ -12,7 +12,7 @@ from conftest import REPO
 
 LOGS = os.path.join(REPO, "docs", "results", "logs", "levers")
 RUNS = ["paper", "zero_out", "paper_gate10", "zero_out_gate10", "zero_out_m1",
-        "zero_out_csz2_k64", "zero_out_csz1"]
+        "zero_out_csz2_k64", "zero_out_csz1", "zero_out_shift", "zero_out_csz1_shift"]
 
 
 def present():
