@@ -6,6 +6,8 @@ from typing import List, Tuple
 
 
 def bucket_label(lo, hi) -> str:
+    """``(0, 1024)`` -> ``"0_1024"``, ``(4096, inf)`` -> ``"4096_end"``: the suffix of a bucket's
+    logged keys."""
     return f"{lo}_{'end' if hi == math.inf else hi}"
 
 

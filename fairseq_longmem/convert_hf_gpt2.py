@@ -110,12 +110,13 @@ def _load_safetensors(path: str) -> Dict[str, torch.Tensor]:
 
 def _load_torch_bin(path: str) -> Dict[str, torch.Tensor]:
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # zip/pickle errors of a damaged or non-weights file
         raise ConversionError(f"cannot read {path} (truncated or corrupt?): {_first_line(e)}") from None
-    if not isinstance(sd, dict):
-        raise ConversionError(f"{path} does not hold a state dict (found {type(sd).__name__})")
-    return sd
+    if not isinstance(state_dict, dict):
+        raise ConversionError(
+            f"{path} does not hold a state dict (found {type(state_dict).__name__})")
+    return state_dict
 
 
 def _first_line(e: Exception) -> str:
@@ -125,9 +126,9 @@ def _first_line(e: Exception) -> str:
 
 def read_weights(hf_dir: str) -> Dict[str, torch.Tensor]:
     """model.safetensors (preferred), a sharded safetensors index, or pytorch_model.bin."""
-    st = os.path.join(hf_dir, "model.safetensors")
-    if os.path.isfile(st):
-        return _load_safetensors(st)
+    single = os.path.join(hf_dir, "model.safetensors")
+    if os.path.isfile(single):
+        return _load_safetensors(single)
     index = os.path.join(hf_dir, "model.safetensors.index.json")
     if os.path.isfile(index):
         try:
@@ -138,13 +139,13 @@ def read_weights(hf_dir: str) -> Dict[str, torch.Tensor]:
             shards = sorted(set(index_json["weight_map"].values()))
         except (KeyError, TypeError, AttributeError) as e:
             raise ConversionError(f"cannot read {index}: {_first_line(e)}") from None
-        sd = {}
+        state_dict = {}
         for shard in shards:
-            sd.update(_load_safetensors(os.path.join(hf_dir, shard)))
-        return sd
-    pt = os.path.join(hf_dir, "pytorch_model.bin")
-    if os.path.isfile(pt):
-        return _load_torch_bin(pt)
+            state_dict.update(_load_safetensors(os.path.join(hf_dir, shard)))
+        return state_dict
+    pickled = os.path.join(hf_dir, "pytorch_model.bin")
+    if os.path.isfile(pickled):
+        return _load_torch_bin(pickled)
     raise ConversionError(f"{hf_dir} holds neither model.safetensors nor pytorch_model.bin")
 
 
@@ -168,10 +169,10 @@ def expected_shapes(config: dict) -> Dict[str, tuple]:
             for name, t in backbone.state_dict().items()}
 
 
-def normalize_keys(sd: Dict[str, torch.Tensor]):
+def normalize_keys(state_dict: Dict[str, torch.Tensor]):
     """Strip ``transformer.`` (GPT2LMHeadModel) so both layouts match; split off ``lm_head``."""
     out, lm_head = {}, None
-    for key, t in sd.items():
+    for key, t in state_dict.items():
         if key == "lm_head.weight":
             lm_head = t
             continue
@@ -182,9 +183,9 @@ def normalize_keys(sd: Dict[str, torch.Tensor]):
     return out, lm_head
 
 
-def map_state_dict(config: dict, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def map_state_dict(config: dict, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Check every tensor against ``config`` and return the ``decoder.backbone.*`` state dict."""
-    tensors, lm_head = normalize_keys(sd)
+    tensors, lm_head = normalize_keys(state_dict)
     shapes = expected_shapes(config)
     for name, shape in shapes.items():
         if name not in tensors:
@@ -293,7 +294,7 @@ def convert(hf_dir: str, out_dir: str, force: bool = False) -> str:
         raise ConversionError(f"{ckpt_path} already exists; pass --force to overwrite it")
     config = normalized_config(read_config(hf_dir), os.path.join(hf_dir, "config.json"))
     check_representable(config)
-    model_sd = map_state_dict(config, read_weights(hf_dir))
+    model_weights = map_state_dict(config, read_weights(hf_dir))
 
     from fairseq.data import Dictionary
 
@@ -305,7 +306,7 @@ def convert(hf_dir: str, out_dir: str, force: bool = False) -> str:
     state = {
         "args": None,
         "cfg": build_cfg(config, out_dir, dictionary_fingerprint(Dictionary.load(dict_path))),
-        "model": model_sd,
+        "model": model_weights,
         "criterion": None,
         "optimizer_history": [
             {
@@ -320,8 +321,8 @@ def convert(hf_dir: str, out_dir: str, force: bool = False) -> str:
         "last_optimizer_state": None,
     }
     atomic_write(ckpt_path, lambda f: torch.save(state, f))
-    with open(os.path.join(out_dir, "README.txt"), "w", encoding="utf-8") as f:
-        f.write(summary(config, n_symbols) + "\n")
+    readme = (summary(config, n_symbols) + "\n").encode("utf-8")
+    atomic_write(os.path.join(out_dir, "README.txt"), lambda f: f.write(readme))
     return ckpt_path
 
 

@@ -38,6 +38,7 @@ def atomic_write(path: str, write: Callable):
 
 
 def atomic_copy(src: str, dst: str):
+    """Copy ``src`` onto ``dst`` through :func:`atomic_write`."""
     with open(src, "rb") as f:
         atomic_write(dst, lambda out: shutil.copyfileobj(f, out, 16 << 20))
 

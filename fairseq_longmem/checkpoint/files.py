@@ -1,5 +1,6 @@
-"""Checkpoint files that survive a kill at any moment: finding the newest intact checkpoint of a folder, deciding what to resume from when the named one is damaged, and removing
-writes a killed save left. fairseq is changed to use them in
+"""Checkpoint files that survive a kill at any moment: finding the newest intact checkpoint of a
+folder, deciding what to resume from when the named one is damaged, and removing the writes a
+killed save left. fairseq is changed to use them in
 :mod:`fairseq_longmem.fairseq_patches.checkpoint_utils`, which says what happens when.
 """
 
@@ -31,7 +32,7 @@ def is_local(path: str) -> bool:
     return not PathManager.path_requires_pathmanager(path)
 
 
-def damage(path: str) -> str:
+def damage_of(path: str) -> str:
     """Why ``path`` cannot be a checkpoint torch wrote completely; '' if it looks intact."""
     try:
         size = os.path.getsize(path)
@@ -76,7 +77,7 @@ def newest_intact(save_dir: str, suffix: str = "") -> Tuple[Optional[str], List[
             found.append((-1 if updates is None else updates, os.path.getmtime(path), path))
     newer_damaged = []
     for _, _, path in sorted(found, reverse=True):
-        problem = damage(path)
+        problem = damage_of(path)
         if not problem:
             return path, newer_damaged
         newer_damaged.append((path, problem))
@@ -98,7 +99,7 @@ def choose_resume_file(path: str, save_dir: str, suffix: str,
     damaged and nothing can stand in for it (a plain tuple: rank 0 broadcasts it)."""
     if not is_local(path) or not os.path.isfile(path):
         return path, ""  # fairseq's own handling: a remote file, or a first launch
-    problem = damage(path)
+    problem = damage_of(path)
     if not problem:
         return path, ""
     folder = os.path.dirname(os.path.abspath(path))

@@ -96,7 +96,7 @@ def _meter_classes() -> Set[str]:
     }
 
 
-def _problem(state: Any) -> str:
+def _why_unsafe(state: Any) -> str:
     """What makes ``state`` unsafe to hand to fairseq, with what was expected; '' if nothing."""
     if not isinstance(state, dict):
         return f"holds a {type(state).__name__}, expected a dict (a fairseq checkpoint)"
@@ -152,7 +152,7 @@ def _problem(state: Any) -> str:
 def vet(state: Any, name: str) -> Any:
     """Return ``state`` if fairseq can load it without running code from it; otherwise raise
     :class:`UnsafeCheckpointError` with one line naming ``name``."""
-    problem = _problem(state).replace("\n", "\\n")  # keys come from the file: keep one line
+    problem = _why_unsafe(state).replace("\n", "\\n")  # keys come from the file: keep one line
     if problem:
         raise UnsafeCheckpointError(
             f"checkpoint {name} {problem}. Refused, since loading it could run code from the "

@@ -37,9 +37,9 @@ from omegaconf import II
 
 from ..buckets import bucket_label, parse_position_buckets, parse_segment_buckets, segment_label
 
-STATS = {"fill": "mem_fill", "gate": "mem_gate", "memory_share": "mem_share"}
-BUCKET_COUNT = "ntokens_pos"  # logging-output prefix of a bucket's token count
-BUCKET_LOSS = "lossnat_pos"  # ... and of its summed loss in nats (reduced to loss_pos*)
+MEMORY_STATS = {"fill": "mem_fill", "gate": "mem_gate", "memory_share": "mem_share"}
+POS_COUNT = "ntokens_pos"  # logging-output prefix of a position bucket's token count
+POS_LOSS = "lossnat_pos"  # ... and of its summed loss in nats (reduced to loss_pos*)
 REC_COUNT, REC_LOSS = "ntokens_rec", "lossnat_rec"  # the same per recurrence bucket
 REACH_MASS, REACH_CHUNKS = "reachmass_", "reachchunks_"  # summed mass/chunks, + label_h<head>
 
@@ -83,21 +83,21 @@ class LongMemCrossEntropyCriterion(CrossEntropyCriterion):
     def __init__(self, task, sentence_avg, position_buckets="", recurrence_buckets="",
                  tokens_per_sample=None):
         super().__init__(task, sentence_avg)
-        self.buckets = parse_position_buckets(position_buckets)
-        self.rec_buckets = parse_segment_buckets(recurrence_buckets)
+        self.position_buckets = parse_position_buckets(position_buckets)
+        self.recurrence_buckets = parse_segment_buckets(recurrence_buckets)
         self.tokens_per_sample = tokens_per_sample
 
     @property
     def needs_recurrence(self) -> bool:
         """Asks ``longmem_lm`` for each token's bigram recurrence distance (it computes them only
         when asked)."""
-        return bool(self.rec_buckets)
+        return bool(self.recurrence_buckets)
 
     def forward(self, model, sample, reduce=True):
         # not the parent's forward, which keeps the model's output (and so its memory statistics)
         # to itself and counts all-padding rows as sentences; its compute_loss does the rest
         net_output = model(**sample["net_input"])
-        if self.buckets or self.rec_buckets:
+        if self.position_buckets or self.recurrence_buckets:
             token_loss, _ = self.compute_loss(model, net_output, sample, reduce=False)
             loss = token_loss.sum()
         else:
@@ -109,16 +109,16 @@ class LongMemCrossEntropyCriterion(CrossEntropyCriterion):
             "nsentences": sample["nsentences"],
             "sample_size": sample_size,
         }
-        if self.buckets:
-            logging_output.update(self.bucket_sums(token_loss, sample))
-        if self.rec_buckets:
+        if self.position_buckets:
+            logging_output.update(self.position_sums(token_loss, sample))
+        if self.recurrence_buckets:
             logging_output.update(self.recurrence_sums(token_loss, sample))
         stats = net_output[1].get("memory_stats")
         if stats is not None:
             # summed over batches here and averaged in reduce_metrics, so that data-parallel
             # workers (whose logging outputs are summed) average correctly too
             logging_output["mem_batches"] = 1
-            for key, name in STATS.items():
+            for key, name in MEMORY_STATS.items():
                 logging_output[name] = float(stats[key])
             reach = stats.get("reach")
             if reach is not None:
@@ -172,27 +172,30 @@ class LongMemCrossEntropyCriterion(CrossEntropyCriterion):
         dist = sample["recurrence_distance"].to(pos.device)  # (B, W) tokens back, 0 = none
         back = pos // T - (pos - dist) // T  # segments between the two occurrences
         # bucket 0: none, 1: local (same segment), 2..: the segment buckets
+        buckets = self.recurrence_buckets
         index = torch.where(
             dist == 0, 0,
-            torch.where(back == 0, 1, 2 + segments_back_bucket(back.clamp_min(1), self.rec_buckets)))
-        masks = ((label, index == i) for i, label in enumerate(recurrence_labels(self.rec_buckets)))
+            torch.where(back == 0, 1, 2 + segments_back_bucket(back.clamp_min(1), buckets)))
+        masks = ((label, index == i) for i, label in enumerate(recurrence_labels(buckets)))
         return self.sums_by_bucket(token_loss, sample, masks, REC_LOSS, REC_COUNT)
 
-    def bucket_sums(self, token_loss, sample):
+    def position_sums(self, token_loss, sample):
         """Summed loss (nats) and token count per position bucket of the batch."""
-        pos, _ = self.positions(sample, "--position-buckets")  # W <= T: a last segment may be shorter
-        masks = ((bucket_label(lo, hi), (pos >= lo) & (pos < hi)) for lo, hi in self.buckets)
-        return self.sums_by_bucket(token_loss, sample, masks, BUCKET_LOSS, BUCKET_COUNT)
+        # W <= T: a document's last segment may be shorter
+        pos, _ = self.positions(sample, "--position-buckets")
+        masks = ((bucket_label(lo, hi), (pos >= lo) & (pos < hi))
+                 for lo, hi in self.position_buckets)
+        return self.sums_by_bucket(token_loss, sample, masks, POS_LOSS, POS_COUNT)
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:
         CrossEntropyCriterion.reduce_metrics(logging_outputs)
         n = sum(log.get("mem_batches", 0) for log in logging_outputs)
         if n:
-            for name in STATS.values():
+            for name in MEMORY_STATS.values():
                 total = sum(log.get(name, 0.0) for log in logging_outputs)
                 metrics.log_scalar(name, total / n, n, round=3)
-        log_bucket_losses(logging_outputs, "pos", BUCKET_COUNT, BUCKET_LOSS)
+        log_bucket_losses(logging_outputs, "pos", POS_COUNT, POS_LOSS)
         log_bucket_losses(logging_outputs, "rec", REC_COUNT, REC_LOSS)
         log_reach_shares(logging_outputs)
 
@@ -209,7 +212,8 @@ def label_order(label: str):
 def log_bucket_losses(logging_outputs, name: str, count_prefix: str, loss_prefix: str):
     """``loss_<name><label>`` (base 2), ``ppl_...`` and ``ntokens_...`` of every bucket."""
     labels = sorted(
-        {k[len(count_prefix):] for log in logging_outputs for k in log if k.startswith(count_prefix)},
+        {k[len(count_prefix):] for log in logging_outputs for k in log
+         if k.startswith(count_prefix)},
         key=label_order,
     )
     for label in labels:

@@ -17,7 +17,7 @@ from . import checkpoint_utils, torch_load
 PATCHES = (
     ("numpy.compat", "a namespace with long = int",
      "numpy 2 removed it; fairseq's TokenBlockDataset (break mode eos) and LanguagePairDataset "
-     "still read np.compat.long, which was always the builtin int"),
+     "still read np.compat.long, an alias of the builtin int"),
     ("fairseq.checkpoint_utils.torch", "torch with load = checkpoint.read.load_checkpoint_file",
      "every checkpoint fairseq reads (load_checkpoint_to_cpu, load_ema_from_checkpoint) is "
      "unpickled with weights_only=True and a short allow-list, then vetted "
@@ -30,7 +30,7 @@ PATCHES = (
      "truncated checkpoint"),
     ("fairseq.checkpoint_utils.PathManager", "one whose copy is atomic",
      "save_checkpoint copies the first name to checkpoint_last.pt/checkpoint_best.pt; fairseq's "
-     "copy writes in place, so a kill during it truncated checkpoint_last.pt"),
+     "copy writes in place, so a kill during it would truncate checkpoint_last.pt"),
     ("fairseq.checkpoint_utils.load_checkpoint", "checkpoint_utils.load_checkpoint",
      "removes *.pt.incomplete left by a killed save, resumes from the newest intact checkpoint "
      "when the named one is damaged, and trains nothing when resumed at --max-update"),

@@ -3,7 +3,8 @@
 fairseq 0.12 writes the first name of a save through ``<name>.tmp`` and a rename, then *copies*
 it in place to the other names (``checkpoint_last.pt``, ``checkpoint_best.pt``), so a SIGKILL
 during the copy leaves a truncated ``checkpoint_last.pt`` and the next run dies with a bare
-``EOFError``. :func:`install` changes fairseq.checkpoint_utils so that (with :mod:`fairseq_longmem.checkpoint.files`):
+``EOFError``. :func:`install` changes fairseq.checkpoint_utils so that (with
+:mod:`fairseq_longmem.checkpoint.files`):
 
 - every local write (the save and each copy) goes to ``<name>.incomplete`` in the same folder,
   is flushed and fsynced, and is renamed over ``<name>`` with ``os.replace``, then the folder is
@@ -65,7 +66,7 @@ def _resume_path(filename: str, cfg, trainer) -> str:
 def torch_persistent_save(obj, filename, async_write: bool = False):
     """fairseq.checkpoint_utils.torch_persistent_save, written atomically for local files."""
     if async_write or not is_local(filename):
-        return _fairseq["torch_persistent_save"](obj, filename, async_write=async_write)
+        return _fairseq_originals["torch_persistent_save"](obj, filename, async_write=async_write)
     atomic_write(filename, lambda f: torch.save(obj, f))
 
 
@@ -80,7 +81,8 @@ def load_checkpoint(cfg, trainer, **passthrough_args):
 
     trainer.load_checkpoint = load  # for this call only: fairseq's function calls it once
     try:
-        extra_state, epoch_itr = _fairseq["load_checkpoint"](cfg, trainer, **passthrough_args)
+        extra_state, epoch_itr = _fairseq_originals["load_checkpoint"](cfg, trainer,
+                                                                       **passthrough_args)
     finally:
         del trainer.load_checkpoint
     _stop_if_done(trainer)
@@ -103,30 +105,31 @@ class _PathManagerWithAtomicCopy:
     """Stand-in for fairseq's PathManager inside checkpoint_utils: ``copy`` is atomic."""
 
     def __init__(self, path_manager):
-        self._pm = path_manager
+        self._path_manager = path_manager
 
     def __getattr__(self, name):
-        return getattr(self._pm, name)
+        return getattr(self._path_manager, name)
 
     def copy(self, src_path: str, dst_path: str, overwrite: bool = False) -> bool:
         if not (is_local(src_path) and is_local(dst_path)):
-            return self._pm.copy(src_path, dst_path, overwrite)
+            return self._path_manager.copy(src_path, dst_path, overwrite)
         if os.path.exists(dst_path) and not overwrite:
             return False
         atomic_copy(src_path, dst_path)
         return True
 
 
-_fairseq = {}  # fairseq's own functions, kept for the cases they still handle
+# fairseq's own functions, which the wrappers call for every case they do not change
+_fairseq_originals = {}
 
 
 def install():
     from fairseq import checkpoint_utils
 
-    if _fairseq:
+    if _fairseq_originals:
         return
-    _fairseq["torch_persistent_save"] = checkpoint_utils.torch_persistent_save
-    _fairseq["load_checkpoint"] = checkpoint_utils.load_checkpoint
+    _fairseq_originals["torch_persistent_save"] = checkpoint_utils.torch_persistent_save
+    _fairseq_originals["load_checkpoint"] = checkpoint_utils.load_checkpoint
     checkpoint_utils.torch_persistent_save = torch_persistent_save
     checkpoint_utils.load_checkpoint = load_checkpoint
     checkpoint_utils.PathManager = _PathManagerWithAtomicCopy(checkpoint_utils.PathManager)

@@ -13,9 +13,9 @@ def load_from_peer(f, *args, **kwargs):
     """``torch.load`` of what another rank of this job sent (fairseq's ``broadcast_object``).
 
     torch >= 2.6 loads with ``weights_only=True`` by default, which cannot rebuild the OmegaConf
-    config inside the checkpoint state that rank 0 broadcasts on resume, so every multi-process
-    resume died on the other ranks. The bytes come from rank 0, which read (and vetted) the file;
-    fairseq already unpickles its peers' messages elsewhere (``all_gather_list``).
+    config inside the checkpoint state that rank 0 broadcasts on resume, so a multi-process
+    resume would fail on every other rank. The bytes come from rank 0, which read (and vetted)
+    the file; fairseq already unpickles its peers' messages elsewhere (``all_gather_list``).
     """
     kwargs.setdefault("weights_only", False)
     return torch.load(f, *args, **kwargs)

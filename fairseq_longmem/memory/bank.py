@@ -56,6 +56,7 @@ from . import search as memory_search
 
 logger = logging.getLogger(__name__)
 
+
 def _storage_use_count(t):
     return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
 
@@ -152,7 +153,8 @@ class ChunkedMemoryBank:
         self._count = np.zeros(B, dtype=np.int64)  # valid chunks; they occupy slots [0, count)
         self._stage_len = np.zeros(B, dtype=np.int64)
         self._clock = np.zeros(B, dtype=np.int64)  # add calls since the row was cleared
-        self._written = torch.zeros(B, C, dtype=torch.long, device=self._device)  # clock per slot
+        # per slot, the row's _clock when the add that completed its chunk ran
+        self._written_at = torch.zeros(B, C, dtype=torch.long, device=self._device)
         self._gather_buffers = {}  # CPU search outputs, reused (_gather)
 
     @staticmethod
@@ -210,7 +212,7 @@ class ChunkedMemoryBank:
         for name in ("_keys", "_values", "_summaries", "_stage_keys", "_stage_values"):
             setattr(self, name, getattr(self, name).to(device=self._device, dtype=self._dtype))
         self._device = self._keys.device
-        self._written = self._written.to(self._device)
+        self._written_at = self._written_at.to(self._device)
         self._gather_buffers = {}
         return self
 
@@ -230,7 +232,7 @@ class ChunkedMemoryBank:
                              f"got {order.tolist()}")
         on_device = order.to(self._device)
         for name in ("_keys", "_values", "_summaries", "_stage_keys", "_stage_values",
-                     "_written"):
+                     "_written_at"):
             setattr(self, name, getattr(self, name).index_select(0, on_device))
         host = order.cpu().numpy()
         for name in ("_write_ptr", "_count", "_stage_len", "_clock"):
@@ -320,19 +322,19 @@ class ChunkedMemoryBank:
         if T == 0:
             return
         # Common case, vectorised: rows taking all T tokens as T/csz whole chunks, nothing staged.
-        fast = (lengths == T) & (self._stage_len == 0) if T % S == 0 else np.zeros(B, dtype=bool)
-        if fast.any():
+        whole = (lengths == T) & (self._stage_len == 0) if T % S == 0 else np.zeros(B, dtype=bool)
+        if whole.any():
             n, H, D = T // S, self.num_heads, self.head_dim
-            rows = np.flatnonzero(fast)
-            if not fast.all():
+            rows = np.flatnonzero(whole)
+            if not whole.all():
                 sel = torch.from_numpy(rows).to(self._device)
-                keys_f, values_f = keys.index_select(0, sel), values.index_select(0, sel)
+                whole_keys, whole_values = keys.index_select(0, sel), values.index_select(0, sel)
             else:
-                keys_f, values_f = keys, values
+                whole_keys, whole_values = keys, values
             self._write_chunks(rows.tolist(),
-                               keys_f.reshape(len(rows), H, n, S, D),  # (R, H, n, csz, hd)
-                               values_f.reshape(len(rows), H, n, S, D))
-        for b in np.flatnonzero(~fast).tolist():  # ragged rows: partial chunks, staging
+                               whole_keys.reshape(len(rows), H, n, S, D),  # (R, H, n, csz, hd)
+                               whole_values.reshape(len(rows), H, n, S, D))
+        for b in np.flatnonzero(~whole).tolist():  # ragged rows: partial chunks, staging
             self._add_row(b, keys[b], values[b], int(lengths[b]))
 
     def _lengths_and_nonfinite_rows(self, keys, values, lengths):
@@ -375,20 +377,22 @@ class ChunkedMemoryBank:
             self._stage_len[b] = total
             return
         used = n * S - s  # tokens of this segment that go into whole chunks
-        ck = torch.cat([self._stage_keys[b, :, :s], keys[:, :used].to(self._dtype)], dim=1)
-        cv = torch.cat([self._stage_values[b, :, :s], values[:, :used].to(self._dtype)], dim=1)
+        chunk_keys = torch.cat([self._stage_keys[b, :, :s], keys[:, :used].to(self._dtype)], dim=1)
+        chunk_values = torch.cat([self._stage_values[b, :, :s], values[:, :used].to(self._dtype)],
+                                 dim=1)
         H, D = self.num_heads, self.head_dim
-        self._write_chunks([b], ck.view(1, H, n, S, D), cv.view(1, H, n, S, D))
+        self._write_chunks([b], chunk_keys.view(1, H, n, S, D), chunk_values.view(1, H, n, S, D))
         self._stage_keys[b, :, :r] = keys[:, used:length]
         self._stage_values[b, :, :r] = values[:, used:length]
         self._stage_len[b] = r
 
-    def _write_chunks(self, rows, ck, cv):
-        """Write n chunks per row at the rows' write pointers. ck/cv: (R, H, n, csz, hd)."""
-        R, H, n, S, D = ck.shape
+    def _write_chunks(self, rows, chunk_keys, chunk_values):
+        """Write n chunks per row at the rows' write pointers. chunk_keys/chunk_values:
+        (R, H, n, csz, hd)."""
+        R, H, n, S, D = chunk_keys.shape
         C = self.capacity
         keep = min(n, C)  # with n > C only the newest C chunks survive
-        ck, cv = ck[:, :, n - keep:], cv[:, :, n - keep:]
+        ck, cv = chunk_keys[:, :, n - keep:], chunk_values[:, :, n - keep:]
         ptr = self._write_ptr[rows]  # (R,)
         slots = (ptr[:, None] + (n - keep) + np.arange(keep)[None, :]) % C  # (R, keep)
         base = (np.asarray(rows)[:, None] * H + np.arange(H)[None, :]) * C  # (R, H)
@@ -402,7 +406,7 @@ class ChunkedMemoryBank:
         self._values.view(-1, S * D).index_copy_(0, flat, cv.reshape(-1, S * D).to(self._dtype))
         self._summaries.view(-1, D).index_copy_(0, flat, summ.reshape(-1, D).to(self._dtype))
         when = torch.from_numpy(np.repeat(self._clock[rows], keep)).to(self._device)
-        self._written[torch.from_numpy(np.repeat(rows, keep)).to(self._device),
+        self._written_at[torch.from_numpy(np.repeat(rows, keep)).to(self._device),
                       torch.from_numpy(slots.reshape(-1)).to(self._device)] = when
         self._write_ptr[rows] = (ptr + n) % C
         self._count[rows] = np.minimum(self._count[rows] + n, C)
@@ -435,7 +439,7 @@ class ChunkedMemoryBank:
         n = slots.shape[0] // self.num_rows
         rows = torch.arange(slots.shape[0], device=self._device) // n  # (B',)
         clock = torch.from_numpy(self._clock).to(self._device)[rows]  # (B',)
-        written = self._written[rows].gather(1, slots.clamp_min(0).flatten(1)).view(slots.shape)
+        written = self._written_at[rows].gather(1, slots.clamp_min(0).flatten(1)).view(slots.shape)
         return clock.view(-1, 1, 1, 1) - written + 1
 
     def _expand(self, slots):
@@ -512,6 +516,6 @@ class ChunkedMemoryBank:
             self._stage_values[b, :, :s] = row.tensors["staging_values"].to(**put)
             self._write_ptr[b], self._count[b], self._stage_len[b] = row.write_pointer, cnt, s
             self._clock[b] = 0
-            self._written[b] = 0
+            self._written_at[b] = 0
         logger.info("loaded %d memory row(s) from %s into rows %s (%s, %s)", len(idx), path, idx,
                     self._device, self._dtype)

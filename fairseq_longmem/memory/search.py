@@ -1,5 +1,5 @@
 """Exact top-k chunk search for the memory bank: the backends, the one list of their names, and
-which one ``auto`` picks (``torch`` on every device for now).
+which one ``auto`` picks (``torch`` on every device).
 
 Every backend returns, per (row b, head h, query t), the ``nk`` ring-buffer slots with the largest
 ``<query, chunk summary>`` among the row's valid slots ``[0, count[b])``, in descending score
@@ -12,17 +12,16 @@ Backends (``BACKENDS``; the model's ``--search-backend`` and the benchmarks use 
 - ``torch``: the exact two-stage selection (``topk.py``), in plain torch. On CPU it walks the (row, head)
   pairs in tiles of queries whose scores fit in cache, with no B x H x T x C score tensor; on
   CUDA it scores blocks of queries over all rows at once.
-- ``matmul``: all scores with one matmul, then ``topk`` (the reference; the only search before
-  the two-stage one).
+- ``matmul``: all scores with one matmul, then ``topk`` (the reference the others are tested
+  against).
 - ``triton``: fused kernels (``search_triton.py``) that keep block maxima in registers and never
   write the score tensor, then rescore the kept blocks; CUDA only (CPU only through Triton's
   interpreter, for tests); needs ``triton`` (shipped with CUDA builds of torch).
 - ``faiss``: ``faiss.knn`` over our own CPU storage, ``faiss.knn_gpu`` on CUDA.
 - ``auto``: ``torch`` on every device. On CPU it is the fastest measured (docs/BENCHMARKS.md,
-  "Exact search"). On CUDA nothing of ours has been measured (no GPU was available): the choice
-  rests on reasoning (no score tensor written, no extra package; an earlier side experiment on
-  a GPU kept no log and is not relied on). Run
-  ``examples/benchmarks/gpu_device.sh`` on a GPU before changing it.
+  "Exact search"). On CUDA the choice rests on reasoning, not on a measurement: it writes no
+  score tensor and needs no extra package. ``examples/benchmarks/gpu_device.sh`` compares the
+  backends on a GPU; its figures are what a change of this choice should rest on.
 
 The selection primitives every backend shares (the ``matmul`` reference and the exact
 two-stage selection, with why it is exact) are in ``topk.py``.
@@ -54,10 +53,10 @@ _faiss_gpu_resources = None
 
 def resolve(backend: str, device: torch.device) -> str:
     """The backend that ``backend`` stands for on ``device``: ``auto`` is ``torch`` on CPU (measured
-    fastest) and on CUDA (not measured yet; the module docstring says why)."""
+    fastest) and on CUDA (the module docstring says why)."""
     if backend != "auto":
         return backend
-    return "torch"  # CPU: measured fastest; CUDA: see the module docstring
+    return "torch"
 
 
 def search(backend, queries, summaries, count, nk, max_score_bytes):

@@ -15,7 +15,8 @@ within such rounding of the cut can differ.
 
 Runs on CUDA. On CPU tensors it runs only through Triton's interpreter (``TRITON_INTERPRET=1`` set
 before ``triton`` is imported), slowly: that is how the tests check it on machines without a GPU.
-Not measured on a GPU yet (none was available): ``auto`` does not pick it.
+``auto`` does not pick it: no recorded figure shows it faster than ``torch`` on a GPU
+(``examples/benchmarks/gpu_device.sh`` measures both).
 """
 
 import os

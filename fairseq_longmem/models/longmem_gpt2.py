@@ -165,13 +165,13 @@ class LongMemDecoder(GPT2HeadDecoder, FairseqIncrementalDecoder):
         """Forget every stream's memory (both modes)."""
         self._memories = {}
 
-    def _batch_memory(self, num_rows: int, like: torch.Tensor) -> ChunkedMemoryBank:
-        """The current mode's stream memory, built for ``num_rows`` rows with ``like``'s device and
-        dtype at the first batch, reset (with a warning) when the batch size changes."""
+    def _batch_memory(self, num_rows: int, template: torch.Tensor) -> ChunkedMemoryBank:
+        """The current mode's stream memory, built for ``num_rows`` rows on ``template``'s device
+        and in its dtype at the first batch, reset (with a warning) when the batch size changes."""
         mode = "train" if self.training else "eval"
         bank = self._memories.get(mode)
-        if bank is None or bank.device != like.device or bank.dtype != like.dtype:
-            bank = self.new_memory(num_rows, self.cfg.memory_size, like)
+        if bank is None or bank.device != template.device or bank.dtype != template.dtype:
+            bank = self.new_memory(num_rows, self.cfg.memory_size, template)
             self._memories[mode] = bank
         elif bank.num_rows != num_rows:
             logger.warning(
@@ -181,14 +181,14 @@ class LongMemDecoder(GPT2HeadDecoder, FairseqIncrementalDecoder):
             bank.resize_rows(num_rows)
         return bank
 
-    def new_memory(self, num_rows: int, memory_size: int, like: torch.Tensor,
+    def new_memory(self, num_rows: int, memory_size: int, template: torch.Tensor,
                    fingerprint: str = "") -> ChunkedMemoryBank:
         """An empty memory shaped for this model (heads, head size, chunk size, search backend),
-        with ``like``'s device and dtype, that the caller owns and passes to :meth:`forward`."""
+        with ``template``'s device and dtype, that the caller owns and passes to :meth:`forward`."""
         dims = self.backbone.dims
         return ChunkedMemoryBank(
             num_rows, dims.num_heads, dims.head_dim, self.cfg.chunk_size, memory_size,
-            dtype=like.dtype, device=like.device, backend=self.cfg.search_backend,
+            dtype=template.dtype, device=template.device, backend=self.cfg.search_backend,
             fingerprint=fingerprint,
         )
 
@@ -201,10 +201,11 @@ class LongMemDecoder(GPT2HeadDecoder, FairseqIncrementalDecoder):
 
     # ------------------------------------------------------------------ incremental decoding
 
-    def start_decoding(self, batch: int, like: torch.Tensor,
+    def start_decoding(self, batch: int, template: torch.Tensor,
                        memory: Optional[ChunkedMemoryBank] = None,
                        segment_len: Optional[int] = None) -> DecodingState:
-        """A state at the start of a document: empty caches of ``segment_len`` (T, by default
+        """A state at the start of a document, on ``template``'s device and in its dtype (any
+        tensor, e.g. a model parameter): empty caches of ``segment_len`` (T, by default
         the --tokens-per-sample the model was built with) tokens and ``memory`` (``batch`` rows;
         a new empty one if None; none at all with ``disable_memory``), which decoding extends."""
         T = segment_len or self.cfg.max_target_positions or self.backbone.dims.max_positions
@@ -214,9 +215,9 @@ class LongMemDecoder(GPT2HeadDecoder, FairseqIncrementalDecoder):
         if self.cfg.disable_memory:
             memory = None
         elif memory is None:
-            memory = self.new_memory(batch, self.cfg.memory_size, like)
-        return DecodingState(self.backbone.new_caches(batch, T, like),
-                             self.sidenet.new_caches(batch, T, like), memory)
+            memory = self.new_memory(batch, self.cfg.memory_size, template)
+        return DecodingState(self.backbone.new_caches(batch, T, template),
+                             self.sidenet.new_caches(batch, T, template), memory)
 
     @torch.no_grad()
     def advance(self, tokens, state: DecodingState, features_only: bool = False):

@@ -36,25 +36,26 @@ def free_bytes(device: torch.device) -> Optional[int]:
 def check_memory_fits(cfg, dims: GPT2Dims, task):
     """Refuse a --memory-size whose memories cannot fit on the device, before anything is
     allocated (the bank is built at the first batch, which would otherwise ask for it then)."""
-    tcfg = getattr(task, "cfg", None)
-    rows = getattr(tcfg, "batch_size", None)
+    task_cfg = getattr(task, "cfg", None)
+    rows = getattr(task_cfg, "batch_size", None)
     if cfg.disable_memory or not rows:
         return
-    cuda = not getattr(tcfg, "cpu", False) and torch.cuda.is_available()
+    cuda = not getattr(task_cfg, "cpu", False) and torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    half = cuda and (getattr(tcfg, "fp16", False) or getattr(tcfg, "bf16", False))
+    half = cuda and (getattr(task_cfg, "fp16", False) or getattr(task_cfg, "bf16", False))
     # training keeps a second memory for validation, which never reads training text
     banks = 1 if getattr(task, "building_from_checkpoint", False) else 2
-    one = ChunkedMemoryBank.bytes_for(rows, dims.num_heads, dims.head_dim, cfg.chunk_size,
-                                      cfg.memory_size, torch.float16 if half else torch.float32)
+    dtype = torch.float16 if half else torch.float32
+    per_bank = ChunkedMemoryBank.bytes_for(rows, dims.num_heads, dims.head_dim, cfg.chunk_size,
+                                           cfg.memory_size, dtype)
     free = free_bytes(device)
-    if free is not None and banks * one > free:
+    if free is not None and banks * per_bank > free:
         what = "a training and a validation memory" if banks == 2 else "the memory"
         raise ValueError(
-            f"--memory-size {cfg.memory_size} needs {banks * one / _GIB:,.1f} GiB for {what} "
+            f"--memory-size {cfg.memory_size} needs {banks * per_bank / _GIB:,.1f} GiB for {what} "
             f"({rows} streams (--batch-size) x {dims.num_heads} heads x {cfg.memory_size} tokens "
             f"x {dims.head_dim} dims x keys and values, plus chunk means, in "
-            f"{'16' if half else '32'}-bit floats, and chunk write times), more than the {free / _GIB:,.1f} GiB free on "
-            f"{device}: lower --memory-size or --batch-size"
+            f"{'16' if half else '32'}-bit floats, and chunk write times), more than the "
+            f"{free / _GIB:,.1f} GiB free on {device}: lower --memory-size or --batch-size"
         )
-    logger.info("memory: %.3f GiB per memory (%s, %d streams)", one / _GIB, device, rows)
+    logger.info("memory: %.3f GiB per memory (%s, %d streams)", per_bank / _GIB, device, rows)

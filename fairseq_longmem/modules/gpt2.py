@@ -53,11 +53,13 @@ def gelu_tanh(x):
 class KVCache:
     """One attention layer's keys and values of the tokens seen so far in the current segment,
     in fixed buffers of ``capacity`` tokens, so that its size never depends on how much was
-    generated: (B, H, capacity, hd) each, the first ``len`` tokens valid."""
+    generated: (B, H, capacity, hd) each, the first ``len`` tokens valid, with the device and
+    dtype of ``template`` (any tensor, e.g. a model parameter)."""
 
-    def __init__(self, batch: int, num_heads: int, capacity: int, head_dim: int, like: torch.Tensor):
-        self.k = like.new_zeros(batch, num_heads, capacity, head_dim)  # (B, H, capacity, hd)
-        self.v = like.new_zeros(batch, num_heads, capacity, head_dim)  # (B, H, capacity, hd)
+    def __init__(self, batch: int, num_heads: int, capacity: int, head_dim: int,
+                 template: torch.Tensor):
+        self.k = template.new_zeros(batch, num_heads, capacity, head_dim)  # (B, H, capacity, hd)
+        self.v = template.new_zeros(batch, num_heads, capacity, head_dim)  # (B, H, capacity, hd)
         self.len = 0
 
     def append(self, k, v):
@@ -191,10 +193,11 @@ class GPT2Backbone(nn.Module):
         pos = torch.arange(start, start + T, device=tokens.device)
         return self.drop(self.wte(tokens) + self.wpe(pos))  # (B, T, C)
 
-    def new_caches(self, batch: int, capacity: int, like: torch.Tensor) -> List[KVCache]:
-        """One empty :class:`KVCache` of ``capacity`` tokens per block."""
+    def new_caches(self, batch: int, capacity: int, template: torch.Tensor) -> List[KVCache]:
+        """One empty :class:`KVCache` of ``capacity`` tokens per block, on ``template``'s device
+        and in its dtype."""
         d = self.dims
-        return [KVCache(batch, d.num_heads, capacity, d.head_dim, like) for _ in self.h]
+        return [KVCache(batch, d.num_heads, capacity, d.head_dim, template) for _ in self.h]
 
     def forward(
         self, tokens, kv_layer: Optional[int] = None, stop_at_kv_layer: bool = False,

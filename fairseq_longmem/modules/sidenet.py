@@ -138,23 +138,24 @@ class SideNet(nn.Module):
         super().__init__()
         if init not in SIDENET_INITS:
             raise ValueError(f"--sidenet-init {init!r}: expected one of {', '.join(SIDENET_INITS)}")
-        bdims = backbone.dims
-        if reduction_factor < 1 or bdims.num_layers % reduction_factor:
+        backbone_dims = backbone.dims
+        if reduction_factor < 1 or backbone_dims.num_layers % reduction_factor:
             raise ValueError(
                 f"--reduction-factor ({reduction_factor}) must be >= 1 and divide the backbone's "
-                f"{bdims.num_layers} layers"
+                f"{backbone_dims.num_layers} layers"
             )
-        if not 0 <= memory_layer < bdims.num_layers:
+        if not 0 <= memory_layer < backbone_dims.num_layers:
             raise ValueError(
                 f"--memory-layer ({memory_layer}) must be a 0-based backbone layer in "
-                f"[0, {bdims.num_layers - 1}]"
+                f"[0, {backbone_dims.num_layers - 1}]"
             )
         self.r = reduction_factor
         self.memory_layer = memory_layer
         self.side_memory_layer = memory_layer // reduction_factor
-        dims = GPT2Dims(**{**vars(bdims), "dropout": dropout, "attention_dropout": attention_dropout})
+        dims = GPT2Dims(**{**vars(backbone_dims), "dropout": dropout,
+                           "attention_dropout": attention_dropout})
         self.dims = dims
-        num_layers = bdims.num_layers // reduction_factor
+        num_layers = backbone_dims.num_layers // reduction_factor
         self.h = nn.ModuleList(
             Block(dims, attn=JointAttention(dims) if j == self.side_memory_layer else None)
             for j in range(num_layers)
@@ -163,10 +164,10 @@ class SideNet(nn.Module):
         self.init_from_backbone(backbone, zero_out=init == "zero-out")
         if gate_lr_scale <= 0:
             raise ValueError(f"--gate-lr-scale must be > 0, got {gate_lr_scale}")
-        gate = self.memory_attention
-        gate.gate_scale = float(gate_lr_scale)
+        joint = self.memory_attention
+        joint.gate_scale = float(gate_lr_scale)
         with torch.no_grad():
-            gate.gate.fill_(gate_init / gate_lr_scale)  # the logit starts at gate_init
+            joint.gate.fill_(gate_init / gate_lr_scale)  # the logit starts at gate_init
 
     @torch.no_grad()
     def init_from_backbone(self, backbone: GPT2Backbone, zero_out: bool = False):
@@ -185,10 +186,11 @@ class SideNet(nn.Module):
     def memory_attention(self) -> JointAttention:
         return self.h[self.side_memory_layer].attn
 
-    def new_caches(self, batch: int, capacity: int, like: torch.Tensor) -> List[KVCache]:
-        """One empty :class:`KVCache` of ``capacity`` tokens per side block."""
+    def new_caches(self, batch: int, capacity: int, template: torch.Tensor) -> List[KVCache]:
+        """One empty :class:`KVCache` of ``capacity`` tokens per side block, on ``template``'s
+        device and in its dtype."""
         d = self.dims
-        return [KVCache(batch, d.num_heads, capacity, d.head_dim, like) for _ in self.h]
+        return [KVCache(batch, d.num_heads, capacity, d.head_dim, template) for _ in self.h]
 
     def forward(self, hiddens: List[torch.Tensor], memory=None, retrieved_tokens: int = 0,
                 caches: Optional[List[KVCache]] = None

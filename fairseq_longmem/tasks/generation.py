@@ -71,11 +71,12 @@ class PromptedEnsemble(EnsembleModel):
 
     def forward_encoder(self, net_input):
         prompts = net_input["src_tokens"]  # (B, n), every row n tokens (the task batches so)
-        like = next(self.single_model.parameters())
+        template = next(self.single_model.parameters())  # device and dtype of the state
         B = prompts.size(0)
         eos = prompts.new_full((B, 1), self.eos)
-        memory = self.start_memory(B, like) if self.start_memory is not None else None
-        state = self.decoder.start_decoding(B, like, memory=memory, segment_len=self.segment_len)
+        memory = self.start_memory(B, template) if self.start_memory is not None else None
+        state = self.decoder.start_decoding(B, template, memory=memory,
+                                            segment_len=self.segment_len)
         logits = self.decoder.prefill(torch.cat([eos, prompts], dim=1), state)  # (B, V)
         if self.save_memory is not None:
             self.save_memory(self.decoder, state, prompts)
@@ -97,10 +98,9 @@ class PromptedEnsemble(EnsembleModel):
         state, logits = self._prefilled
         self._prefilled = None
         dec = self.decoder
-        like = logits
         generated = memory_scoring.memory_size_for(
             state.pos + self.max_len + 1, dec.cfg.chunk_size, dec.cfg.retrieved_tokens)
-        state.expand(self.beam, lambda rows: dec.new_memory(rows, generated, like),
+        state.expand(self.beam, lambda rows: dec.new_memory(rows, generated, logits),
                      self.shares_prompt_memory(state))
         dec.set_decoding_state(incremental_state, state)
         return logits.repeat_interleave(self.beam, dim=0)  # (B * beam, V)
@@ -159,7 +159,7 @@ class LongMemSequenceGenerator(SequenceGenerator):
 def prompt_memory_identity(decoder, segment_len: int, tokens: Optional[torch.Tensor] = None
                            ) -> dict:
     """What a prompt memory's content depends on; saved in its header, compared on loading."""
-    ident = {
+    identity = {
         "kind": PROMPT_MEMORY_KIND,
         "backbone": memory_scoring.backbone_digest(decoder.backbone),
         "dtype": str(next(decoder.parameters()).dtype).replace("torch.", ""),
@@ -169,32 +169,33 @@ def prompt_memory_identity(decoder, segment_len: int, tokens: Optional[torch.Ten
         "segment_tokens": segment_len,
     }
     if tokens is not None:
-        ident["tokens"] = hashlib.sha256(
+        identity["tokens"] = hashlib.sha256(
             tokens.cpu().numpy().astype(np.int64).tobytes()).hexdigest()[:16]
-        ident["num_tokens"] = int(tokens.numel())
-    return ident
+        identity["num_tokens"] = int(tokens.numel())
+    return identity
 
 
-def load_prompt_memory(path: str, decoder, segment_len: int, like) -> ChunkedMemoryBank:
-    """A one-row memory read from ``--memory-file``, refused in one line when it is not a prompt
-    memory of this model (another backbone, memory layer, chunk or memory size, segment)."""
+def load_prompt_memory(path: str, decoder, segment_len: int, template) -> ChunkedMemoryBank:
+    """A one-row memory read from ``--memory-file`` (on ``template``'s device, in its dtype),
+    refused in one line when it is not a prompt memory of this model (another backbone, memory
+    layer, chunk or memory size, segment)."""
     try:
-        ident = json.loads(read_header(path).get("fingerprint") or "")
-        if not isinstance(ident, dict) or ident.get("kind") != PROMPT_MEMORY_KIND:
+        identity = json.loads(read_header(path).get("fingerprint") or "")
+        if not isinstance(identity, dict) or identity.get("kind") != PROMPT_MEMORY_KIND:
             raise ValueError
     except ValueError as e:
         detail = str(e) if str(e).startswith(path) else "no prompt-memory identity in its header"
         raise ValueError(f"--memory-file {path} is not a prompt memory of fairseq-longmem "
                          f"({detail}): write one with fairseq-interactive --save-memory") from None
     want = prompt_memory_identity(decoder, segment_len)
-    diff = ", ".join(f"{k} (file {ident.get(k)!r}, this model {want[k]!r})"
-                     for k in MATCHING_KEYS if ident.get(k) != want[k])
+    diff = ", ".join(f"{k} (file {identity.get(k)!r}, this model {want[k]!r})"
+                     for k in MATCHING_KEYS if identity.get(k) != want[k])
     if diff:
         raise ValueError(f"--memory-file {path} was written by another model or setting; it "
                          f"differs in: {diff}. Write it again with this model (--save-memory)")
-    memory = decoder.new_memory(1, decoder.cfg.memory_size, like)
+    memory = decoder.new_memory(1, decoder.cfg.memory_size, template)
     memory.load(path)
-    logger.info("memory: %d tokens (%d searchable) loaded from %s", ident.get("num_tokens", -1),
+    logger.info("memory: %d tokens (%d searchable) loaded from %s", identity.get("num_tokens", -1),
                 int(memory.fill()[0]), path)
     return memory
 
@@ -206,11 +207,11 @@ def save_prompt_memory(path: str, decoder, state, prompt: torch.Tensor, row: int
     cache = state.backbone[decoder.cfg.memory_layer]
     if state.pos:
         memory.add(cache.k[row:row + 1, :, :state.pos], cache.v[row:row + 1, :, :state.pos])
-    ident = prompt_memory_identity(decoder, state.segment_len, prompt)
-    memory.fingerprint = json.dumps(ident, sort_keys=True)
+    identity = prompt_memory_identity(decoder, state.segment_len, prompt)
+    memory.fingerprint = json.dumps(identity, sort_keys=True)
     memory.save(path)  # refuses an existing file
     logger.info("memory of the prompt (%d tokens, %d searchable) saved to %s",
-                ident["num_tokens"], int(memory.fill()[0]), path)
+                identity["num_tokens"], int(memory.fill()[0]), path)
 
 
 def check_new_file(path: str, option: str):

@@ -259,11 +259,12 @@ class DocumentStreamDataset(FairseqDataset):
         assert len(items) == 1, "each dataset item is already a batch"
         t, rows = items[0]
         pad = self.pad
-        T = max((len(r[0]) for r in rows if r[0] is not None), default=1)
-        src = torch.full((len(rows), T), pad, dtype=torch.long)
-        tgt = torch.full((len(rows), T), pad, dtype=torch.long)
+        # the longest row: T, or less when every stream is in a document's last segment
+        width = max((len(r[0]) for r in rows if r[0] is not None), default=1)
+        src = torch.full((len(rows), width), pad, dtype=torch.long)
+        tgt = torch.full((len(rows), width), pad, dtype=torch.long)
         lengths = torch.zeros(len(rows), dtype=torch.long)
-        dist = torch.zeros((len(rows), T), dtype=torch.long) if self.track_recurrence else None
+        dist = torch.zeros((len(rows), width), dtype=torch.long) if self.track_recurrence else None
         for b, (source, target, _, doc, seg) in enumerate(rows):
             if source is not None:
                 src[b, :len(source)] = source
@@ -325,7 +326,7 @@ class LongMemLMTask(OneDictionaryTask):
         logger.info("dictionary: %d types", len(dictionary))
         return cls(cfg, dictionary)
 
-    def _shard(self):
+    def _rank_and_world_size(self):
         cfg = self.cfg
         if cfg.data_parallel_rank is not None and cfg.data_parallel_size is not None:
             return cfg.data_parallel_rank, cfg.data_parallel_size
@@ -350,11 +351,11 @@ class LongMemLMTask(OneDictionaryTask):
         ]
         if not documents:
             raise_no_documents(split, split_path, len(data))
-        top = max(int(d.max()) for d in documents)
-        if top >= len(self.dictionary):
+        max_id = max(int(d.max()) for d in documents)
+        if max_id >= len(self.dictionary):
             dict_path = os.path.join(paths[0], "dict.txt")
             raise ValueError(
-                f"{split_path}.bin holds token id {top} but {dict_path} has only "
+                f"{split_path}.bin holds token id {max_id} but {dict_path} has only "
                 f"{len(self.dictionary)} symbols (ids 0 to {len(self.dictionary) - 1}): the split "
                 "was binarized with another dictionary; use the dict.txt that fairseq-preprocess "
                 "wrote beside it"
@@ -362,7 +363,7 @@ class LongMemLMTask(OneDictionaryTask):
         if self.cfg.prompt_tokens > 0:
             self.datasets[split] = self.prompt_dataset(split_path, documents)
             return
-        rank, world = self._shard()
+        rank, world = self._rank_and_world_size()
         dataset = DocumentStreamDataset(
             documents, self.dictionary.pad(), self.dictionary.eos(), self.cfg.tokens_per_sample,
             self.cfg.batch_size, rank, world,
@@ -420,13 +421,16 @@ class LongMemLMTask(OneDictionaryTask):
                 dataset.track_recurrence = True
         return criterion
 
-    def _layout(self):
-        rank, world = self._shard()
-        return {"streams": self.cfg.batch_size * world, "tokens_per_sample": self.cfg.tokens_per_sample}
+    def _stream_layout(self):
+        """What a saved iterator position is a position in: all ranks' streams and their
+        segment length."""
+        _, world = self._rank_and_world_size()
+        return {"streams": self.cfg.batch_size * world,
+                "tokens_per_sample": self.cfg.tokens_per_sample}
 
     def get_checkpoint_dict(self):
         # saved in the checkpoint's extra_state, read back on resume by set_checkpoint_dict
-        state = {"stream_layout": self._layout()}
+        state = {"stream_layout": self._stream_layout()}
         train = self.split_fingerprints.get(self.cfg.train_subset)
         if train is not None:
             state["train_data"] = train
@@ -437,25 +441,27 @@ class LongMemLMTask(OneDictionaryTask):
         under the same stream layout and over the same documents: refuse a changed layout or
         training split rather than skip, replay or mix data. (Not called with
         --reset-dataloader, which restarts the epoch.)"""
-        saved = state.get("stream_layout")
-        if saved is not None and saved != self._layout():
+        saved_layout = state.get("stream_layout")
+        if saved_layout is not None and saved_layout != self._stream_layout():
             raise ValueError(
-                f"the checkpoint was trained with {saved['streams']} streams (batch size x "
-                f"world size) of {saved['tokens_per_sample']}-token segments, this run has "
-                f"{self._layout()['streams']} of {self.cfg.tokens_per_sample}: resuming would "
-                "skip or replay data; keep the layout, or pass --reset-dataloader to restart "
-                "the epoch's streams"
+                f"the checkpoint was trained with {saved_layout['streams']} streams (batch size x "
+                f"world size) of {saved_layout['tokens_per_sample']}-token segments, this run has "
+                f"{self._stream_layout()['streams']} of {self.cfg.tokens_per_sample}: resuming "
+                "would skip or replay data; keep the layout, or pass --reset-dataloader to "
+                "restart the epoch's streams"
             )
-        saved = state.get("train_data")
-        now = self.split_fingerprints.get(self.cfg.train_subset)
+        saved_data = state.get("train_data")
+        this_data = self.split_fingerprints.get(self.cfg.train_subset)
         itr = self._train_iterator
         mid_epoch = itr is None or itr.iterations_in_epoch > 0  # at 0, any data may follow
-        if saved and now and mid_epoch and saved["documents_sha256"] != now["documents_sha256"]:
+        if (saved_data and this_data and mid_epoch
+                and saved_data["documents_sha256"] != this_data["documents_sha256"]):
             raise ValueError(
-                f"the checkpoint stopped mid-epoch in {saved['path']} ({saved['documents']} "
-                f"documents, sizes sha256 {saved['documents_sha256'][:12]}), but this run's "
-                f"{now['path']} holds {now['documents']} documents (sha256 "
-                f"{now['documents_sha256'][:12]}): its saved position would point into other "
+                f"the checkpoint stopped mid-epoch in {saved_data['path']} "
+                f"({saved_data['documents']} documents, sizes sha256 "
+                f"{saved_data['documents_sha256'][:12]}), but this run's {this_data['path']} holds "
+                f"{this_data['documents']} documents (sha256 "
+                f"{this_data['documents_sha256'][:12]}): its saved position would point into other "
                 "data; resume on the same data, or pass --reset-dataloader to start the epoch "
                 "over on this one"
             )
@@ -481,7 +487,7 @@ class LongMemLMTask(OneDictionaryTask):
             )
         # every item is a whole batch, already sharded by rank; order is time, so no shuffling.
         # Items are slices of tensors in memory: loader workers would only add start-up and
-        # shutdown cost (a worker per validation pass stalled each checkpoint save by 5 s).
+        # shutdown cost (a worker per validation pass stalls each checkpoint save by about 5 s).
         itr = iterators.EpochBatchIterator(
             dataset=dataset,
             collate_fn=dataset.collater,
@@ -524,25 +530,25 @@ class LongMemLMTask(OneDictionaryTask):
             )
         if cfg.save_memory:
             check_new_file(cfg.save_memory, "--save-memory")
-        T, saved = cfg.tokens_per_sample, []
+        T, memory_saved = cfg.tokens_per_sample, []  # non-empty once the file is written
         if cfg.memory_file and decoder.cfg.disable_memory:
             raise ValueError(f"--memory-file {cfg.memory_file}: this model runs with "
                              "disable_memory and reads no memory")
         if cfg.memory_file and not os.path.isfile(cfg.memory_file):
             raise FileNotFoundError(f"--memory-file: no file at {cfg.memory_file}")
-        loaded = cfg.memory_file and load_prompt_memory(
+        file_memory = cfg.memory_file and load_prompt_memory(
             cfg.memory_file, decoder, T, next(models[0].parameters()))
 
-        def start_memory(rows, like):
-            return copy.copy(loaded).select_rows([0] * rows)  # the file's memory stays as read
+        def start_memory(rows, template):
+            return copy.copy(file_memory).select_rows([0] * rows)  # the file's memory stays as read
 
         def save_memory(dec, state, prompts):
-            if saved:
+            if memory_saved:
                 logger.warning("--save-memory %s holds the first prompt's memory; later "
                                "prompts are not saved", cfg.save_memory)
                 return
             save_prompt_memory(cfg.save_memory, dec, state, prompts[0])
-            saved.append(True)
+            memory_saved.append(True)
 
         gen_kwargs = dict(
             segment_len=T, stop_at_eos=cfg.stop_at_eos, max_len=2**62,

@@ -130,7 +130,8 @@ class CandidateScoringTask(OneDictionaryTask):
             buffer_size=data_buffer_size, disable_shuffling=True,
         )
 
-    def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None, **kw):
+    def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None,
+                        **kwargs):
         # fairseq-generate prints "beam=" in its final line; scoring has no beam, so say 1
         args.beam = 1
         return self.scorer_class(self, models, nbest=args.nbest)
@@ -180,14 +181,14 @@ class CandidateScorer:
     def ranked(candidates: List[torch.Tensor], logprobs: List[torch.Tensor]) -> List[dict]:
         """fairseq-generate hypotheses, best first (ties keep the candidates' order)."""
         order = sorted(range(len(candidates)), key=lambda c: -float(logprobs[c].sum()))
-        return [hypo(candidates[c], logprobs[c]) for c in order]
+        return [hypothesis(candidates[c], logprobs[c]) for c in order]
 
 
 def _name(cfg) -> str:
     return getattr(cfg, "_name", None) or "this task"
 
 
-def hypo(tokens: torch.Tensor, positional: torch.Tensor) -> dict:
+def hypothesis(tokens: torch.Tensor, positional: torch.Tensor) -> dict:
     """A fairseq-generate hypothesis: tokens, total log-prob (base e), per-token log-probs."""
     return {"tokens": tokens.long(), "score": float(positional.sum()),
             "positional_scores": positional.float().clone(), "alignment": None}

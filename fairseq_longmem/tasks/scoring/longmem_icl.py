@@ -2,10 +2,10 @@
 
 Per seed, ``--demos-in-context`` demonstrations are drawn from the train set and put before
 every test query, and ``--demos-in-memory`` more are written into a read-only memory before any
-query is scored (LongMem's protocol; :mod:`fairseq_longmem.tasks.scoring.icl_data`). Each test example is then
-scored per label word: fairseq-generate prints ``S-`` (the query), ``T-`` (the gold label), one
-``H-``/``P-`` pair per candidate (``--nbest``), and the accuracy of the registered scorer
-``icl_accuracy``.
+query is scored (LongMem's protocol; :mod:`fairseq_longmem.tasks.scoring.icl_data`). Each test
+example is then scored per label word: fairseq-generate prints ``S-`` (the query), ``T-`` (the
+gold label), one ``H-``/``P-`` pair per candidate (``--nbest``), and the accuracy of the
+registered scorer ``icl_accuracy``.
 
 Token layout (``</s>`` is fairseq's end of line, GPT-2's ``<|endoftext|>``; each formatted
 demonstration is one line)::
@@ -38,7 +38,7 @@ from .candidate_scoring import (
     CandidateScoringConfig,
     CandidateScoringTask,
     ExamplesDataset,
-    hypo,
+    hypothesis,
 )
 
 logger = logging.getLogger(__name__)
@@ -205,7 +205,6 @@ class LongMemICLTask(CandidateScoringTask):
         return prompt, first, cut
 
 
-
 class ICLScorer(CandidateScorer):
     """fairseq-generate's "generator" for longmem_icl: owns the read-only demonstration memory
     (filled once, at construction) and scores every label word of every test example."""
@@ -247,28 +246,27 @@ class ICLScorer(CandidateScorer):
 
     def build_memory(self):
         task, decoder, cfg = self.task, self.model.decoder, self.task.cfg
-        ident = self.identity()
-        fingerprint = json.dumps(ident, sort_keys=True)
-        like = self.model_parameter
+        wanted = self.identity()
+        fingerprint = json.dumps(wanted, sort_keys=True)
         size = memory_scoring.memory_size_for(len(task.memory_stream), decoder.cfg.chunk_size,
                                               decoder.cfg.retrieved_tokens)
         path = cfg.memory_file
         if path and os.path.exists(path):
             saved = read_identity(path)
-            if saved != ident:
-                diff = ", ".join(f"{k} (file {saved.get(k)!r}, this run {ident.get(k)!r})"
-                                 for k in sorted(set(saved) | set(ident))
-                                 if saved.get(k) != ident.get(k))
+            if saved != wanted:
+                diff = ", ".join(f"{k} (file {saved.get(k)!r}, this run {wanted.get(k)!r})"
+                                 for k in sorted(set(saved) | set(wanted))
+                                 if saved.get(k) != wanted.get(k))
                 raise ValueError(
                     f"--memory-file {path} holds another memory; it differs in: {diff}. Pass "
                     "another --memory-file, or delete this one to rebuild it"
                 )
-            memory = decoder.new_memory(1, size, like, fingerprint=fingerprint)
+            memory = decoder.new_memory(1, size, self.model_parameter, fingerprint=fingerprint)
             memory.load(path)
             logger.info("memory: %d demonstrations (%d tokens) loaded from %s",
                         len(task.memory_demos), len(task.memory_stream), path)
             return memory
-        memory = decoder.new_memory(1, size, like, fingerprint=fingerprint)
+        memory = decoder.new_memory(1, size, self.model_parameter, fingerprint=fingerprint)
         start = time.perf_counter()
         memory_scoring.write_stream(self.model, memory, task.memory_stream,
                                     cfg.tokens_per_sample, self.pad)
@@ -287,18 +285,19 @@ class ICLScorer(CandidateScorer):
 
     def generate(self, sample):
         net = sample["net_input"]
-        lengths = net["prompt_lengths"]
-        prompts = [net["prompt_tokens"][i, :lengths[i]].cpu() for i in range(len(lengths))]
+        prompt_lengths = net["prompt_lengths"]
+        prompts = [net["prompt_tokens"][i, :prompt_lengths[i]].cpu()
+                   for i in range(len(prompt_lengths))]
         memory = self.memory
         if memory is None and memory_scoring.reads_memory(self.model):
             # no demonstrations in memory: an empty memory reads as memory off
             memory = self.model.decoder.new_memory(1, self.model.decoder.cfg.retrieved_tokens,
                                                    self.model_parameter)
         if self.decision == "vocab":
-            tokens, lens = memory_scoring.pad_rows(prompts, self.pad)
-            lp = memory_scoring.next_token_logprobs(self.model, tokens, lens, memory).cpu()
-            top = lp.topk(self.nbest, dim=-1)
-            return [[hypo(top.indices[b, j].view(1), top.values[b, j].view(1))
+            tokens, lengths = memory_scoring.pad_rows(prompts, self.pad)
+            logprobs = memory_scoring.next_token_logprobs(self.model, tokens, lengths, memory).cpu()
+            top = logprobs.topk(self.nbest, dim=-1)
+            return [[hypothesis(top.indices[b, j].view(1), top.values[b, j].view(1))
                      for j in range(self.nbest)] for b in range(len(prompts))]
         cands = self.task.datasets["test"].candidates
         scores = memory_scoring.continuation_logprobs(self.model, prompts,
@@ -310,15 +309,15 @@ def read_identity(path: str) -> dict:
     """The identity a saved ICL memory was built with (its bank fingerprint), or a one-line
     error if the file is not such a memory."""
     try:
-        ident = json.loads(read_header(path).get("fingerprint") or "")
-        if not isinstance(ident, dict) or ident.get("kind") != MEMORY_FILE_KIND:
+        identity = json.loads(read_header(path).get("fingerprint") or "")
+        if not isinstance(identity, dict) or identity.get("kind") != MEMORY_FILE_KIND:
             raise ValueError
     except ValueError:
         raise ValueError(
             f"--memory-file {path} is not an in-context-learning memory of fairseq-longmem "
             "(no identity in its header): pass another --memory-file"
         ) from None
-    return ident
+    return identity
 
 
 # what the task's build_generator (CandidateScoringTask's) hands fairseq-generate

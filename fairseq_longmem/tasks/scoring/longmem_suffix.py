@@ -213,7 +213,6 @@ class LongMemSuffixTask(CandidateScoringTask):
         )
 
 
-
 class SuffixScorer(CandidateScorer):
     """Per batch: write each example's prefix into its own memory row (once), then score its
     candidates reading that row without writing it."""
@@ -225,7 +224,7 @@ class SuffixScorer(CandidateScorer):
                            "candidates are scored after the context alone")
 
     def generate(self, sample):
-        ds = self.task.datasets["test"]
+        dataset = self.task.datasets["test"]
         ids = sample["id"].tolist()
         net = sample["net_input"]
         lengths = net["context_lengths"]
@@ -233,14 +232,14 @@ class SuffixScorer(CandidateScorer):
         memory = None
         if memory_scoring.reads_memory(self.model):
             decoder = self.model.decoder
-            streams = [ds.memories[i] for i in ids]
+            streams = [dataset.memories[i] for i in ids]
             size = memory_scoring.memory_size_for(max(len(s) for s in streams),
                                                   decoder.cfg.chunk_size,
                                                   decoder.cfg.retrieved_tokens)
             memory = decoder.new_memory(len(ids), size, self.model_parameter)
             memory_scoring.write_streams(self.model, memory, streams,
                                          self.task.cfg.tokens_per_sample, self.pad)
-        cands = [ds.candidates[i] for i in ids]
+        cands = [dataset.candidates[i] for i in ids]
         scores = memory_scoring.continuation_logprobs(self.model, contexts, cands, self.pad,
                                                       memory)
         return [self.ranked(c, row) for c, row in zip(cands, scores)]

@@ -32,9 +32,8 @@ def backbone_digest(backbone) -> str:
     return digest.hexdigest()[:16]
 
 
-def _device_dtype(model):
-    p = next(model.parameters())
-    return p.device, p.dtype
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 def pad_rows(rows: Sequence[torch.Tensor], pad: int):
@@ -56,7 +55,7 @@ def write_stream(model, memory, stream: torch.Tensor, segment_len: int, pad: int
     Returns the number of tokens written."""
     if memory.num_rows != 1:
         raise ValueError(f"write_stream fills a one-row memory, got {memory.num_rows} rows")
-    device, _ = _device_dtype(model)
+    device = _device(model)
     segments = list(torch.split(stream.long(), segment_len))
     for i in range(0, len(segments), rows_per_batch):
         batch = segments[i:i + rows_per_batch]
@@ -76,7 +75,7 @@ def write_streams(model, memory, streams: Sequence[torch.Tensor], segment_len: i
     the model streams documents: forward s carries segment s of every stream still running."""
     if memory.num_rows != len(streams):
         raise ValueError(f"{len(streams)} streams for a memory of {memory.num_rows} rows")
-    device, _ = _device_dtype(model)
+    device = _device(model)
     longest = max((len(s) for s in streams), default=0)
     for start in range(0, longest, segment_len):
         segs = [s[start:start + segment_len].long() for s in streams]
@@ -103,7 +102,7 @@ def _features(model, tokens, lengths, memory):
 def next_token_logprobs(model, prompts: torch.Tensor, lengths: torch.Tensor,
                         memory=None) -> torch.Tensor:
     """(B, V) float32 log-probabilities of the token after each right-padded prompt."""
-    device, _ = _device_dtype(model)
+    device = _device(model)
     x = _features(model, prompts.to(device), lengths.to(device), memory)  # (B, T, C)
     last = x[torch.arange(len(lengths), device=device), lengths.to(device) - 1]  # (B, C)
     return model.decoder.output_layer(last).float().log_softmax(dim=-1)
@@ -120,7 +119,7 @@ def continuation_logprobs(model, prompts: Sequence[torch.Tensor],
     ``memory`` (optional) has 1 row (read by every prompt) or ``len(prompts)`` rows (prompt b
     reads row b). One forward per candidate index over all prompts (prompt + candidate minus its
     last token); when every candidate is one token, one forward over the prompts alone."""
-    device, _ = _device_dtype(model)
+    device = _device(model)
     B, C = len(prompts), len(continuations[0])
     if any(len(cands) != C for cands in continuations):
         raise ValueError("every prompt needs the same number of candidates")

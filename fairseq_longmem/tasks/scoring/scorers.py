@@ -30,12 +30,12 @@ class CandidateAccuracyScorer(BaseScorer):
         super().__init__(cfg)
         self.correct = 0
 
-    def right(self, ref: str, pred: str) -> bool:
+    def is_correct(self, ref: str, pred: str) -> bool:
         return ref == pred
 
     def add_string(self, ref, pred):
         super().add_string(ref, pred)
-        self.correct += self.right(ref.strip(), pred.strip())
+        self.correct += self.is_correct(ref.strip(), pred.strip())
 
     def score(self) -> float:
         return 100.0 * self.correct / len(self.ref) if self.ref else 0.0
@@ -58,7 +58,7 @@ class ICLAccuracyScorer(CandidateAccuracyScorer):
         except OmegaConfBaseException:
             raise ValueError("--scoring icl_accuracy scores --task longmem_icl") from None
 
-    def right(self, ref: str, pred: str) -> bool:
+    def is_correct(self, ref: str, pred: str) -> bool:
         if self.decision == "vocab":
             return bool(pred) and ref.startswith(pred)
         return ref == pred
