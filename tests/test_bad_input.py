@@ -38,12 +38,13 @@ def train(data, backbone, save_dir, *extra, batch_size=BATCH_SIZE, **kwargs):
                                       **kwargs))
 
 
-def evaluate(script, data, checkpoint, task="longmem_lm", batch_size=BATCH_SIZE, split="valid"):
+def evaluate(script, data, checkpoint, *extra, task="longmem_lm", batch_size=BATCH_SIZE,
+             split="valid"):
     subset = "--valid-subset" if script == "fairseq-validate" else "--gen-subset"
     return (script, [
         data, "--user-dir", USER_DIR, "--task", task, "--path", checkpoint,
         "--tokens-per-sample", TOKENS_PER_SAMPLE, "--batch-size", batch_size, "--cpu",
-        "--num-workers", "0", subset, split,
+        "--num-workers", "0", subset, split, *extra,
     ])
 
 
@@ -190,6 +191,8 @@ def cases(corpus, backbone, ins):
         "eval_lm_empty_split": evaluate("fairseq-eval-lm", ins["no_docs"], ck, split="test"),
         # 4: generation
         "generate": evaluate("fairseq-generate", data, ck),
+        "generate_gpt2_lm": evaluate("fairseq-generate", data, backbone, "--prompt-tokens", "20"),
+        "prompt_too_long": evaluate("fairseq-generate", data, ck, "--prompt-tokens", "100000"),
         "interactive": ("fairseq-interactive", [
             data, "--user-dir", USER_DIR, "--task", "longmem_lm", "--path", ck,
             "--batch-size", "1", "--cpu"]),
@@ -317,6 +320,10 @@ REFUSED = {
     # 4: generation (itself tested in tests/test_generation.py)
     "generate": lambda x: ["fairseq-generate --task longmem_lm continues prompts: pass "
                            "--prompt-tokens N"],
+    "generate_gpt2_lm": lambda x: ["--task longmem_lm generates with a longmem_gpt2 checkpoint",
+                                   "gpt2_lm", "--task language_modeling"],
+    "prompt_too_long": lambda x: ["--prompt-tokens 100000 is larger than 12 of the 12 documents",
+                                  "pass --prompt-tokens"],
     # 5: damaged files
     "backbone_empty": lambda x: [f"--backbone-path {x.ins['empty_pt']} is empty (0 bytes"],
     "backbone_text": lambda x: [f"--backbone-path {x.ins['text_pt']} is not a torch checkpoint",
