@@ -351,14 +351,15 @@ MEMORY = ["--memory-size", "256", "--chunk-size", "4", "--retrieved-tokens", "16
 
 
 def longmem_train_argv(data, backbone, save_dir, *extra, batch_size=4, memory=MEMORY,
-                       arch="longmem_gpt2_tiny") -> List:
+                       arch="longmem_gpt2_tiny", criterion="longmem_cross_entropy",
+                       user_dir=USER_DIR) -> List:
     """The ``fairseq-train`` command line (script name first) of the tiny LongMem the CLI tests
-    train over ``backbone``: ``longmem_lm`` with ``longmem_cross_entropy``, TOKENS_PER_SAMPLE-token
-    segments, ``batch_size`` streams, memory 256 tokens, csz 4, K 16 (``memory``), Adam at 1e-3,
-    seed 1, on the CPU; ``extra`` options come last (and override earlier ones)."""
+    train over ``backbone``: ``longmem_lm`` with ``criterion``, TOKENS_PER_SAMPLE-token segments,
+    ``batch_size`` streams, memory 256 tokens, csz 4, K 16 (``memory``), Adam at 1e-3, seed 1, on
+    the CPU; ``extra`` options come last (and override earlier ones)."""
     return [
-        "fairseq-train", data, "--user-dir", USER_DIR, "--task", "longmem_lm", "--arch", arch,
-        "--criterion", "longmem_cross_entropy", "--backbone-path", backbone,
+        "fairseq-train", data, "--user-dir", user_dir, "--task", "longmem_lm", "--arch", arch,
+        "--criterion", criterion, "--backbone-path", backbone,
         "--tokens-per-sample", TOKENS_PER_SAMPLE, "--batch-size", batch_size, *memory,
         "--optimizer", "adam", "--lr", "1e-3", "--cpu", "--seed", "1", "--num-workers", "0",
         "--save-dir", save_dir, *extra,

@@ -18,7 +18,7 @@ import re
 import pytest
 import torch
 
-from conftest import TOKENS_PER_SAMPLE, USER_DIR, run_cli
+from conftest import TOKENS_PER_SAMPLE, USER_DIR, longmem_train_argv, run_cli
 from fairseq_longmem.checkpoint import guard as checkpoint_guard
 from fairseq_longmem.checkpoint.guard import UnsafeCheckpointError, vet
 
@@ -98,9 +98,8 @@ def cli_argv(cli, path, corpus, backbone, save_dir):
         "validate": data + lm + ["--path", path],
         "generate": data + lm + ["--path", path],
         "train": data + lm + ["--arch", "gpt2_lm_tiny", "--restore-file", path] + train,
-        "backbone": data + ["--task", "longmem_lm", "--tokens-per-sample", TOKENS_PER_SAMPLE,
-                            "--arch", "longmem_gpt2_tiny", "--criterion", "longmem_cross_entropy",
-                            "--backbone-path", path] + train,
+        "backbone": longmem_train_argv(corpus.data_dir, path, save_dir, "--max-update", "1",
+                                       "--no-save", batch_size=2)[1:],
     }[cli]
     return [str(a) for a in argv]
 
