@@ -4,9 +4,9 @@ Each document states four key-value facts in its first segment and asks for them
 later (``d`` = 1, 2, 4, 8, 16 or 32; the local window is one segment, so only the memory can
 answer). A fact is one token ``c_{i,j}`` (key i, value j); an ask is the key token ``k_i``
 followed by the value token ``v_j``, and recall is the share of asked values predicted exactly.
-The task (examples/recall_task.py, shared with tests/test_memory_recall.py): the backbone's token embeddings are compositional
-(``c_{i,j} = (k_i + v_j) / sqrt 2``), standing in for what pretraining gives a real LM, and its
-layers first learn the same lookup *within* a segment; LongMem (memory layer 0, r = 1, csz = 2,
+The task (examples/recall_task.py, shared with tests/test_memory_recall.py): the backbone's token
+embeddings are compositional (``c_{i,j} = (k_i + v_j) / sqrt 2``), standing in for what
+pretraining gives a real LM, and its layers first learn the same lookup *within* a segment; LongMem (memory layer 0, r = 1, csz = 2,
 K = 16) is then trained once on documents of every distance, with memory and (same steps, same
 data) with memory off, and scored per distance. A memory smaller than the distance has evicted
 the facts (FIFO), so the run also scores the trained model with a smaller memory
@@ -29,7 +29,9 @@ import time
 
 import torch
 
-from recall_task import FACTS, NV, T, Vocab, longmem, score, train_backbone, train_longmem
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also when loaded by its path
+from recall_task import (  # noqa: E402
+    FACTS, NV, T, Vocab, longmem, score, train_backbone, train_longmem)
 
 logger = logging.getLogger("recall_distance")
 
