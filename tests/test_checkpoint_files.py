@@ -26,7 +26,9 @@ import torch
 from conftest import BIN_DIR, longmem_train_argv, run_cli
 from distributed_launch import PROBE_DIR, STREAMS_PER_RANK, WORLD, expected_streams, launch
 
-pytestmark = pytest.mark.slow  # a kill loop, a resumed run and a two-process run
+# a kill loop, a resumed run and a two-process run; the checkpoint writer and reader run in the
+# quick loop in every training of conftest.session_models and test_bad_input
+pytestmark = pytest.mark.slow
 
 MAX_UPDATE = 8
 KILL_SEED = 20240611

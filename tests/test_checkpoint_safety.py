@@ -159,6 +159,8 @@ def test_crafted_backbone_is_refused(refused, crafted):
     assert f"UnsafeCheckpointError: checkpoint {files['model'][0]} {files['model'][1]}" in log
 
 
+# the positive control, in a second interpreter; the guard itself is checked in the quick loop by
+# test_crafted_checkpoint_is_refused_in_one_line
 @pytest.mark.slow
 def test_payloads_run_with_the_opt_in(crafted, corpus, backbone):
     """The positive control: trusted, the same files do run their code (so the tests above

@@ -80,6 +80,8 @@ def test_train_logs_finite_losses_and_memory_stats(trained):
         assert {"valid_mem_gate", "valid_mem_share"} <= v.keys()
 
 
+# a whole epoch of training; the criterion's statistics are checked in the quick loop by
+# test_train_logs_finite_losses_and_memory_stats
 @pytest.mark.slow
 def test_sentence_avg_divides_by_the_segments_of_the_batch(corpus, backbone, tmp_path):
     # a sentence is a segment: a batch row whose stream has not run out yet
@@ -147,6 +149,8 @@ def test_eval_lm_with_and_without_memory_matches_validate(trained, corpus):
 # resume
 
 
+# a second training run; resuming mid-epoch runs in the quick loop in test_bad_input
+# (resume_other_data_reset)
 @pytest.mark.slow
 def test_resume_continues_at_the_saved_iterator_position(trained, corpus, backbone, tmp_path):
     """Checkpoints hold no memory. On resume fairseq restores the epoch iterator's position; rows
@@ -182,6 +186,8 @@ def test_resume_continues_at_the_saved_iterator_position(trained, corpus, backbo
     assert finite(records(log, "train")[-1]["train_loss"])
 
 
+# a training run of its own; the task's resume checks run in the quick loop in test_bad_input
+# (resume_other_data)
 @pytest.mark.slow
 def test_resume_with_another_stream_layout_is_refused(trained, corpus, backbone, tmp_path):
     """A different batch size regroups documents into other streams, so the saved iterator
@@ -272,6 +278,8 @@ def test_task_iterator_streams_every_document_in_order(corpus):
 # fairseq-hydra-train configs
 
 
+# fairseq-hydra-train in a process of its own; the YAMLs compose in the quick loop
+# (test_yaml_composes_into_the_arch_and_paper_settings)
 @pytest.mark.slow
 def test_tiny_yaml_trains_with_fairseq_hydra_train(corpus, backbone, tmp_path):
     log = run_cli([

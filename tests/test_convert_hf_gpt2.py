@@ -222,6 +222,8 @@ def test_converted_checkpoint_records_its_dictionary_fingerprint(converted):
     assert cfg["dictionary_fingerprint"] == fingerprint_of(out_dir / "dict.txt")
 
 
+# two fairseq-preprocess processes more; the dictionary check is in the quick loop in
+# test_bad_input (reordered_dict_eval_gpt2_lm)
 @pytest.mark.slow
 def test_eval_refuses_data_binarized_with_a_reordered_converted_dict(converted, tmp_path):
     """The same GPT-2 symbols in another order would silently score other tokens: fairseq-eval-lm
@@ -385,6 +387,8 @@ def test_dict_ids_skip_eos():
     assert gpt2_dict_ids(6, eos_id=2) == [0, 1, 3, 4, 5]
 
 
+# the converter's output in the quick loop: test_logit_parity and
+# test_eval_lm_cli_scores_converted_checkpoint
 @pytest.mark.slow
 def test_converted_checkpoint_is_a_longmem_backbone(converted):
     """--backbone-path takes the converter's output: the frozen backbone holds exactly the

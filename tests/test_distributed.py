@@ -29,6 +29,8 @@ def test_shards_are_disjoint_and_equally_long(corpus):
     assert docs[0] | docs[1] == set(range(len(corpus.docs["train"])))
 
 
+# two processes; the task's sharding is checked in the quick loop by
+# test_shards_are_disjoint_and_equally_long
 @pytest.mark.slow
 def test_two_process_data_parallel_training(corpus, backbone, tmp_path):
     save_dir, probe_dir = tmp_path / "ck", tmp_path / "probe"
