@@ -368,11 +368,6 @@ def runs(icl_setup, tmp_path_factory):
         "memory_other_layer": generate_argv(s, "--memory-file", folders.memory,
                                             "--model-overrides", "{'memory_layer': 2}"),
         "batch1": generate_argv(s, "--batch-size", "1"),
-        "memory_off": generate_argv(s, "--model-overrides", "{'disable_memory': True}"),
-        "backbone": generate_argv(s, "--demos-in-memory", "0", path=s.backbone),
-        "zero": generate_argv(s, "--demos-in-context", "0", "--demos-in-memory", "0"),
-        "csz2": generate_argv(s, "--model-overrides", "{'chunk_size': 2}"),
-        "vocab": generate_argv(s, "--icl-decision", "vocab", "--nbest", "3"),
         **{f"bad{i}": generate_argv(s, "--memory-file", str(tmp / f"bad{i}.safetensors"), *args)
            for i, (args, _) in enumerate(BAD_INPUT)},
     }
@@ -492,7 +487,21 @@ def test_batch_size_does_not_change_predictions(runs):
             assert a == pytest.approx(b, abs=1e-4)
 
 
-def test_memory_off_backbone_zero_shot_chunk_size_and_vocab_rule(runs):
+# five more fairseq-generate runs (each pays fairseq's config composition, seconds); the quick
+# loop runs longmem_icl end to end in test_generate_prints_every_candidate_and_the_accuracy, and
+# the label and vocab decisions in-process in
+# test_scoring_picks_the_model_s_label_and_fails_when_labels_swap
+@pytest.mark.slow
+def test_memory_off_backbone_zero_shot_chunk_size_and_vocab_rule(runs, icl_setup):
+    s = icl_setup
+    more = run_cli_cases({
+        "memory_off": generate_argv(s, "--model-overrides", "{'disable_memory': True}"),
+        "backbone": generate_argv(s, "--demos-in-memory", "0", path=s.backbone),
+        "zero": generate_argv(s, "--demos-in-context", "0", "--demos-in-memory", "0"),
+        "csz2": generate_argv(s, "--model-overrides", "{'chunk_size': 2}"),
+        "vocab": generate_argv(s, "--icl-decision", "vocab", "--nbest", "3"),
+    }, timeout=600)
+    runs = ({**runs[0], **more}, runs[1])
     on, _ = parse(log_of(runs, "default"))
     off_log = log_of(runs, "memory_off")
     assert "reads no memory" in off_log
