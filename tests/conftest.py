@@ -1,6 +1,8 @@
 """Session fixtures shared by the tests: a synthetic document corpus binarized with the real
-``fairseq-preprocess``, a tiny ``gpt2_lm`` backbone trained with the real ``fairseq-train``, and
-``run_cli``, which runs a fairseq console script as a subprocess and returns its log."""
+``fairseq-preprocess``, a tiny ``gpt2_lm`` backbone and a tiny LongMem trained on it with the real
+``fairseq-train``; ``run_cli``, which runs a fairseq console script as a subprocess and returns
+its log; ``run_cli_cases``, which runs many console-script calls in one interpreter; and
+``longmem_train_argv``, the one tiny ``fairseq-train --arch longmem_gpt2_tiny`` command line."""
 
 import json
 import os
@@ -71,10 +73,15 @@ def run_cli(args: List[str], *, timeout: float = 300, check: bool = True,
 
 # A fairseq console script is ``sys.exit(<module>.cli_main())``; this runs such entry points one
 # case after another in one interpreter, so that many cases pay fairseq's import time once, and
-# prints each case's traceback as the CLI would
+# prints each case's traceback as the CLI would, then the sha256 of each watched file after it.
+# Logging is set up first as fairseq's CLIs set it up (their own basicConfig would come after
+# fairseq's import has already configured it on the first case)
 CASES_DRIVER = r"""
-import importlib, json, sys, traceback
-for name, script, entry, argv in json.loads(sys.argv[1]):
+import hashlib, importlib, json, logging, os, sys, traceback
+logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
+                    datefmt="%Y-%m-%d %H:%M:%S", level=logging.INFO, stream=sys.stdout)
+cases, watch = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+for name, script, entry, argv in cases:
     print(f"=== case {name} ===", flush=True)
     module, _, func = entry.partition(":")
     sys.argv = [script] + argv
@@ -85,6 +92,9 @@ for name, script, entry, argv in json.loads(sys.argv[1]):
         print(f"=== failed {name} ===", flush=True)
     else:
         print(f"=== finished {name} ===", flush=True)
+    digests = {p: hashlib.sha256(open(p, "rb").read()).hexdigest() if os.path.isfile(p) else None
+               for p in watch}
+    print(f"=== watched {json.dumps(digests)} ===", flush=True)
 """
 
 
@@ -100,6 +110,7 @@ def console_entry(script: str) -> str:
 class CaseLog:
     log: str  # what the CLI printed for this case
     failed: bool  # it raised, i.e. the console script would have exited non-zero
+    watched: Dict[str, str]  # watched path -> sha256 after this case (None: no such file)
 
     def last_line(self) -> str:
         """The last line of the traceback: the error the user reads."""
@@ -107,17 +118,28 @@ class CaseLog:
         return lines[-1] if lines else ""
 
 
-def run_cli_cases(cases: Dict[str, Tuple[str, List[str]]],
-                  timeout: float = 300) -> Dict[str, CaseLog]:
+def run_cli_cases(cases: Dict[str, Tuple[str, List[str]]], timeout: float = 300,
+                  watch: List[str] = (), env: Dict[str, str] = None) -> Dict[str, CaseLog]:
     """Run ``{name: (console script, argv)}`` through the scripts' own entry points, one after
-    another in one interpreter; returns each case's log and whether it failed."""
+    another in one interpreter (in the dict's order: a later case may use what an earlier one
+    wrote); returns each case's log, whether it failed and the digests of ``watch`` after it."""
     argvs = [(name, script, console_entry(script), [str(a) for a in argv])
              for name, (script, argv) in cases.items()]
-    log = run_cli(["python", "-c", CASES_DRIVER, json.dumps(argvs)], timeout=timeout)
+    log = run_cli(["python", "-c", CASES_DRIVER, json.dumps(argvs),
+                   json.dumps([str(p) for p in watch])], timeout=timeout, env=env)
     sections = re.split(r"^=== case (\S+) ===$", log, flags=re.M)
     logs = dict(zip(sections[1::2], sections[2::2]))
     assert sorted(logs) == sorted(cases), log[-3000:]
-    return {name: CaseLog(text, f"=== failed {name} ===" in text) for name, text in logs.items()}
+    out = {}
+    for name, text in logs.items():
+        watched = re.search(r"^=== watched (.*) ===$", text, flags=re.M)
+        out[name] = CaseLog(text, f"=== failed {name} ===" in text, json.loads(watched.group(1)))
+    return out
+
+
+def as_case(argv: List) -> Tuple[str, List]:
+    """``["fairseq-train", *args]`` -> ``("fairseq-train", args)``, a case of run_cli_cases."""
+    return argv[0], list(argv[1:])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,37 +223,63 @@ def gpt2_files():
 
 
 @pytest.fixture(scope="session")
-def corpus(tmp_path_factory) -> Corpus:
-    root = tmp_path_factory.mktemp("corpus")
+def session_models(tmp_path_factory) -> SimpleNamespace:
+    """The session's corpus binarized by ``fairseq-preprocess``, a ``gpt2_lm_tiny`` backbone
+    trained on it for 10 updates and a ``longmem_gpt2_tiny`` over that backbone trained for
+    LONGMEM_UPDATES updates, validated and saved every 10 (mid-epoch: the train split makes 30
+    batches of 4 streams), logged as JSON every update: the real CLIs, run in one interpreter
+    (one import of fairseq). Tests take them through the fixtures below."""
+    root = tmp_path_factory.mktemp("session")
     text_dir, data_dir = root / "text", root / "bin"
     text_dir.mkdir()
     docs = {}
     for split, (n, seed) in SPLITS.items():
         docs[split] = make_documents(n, seed)
         (text_dir / f"{split}.txt").write_text(corpus_text(docs[split]))
-    run_cli([
-        "fairseq-preprocess", "--only-source",
-        "--trainpref", text_dir / "train.txt", "--validpref", text_dir / "valid.txt",
-        "--testpref", text_dir / "test.txt", "--destdir", data_dir, "--workers", "1",
-    ], timeout=120)
-    return Corpus(str(text_dir), str(data_dir), docs)
+    backbone = os.path.join(root, "backbone", "checkpoint_last.pt")
+    longmem_dir = str(root / "longmem_run")
+    logs = run_cli_cases({
+        "preprocess": ("fairseq-preprocess", [
+            "--only-source", "--trainpref", text_dir / "train.txt",
+            "--validpref", text_dir / "valid.txt", "--testpref", text_dir / "test.txt",
+            "--destdir", data_dir, "--workers", "1"]),
+        "backbone": ("fairseq-train", [
+            data_dir, "--user-dir", USER_DIR, "--task", "language_modeling",
+            "--arch", "gpt2_lm_tiny", "--tokens-per-sample", TOKENS_PER_SAMPLE,
+            "--batch-size", "8", "--max-update", "10", "--optimizer", "adam", "--lr", "1e-3",
+            "--cpu", "--seed", "1", "--num-workers", "0", "--disable-validation",
+            "--no-epoch-checkpoints", "--save-dir", root / "backbone"]),
+        "longmem": as_case(longmem_train_argv(
+            data_dir, backbone, longmem_dir, "--log-format", "json", "--log-interval", "1",
+            "--max-update", LONGMEM_UPDATES, "--save-interval-updates", "10",
+            "--no-epoch-checkpoints")),
+    }, timeout=600)
+    for name, case in logs.items():
+        assert not case.failed, f"{name}:\n{case.log[-3000:]}"
+    assert os.path.isfile(backbone), backbone
+    return SimpleNamespace(
+        corpus=Corpus(str(text_dir), str(data_dir), docs), backbone=backbone,
+        longmem=SimpleNamespace(save_dir=longmem_dir, log=logs["longmem"].log,
+                                checkpoint=os.path.join(longmem_dir, "checkpoint_last.pt")))
 
 
 @pytest.fixture(scope="session")
-def backbone(corpus, tmp_path_factory) -> str:
-    """Path of a ``gpt2_lm_tiny`` checkpoint trained for a few updates by ``fairseq-train``."""
-    save_dir = tmp_path_factory.mktemp("backbone")
-    run_cli([
-        "fairseq-train", corpus.data_dir, "--user-dir", USER_DIR,
-        "--task", "language_modeling", "--arch", "gpt2_lm_tiny",
-        "--tokens-per-sample", TOKENS_PER_SAMPLE, "--batch-size", "8", "--max-update", "10",
-        "--optimizer", "adam", "--lr", "1e-3", "--cpu", "--seed", "1",
-        "--num-workers", "0", "--disable-validation", "--no-epoch-checkpoints",
-        "--save-dir", save_dir,
-    ], timeout=180)
-    path = os.path.join(save_dir, "checkpoint_last.pt")
-    assert os.path.isfile(path), path
-    return path
+def corpus(session_models) -> Corpus:
+    return session_models.corpus
+
+
+@pytest.fixture(scope="session")
+def backbone(session_models) -> str:
+    """Path of a ``gpt2_lm_tiny`` checkpoint trained for 10 updates by ``fairseq-train``."""
+    return session_models.backbone
+
+
+@pytest.fixture(scope="session")
+def longmem_run(session_models) -> SimpleNamespace:
+    """The session's LongMem run (``save_dir``, ``log``, ``checkpoint``): the CLI tests of
+    training, evaluation, generation and bad input share it read-only (a test that resumes it
+    copies the checkpoint first)."""
+    return session_models.longmem
 
 
 @pytest.fixture(scope="session")
@@ -256,19 +304,23 @@ def gpt2_vocab_models(gpt2_files, tmp_path_factory):
                 line = f"Review: the film was {adjective} . Sentiment: {label}. "
                 f.write(bpe.encode(line) + "\n")
             f.write("\n")
-    run_cli(["fairseq-preprocess", "--only-source", "--srcdict", dict_txt, "--trainpref",
-             root / "lm.txt", "--destdir", root / "bin", "--workers", "1"], timeout=120)
     common = ["--tokens-per-sample", "32", "--optimizer", "adam", "--lr", "1e-3", "--cpu",
               "--num-workers", "0", "--disable-validation", "--no-epoch-checkpoints", "--seed", "1"]
-    run_cli(["fairseq-train", root / "bin", "--user-dir", USER_DIR, "--task", "language_modeling",
-             "--arch", "gpt2_lm_tiny", "--batch-size", "4", "--max-update", "3",
-             "--save-dir", root / "backbone", *common], timeout=300)
     backbone = str(root / "backbone" / "checkpoint_last.pt")
-    run_cli(["fairseq-train", root / "bin", "--user-dir", USER_DIR, "--task", "longmem_lm",
-             "--arch", "longmem_gpt2_tiny", "--criterion", "longmem_cross_entropy",
-             "--backbone-path", backbone, "--batch-size", "2", "--memory-size", "256",
-             "--chunk-size", "4", "--retrieved-tokens", "16", "--max-update", "2",
-             "--save-dir", root / "longmem", *common], timeout=300)
+    logs = run_cli_cases({
+        "preprocess": ("fairseq-preprocess", [
+            "--only-source", "--srcdict", dict_txt, "--trainpref", root / "lm.txt",
+            "--destdir", root / "bin", "--workers", "1"]),
+        "backbone": ("fairseq-train", [
+            root / "bin", "--user-dir", USER_DIR, "--task", "language_modeling",
+            "--arch", "gpt2_lm_tiny", "--batch-size", "4", "--max-update", "3",
+            "--save-dir", root / "backbone", *common]),
+        "longmem": as_case(longmem_train_argv(
+            root / "bin", backbone, root / "longmem", "--max-update", "2",
+            "--disable-validation", "--no-epoch-checkpoints", batch_size=2)),
+    }, timeout=600)
+    for name, case in logs.items():
+        assert not case.failed, f"{name}:\n{case.log[-3000:]}"
     return SimpleNamespace(backbone=backbone, longmem=str(root / "longmem" / "checkpoint_last.pt"),
                            files=gpt2_files)
 
@@ -295,16 +347,32 @@ class FavoursOneToken(torch.nn.Module):
         return 1024
 
 
+MEMORY = ["--memory-size", "256", "--chunk-size", "4", "--retrieved-tokens", "16"]
+
+
+def longmem_train_argv(data, backbone, save_dir, *extra, batch_size=4, memory=MEMORY,
+                       arch="longmem_gpt2_tiny", criterion="longmem_cross_entropy",
+                       user_dir=USER_DIR) -> List:
+    """The ``fairseq-train`` command line (script name first) of the tiny LongMem the CLI tests
+    train over ``backbone``: ``longmem_lm`` with ``criterion``, TOKENS_PER_SAMPLE-token segments,
+    ``batch_size`` streams, memory 256 tokens, csz 4, K 16 (``memory``), Adam at 1e-3, seed 1, on
+    the CPU; ``extra`` options come last (and override earlier ones)."""
+    return [
+        "fairseq-train", data, "--user-dir", user_dir, "--task", "longmem_lm", "--arch", arch,
+        "--criterion", criterion, "--backbone-path", backbone,
+        "--tokens-per-sample", TOKENS_PER_SAMPLE, "--batch-size", batch_size, *memory,
+        "--optimizer", "adam", "--lr", "1e-3", "--cpu", "--seed", "1", "--num-workers", "0",
+        "--save-dir", save_dir, *extra,
+    ]
+
+
 def train_longmem(corpus: "Corpus", backbone: str, save_dir, *extra, batch_size: int = 4) -> str:
     """A ``longmem_gpt2_tiny`` trained for 8 updates over ``backbone`` by the real fairseq-train
     (memory 256 tokens, csz 4, K 16); ``extra`` options are appended. Returns its checkpoint."""
-    run_cli([
-        "fairseq-train", corpus.data_dir, "--user-dir", USER_DIR, "--task", "longmem_lm",
-        "--arch", "longmem_gpt2_tiny", "--criterion", "longmem_cross_entropy",
-        "--backbone-path", backbone, "--tokens-per-sample", TOKENS_PER_SAMPLE,
-        "--batch-size", batch_size, "--memory-size", "256", "--chunk-size", "4",
-        "--retrieved-tokens", "16", "--optimizer", "adam", "--lr", "1e-3", "--max-update", "8",
-        "--cpu", "--seed", "1", "--num-workers", "0", "--disable-validation",
-        "--no-epoch-checkpoints", "--save-dir", save_dir, *extra,
-    ])
+    run_cli(longmem_train_argv(corpus.data_dir, backbone, save_dir, "--max-update", "8",
+                               "--disable-validation", "--no-epoch-checkpoints", *extra,
+                               batch_size=batch_size))
     return os.path.join(str(save_dir), "checkpoint_last.pt")
+
+
+LONGMEM_UPDATES = 20  # the session's LongMem run (session_models)

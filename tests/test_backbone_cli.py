@@ -29,6 +29,8 @@ def bigram_text(n_lines, seed):
     return "\n".join(lines) + "\n"
 
 
+# quick loop: the backbone's fairseq-train in conftest.session_models, its eval-lm in
+# test_bad_input (old_gpt2_lm_eval)
 @pytest.mark.slow
 def test_backbone_trains_from_scratch_and_eval_lm_agrees(tmp_path):
     (tmp_path / "train.txt").write_text(bigram_text(400, 0))

@@ -23,10 +23,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from conftest import BIN_DIR, TOKENS_PER_SAMPLE, USER_DIR, run_cli
+from conftest import BIN_DIR, longmem_train_argv, run_cli
 from distributed_launch import PROBE_DIR, STREAMS_PER_RANK, WORLD, expected_streams, launch
 
-pytestmark = pytest.mark.slow  # a kill loop, a resumed run and a two-process run
+# a kill loop, a resumed run and a two-process run; the checkpoint writer and reader run in the
+# quick loop in every training of conftest.session_models and test_bad_input
+pytestmark = pytest.mark.slow
 
 MAX_UPDATE = 8
 KILL_SEED = 20240611
@@ -37,16 +39,10 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def train_args(corpus, backbone, save_dir, max_update=MAX_UPDATE):
-    return [
-        "fairseq-train", corpus.data_dir, "--user-dir", USER_DIR, "--task", "longmem_lm",
-        "--arch", "longmem_gpt2_tiny", "--criterion", "longmem_cross_entropy",
-        "--backbone-path", backbone, "--tokens-per-sample", TOKENS_PER_SAMPLE, "--batch-size", "4",
-        "--memory-size", "256", "--chunk-size", "4", "--retrieved-tokens", "16",
-        "--disable-memory", "--optimizer", "adam", "--lr", "1e-3", "--cpu", "--seed", "1",
-        "--num-workers", "0", "--max-update", max_update, "--save-interval-updates", "1",
-        "--keep-interval-updates", "3", "--no-epoch-checkpoints", "--disable-validation",
-        "--log-format", "json", "--log-interval", "1", "--save-dir", save_dir,
-    ]
+    return longmem_train_argv(
+        corpus.data_dir, backbone, save_dir, "--disable-memory", "--max-update", max_update,
+        "--save-interval-updates", "1", "--keep-interval-updates", "3", "--no-epoch-checkpoints",
+        "--disable-validation", "--log-format", "json", "--log-interval", "1")
 
 
 def trained_updates(log):
@@ -261,15 +257,10 @@ def test_ranks_resume_together_from_the_intact_checkpoint(corpus, backbone, tmp_
     save_dir, probe_dir = tmp_path / "ck", tmp_path / "probe"
     save_dir.mkdir()
     probe_dir.mkdir()
-    args = [
-        corpus.data_dir, "--user-dir", PROBE_DIR, "--task", "longmem_lm",
-        "--arch", "longmem_gpt2_tiny", "--criterion", "longmem_rank_probe",
-        "--backbone-path", backbone, "--tokens-per-sample", TOKENS_PER_SAMPLE,
-        "--batch-size", STREAMS_PER_RANK, "--memory-size", "256", "--chunk-size", "4",
-        "--retrieved-tokens", "16", "--optimizer", "adam", "--lr", "1e-3", "--cpu", "--seed", "1",
-        "--num-workers", "0", "--save-interval-updates", "1", "--no-epoch-checkpoints",
-        "--log-format", "json", "--log-interval", "1", "--save-dir", save_dir,
-    ]
+    args = longmem_train_argv(
+        corpus.data_dir, backbone, save_dir, "--save-interval-updates", "1",
+        "--no-epoch-checkpoints", "--log-format", "json", "--log-interval", "1",
+        batch_size=STREAMS_PER_RANK, criterion="longmem_rank_probe", user_dir=PROBE_DIR)[1:]
     launch(args + ["--max-update", "3", "--disable-validation"], str(save_dir), str(probe_dir))
     last = save_dir / "checkpoint_last.pt"
     truncate(last)

@@ -18,7 +18,7 @@ import re
 import pytest
 import torch
 
-from conftest import TOKENS_PER_SAMPLE, USER_DIR, run_cli
+from conftest import TOKENS_PER_SAMPLE, USER_DIR, longmem_train_argv, run_cli
 from fairseq_longmem.checkpoint import guard as checkpoint_guard
 from fairseq_longmem.checkpoint.guard import UnsafeCheckpointError, vet
 
@@ -98,9 +98,8 @@ def cli_argv(cli, path, corpus, backbone, save_dir):
         "validate": data + lm + ["--path", path],
         "generate": data + lm + ["--path", path],
         "train": data + lm + ["--arch", "gpt2_lm_tiny", "--restore-file", path] + train,
-        "backbone": data + ["--task", "longmem_lm", "--tokens-per-sample", TOKENS_PER_SAMPLE,
-                            "--arch", "longmem_gpt2_tiny", "--criterion", "longmem_cross_entropy",
-                            "--backbone-path", path] + train,
+        "backbone": longmem_train_argv(corpus.data_dir, path, save_dir, "--max-update", "1",
+                                       "--no-save", batch_size=2)[1:],
     }[cli]
     return [str(a) for a in argv]
 
@@ -160,6 +159,8 @@ def test_crafted_backbone_is_refused(refused, crafted):
     assert f"UnsafeCheckpointError: checkpoint {files['model'][0]} {files['model'][1]}" in log
 
 
+# the positive control, in a second interpreter; the guard itself is checked in the quick loop by
+# test_crafted_checkpoint_is_refused_in_one_line
 @pytest.mark.slow
 def test_payloads_run_with_the_opt_in(crafted, corpus, backbone):
     """The positive control: trusted, the same files do run their code (so the tests above

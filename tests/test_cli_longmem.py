@@ -1,35 +1,38 @@
 """LongMem end to end through fairseq's CLIs on tiny synthetic data: fairseq-train (with a
 mid-epoch checkpoint and a resume), fairseq-eval-lm with memory on and off, fairseq-validate,
-fairseq-hydra-train with the tiny YAML, the paper YAMLs, in-order streaming, and error messages."""
+fairseq-hydra-train with the tiny YAML, the paper YAMLs and in-order streaming (bad input:
+tests/test_bad_input.py)."""
 
 import json
 import math
 import os
 import re
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
-from conftest import REPO, TOKENS_PER_SAMPLE, USER_DIR, run_cli, run_cli_cases, stream_dataset
+from conftest import (
+    LONGMEM_UPDATES,
+    REPO,
+    TOKENS_PER_SAMPLE,
+    USER_DIR,
+    as_case,
+    longmem_train_argv,
+    run_cli,
+    run_cli_cases,
+    stream_dataset,
+)
 
 CONFIG_DIR = os.path.join(REPO, "user_dir_configs")
 BATCH_SIZE = 4
-MEMORY = ["--memory-size", "256", "--chunk-size", "4", "--retrieved-tokens", "16"]
-FIRST_LEG_UPDATES = 20  # mid-epoch: the train split makes 30 batches of 4 streams
+FIRST_LEG_UPDATES = LONGMEM_UPDATES  # the session's LongMem run: 20 updates, mid-epoch
 RESUMED_UPDATES = 36  # crosses into epoch 2
 
 
-def longmem_args(corpus, backbone, save_dir, *extra):
-    return [
-        "fairseq-train", corpus.data_dir, "--user-dir", USER_DIR, "--task", "longmem_lm",
-        "--arch", "longmem_gpt2_tiny", "--criterion", "longmem_cross_entropy",
-        "--backbone-path", backbone, "--tokens-per-sample", TOKENS_PER_SAMPLE,
-        "--batch-size", BATCH_SIZE, *MEMORY, "--optimizer", "adam", "--lr", "1e-3", "--cpu",
-        "--seed", "1", "--num-workers", "0", "--log-format", "json", "--log-interval", "1",
-        "--save-dir", save_dir, *extra,
-    ]
+def longmem_args(corpus, backbone, save_dir, *extra, batch_size=BATCH_SIZE):
+    return longmem_train_argv(corpus.data_dir, backbone, save_dir, "--log-format", "json",
+                              "--log-interval", "1", *extra, batch_size=batch_size)
 
 
 def records(log, tag):
@@ -47,14 +50,10 @@ def finite(x):
 
 
 @pytest.fixture(scope="module")
-def trained(corpus, backbone, tmp_path_factory):
-    """First leg: 20 updates with validation, checkpoints every 10 updates (mid-epoch)."""
-    save_dir = str(tmp_path_factory.mktemp("longmem"))
-    log = run_cli(longmem_args(
-        corpus, backbone, save_dir, "--max-update", FIRST_LEG_UPDATES,
-        "--save-interval-updates", "10", "--no-epoch-checkpoints",
-    ))
-    return save_dir, log
+def trained(longmem_run):
+    """First leg (the session's run): 20 updates with validation, checkpoints every 10 updates
+    (mid-epoch)."""
+    return longmem_run.save_dir, longmem_run.log
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,6 +80,8 @@ def test_train_logs_finite_losses_and_memory_stats(trained):
         assert {"valid_mem_gate", "valid_mem_share"} <= v.keys()
 
 
+# a whole epoch of training; the criterion's statistics are checked in the quick loop by
+# test_train_logs_finite_losses_and_memory_stats
 @pytest.mark.slow
 def test_sentence_avg_divides_by_the_segments_of_the_batch(corpus, backbone, tmp_path):
     # a sentence is a segment: a batch row whose stream has not run out yet
@@ -96,12 +97,16 @@ def test_sentence_avg_divides_by_the_segments_of_the_batch(corpus, backbone, tmp
         assert r["ppl"] == pytest.approx(2 ** r["nll_loss"], rel=1e-3)
 
 
-def eval_lm(corpus, checkpoint, *extra):
-    log = run_cli([
-        "fairseq-eval-lm", corpus.data_dir, "--task", "longmem_lm", "--user-dir", USER_DIR,
-        "--path", checkpoint, "--batch-size", BATCH_SIZE, "--tokens-per-sample", TOKENS_PER_SAMPLE,
-        "--cpu", "--num-workers", "0", "--gen-subset", "valid", *extra,
-    ])
+def eval_lm_argv(corpus, checkpoint, *extra):
+    return [
+        corpus.data_dir, "--task", "longmem_lm", "--user-dir", USER_DIR, "--path", checkpoint,
+        "--batch-size", BATCH_SIZE, "--tokens-per-sample", TOKENS_PER_SAMPLE, "--cpu",
+        "--num-workers", "0", "--gen-subset", "valid", *extra,
+    ]
+
+
+def eval_lm_result(log):
+    """(tokens evaluated, loss in base 2) that fairseq-eval-lm printed."""
     tokens = int(re.search(r"Evaluated (\d+) tokens", log).group(1))
     loss = float(re.search(r"Loss \(base 2\): ([-\d.infa]+)", log).group(1))
     return tokens, loss
@@ -115,14 +120,16 @@ def test_eval_lm_with_and_without_memory_matches_validate(trained, corpus):
         "--path", checkpoint, "--batch-size", BATCH_SIZE, "--cpu", "--num-workers", "0",
         "--valid-subset", "valid",
     ]
-    with ThreadPoolExecutor(2) as pool:  # three CLIs, mostly import time: two at a time
-        with_memory = pool.submit(eval_lm, corpus, checkpoint)
-        without = pool.submit(
-            eval_lm, corpus, checkpoint, "--model-overrides", "{'disable_memory': True}"
-        )
-        validated = pool.submit(run_cli, validate)
-    (tokens_mem, loss_mem), (tokens_off, loss_off) = with_memory.result(), without.result()
-    log = validated.result()
+    logs = run_cli_cases({
+        "with_memory": ("fairseq-eval-lm", eval_lm_argv(corpus, checkpoint)),
+        "without": ("fairseq-eval-lm", eval_lm_argv(
+            corpus, checkpoint, "--model-overrides", "{'disable_memory': True}")),
+        "validate": as_case(validate),
+    })
+    assert not any(case.failed for case in logs.values()), {n: c.log[-2000:] for n, c in logs.items()}
+    (tokens_mem, loss_mem), (tokens_off, loss_off) = (
+        eval_lm_result(logs["with_memory"].log), eval_lm_result(logs["without"].log))
+    log = logs["validate"].log
 
     valid_tokens = corpus.num_tokens("valid")
     # every token of every validation document is scored exactly once, with memory or without
@@ -142,6 +149,8 @@ def test_eval_lm_with_and_without_memory_matches_validate(trained, corpus):
 # resume
 
 
+# a second training run; resuming mid-epoch runs in the quick loop in test_bad_input
+# (resume_other_data_reset)
 @pytest.mark.slow
 def test_resume_continues_at_the_saved_iterator_position(trained, corpus, backbone, tmp_path):
     """Checkpoints hold no memory. On resume fairseq restores the epoch iterator's position; rows
@@ -177,6 +186,8 @@ def test_resume_continues_at_the_saved_iterator_position(trained, corpus, backbo
     assert finite(records(log, "train")[-1]["train_loss"])
 
 
+# a training run of its own; the task's resume checks run in the quick loop in test_bad_input
+# (resume_other_data)
 @pytest.mark.slow
 def test_resume_with_another_stream_layout_is_refused(trained, corpus, backbone, tmp_path):
     """A different batch size regroups documents into other streams, so the saved iterator
@@ -185,8 +196,8 @@ def test_resume_with_another_stream_layout_is_refused(trained, corpus, backbone,
     resume_dir = str(tmp_path / "relayout")
     os.makedirs(resume_dir)
     shutil.copy(os.path.join(first_dir, "checkpoint_last.pt"), resume_dir)
-    args = longmem_args(corpus, backbone, resume_dir, "--max-update", RESUMED_UPDATES)
-    args[args.index("--batch-size") + 1] = str(int(BATCH_SIZE) + 1)
+    args = longmem_args(corpus, backbone, resume_dir, "--max-update", RESUMED_UPDATES,
+                        batch_size=BATCH_SIZE + 1)
     log = run_cli(args, check=False)
     assert f"trained with {BATCH_SIZE} streams" in log and "--reset-dataloader" in log
     assert "done training" not in log
@@ -264,78 +275,11 @@ def test_task_iterator_streams_every_document_in_order(corpus):
 
 
 # ---------------------------------------------------------------------------------------------
-# errors: each fails with a message that says what is wrong
-
-
-def error_cases(corpus, backbone, longmem_checkpoint, tmp):
-    dict_only = os.path.join(tmp, "dict_only")
-    os.makedirs(dict_only, exist_ok=True)
-    shutil.copy(os.path.join(corpus.data_dir, "dict.txt"), dict_only)
-    missing = os.path.join(tmp, "no_such_backbone.pt")
-    no_data = os.path.join(tmp, "no_such_data")
-    base = dict(data=corpus.data_dir, backbone=backbone, arch="longmem_gpt2_tiny", extra=[])
-    cases = {
-        "backbone_missing": (dict(base, backbone=missing),
-                             f"--backbone-path: no checkpoint at {missing}"),
-        "backbone_not_gpt2_lm": (dict(base, backbone=longmem_checkpoint),
-                                 "is not a gpt2_lm checkpoint (model 'longmem_gpt2_tiny')"),
-        "backbone_wrong_size": (dict(base, arch="longmem_gpt2_small"),
-                                "is a GPT-2 of width/layers/heads (128, 4, 4) but the arch "
-                                "expects (768, 12, 12)"),
-        "data_dir_missing": (dict(base, data=no_data),
-                             "Dictionary not found: " + os.path.join(no_data, "dict.txt")),
-        "split_missing": (dict(base, data=dict_only), "Dataset not found: valid"),
-        "memory_not_chunk_multiple": (
-            dict(base, extra=["--memory-size", "1022", "--chunk-size", "4"]),
-            "--memory-size (1022) must be a positive multiple of --chunk-size (4)"),
-        "retrieved_exceeds_memory": (
-            dict(base, extra=["--memory-size", "16", "--chunk-size", "4",
-                              "--retrieved-tokens", "32"]),
-            "--retrieved-tokens (32) exceeds --memory-size (16)"),
-    }
-    return cases
-
-
-def train_argv(case, save_dir):
-    return [str(a) for a in [
-        case["data"], "--user-dir", USER_DIR, "--task", "longmem_lm",
-        "--arch", case["arch"], "--criterion", "longmem_cross_entropy",
-        "--backbone-path", case["backbone"], "--tokens-per-sample", TOKENS_PER_SAMPLE,
-        "--batch-size", BATCH_SIZE, *(case["extra"] or MEMORY), "--optimizer", "adam",
-        "--lr", "1e-3", "--max-update", "1", "--cpu", "--num-workers", "0",
-        "--save-dir", save_dir,
-    ]]
-
-
-@pytest.fixture(scope="module")
-def error_logs(corpus, backbone, trained, tmp_path_factory):
-    """name -> (what fairseq-train printed for that case, the message it must contain)."""
-    tmp = str(tmp_path_factory.mktemp("errors"))
-    cases = error_cases(corpus, backbone, os.path.join(trained[0], "checkpoint_last.pt"), tmp)
-    logs = run_cli_cases({
-        name: ("fairseq-train", train_argv(case, os.path.join(tmp, name)))
-        for name, (case, _) in cases.items()
-    }, timeout=180)
-    return {name: (logs[name], message) for name, (_, message) in cases.items()}
-
-
-ERROR_CASES = [
-    "backbone_missing", "backbone_not_gpt2_lm", "backbone_wrong_size", "data_dir_missing",
-    "split_missing", "memory_not_chunk_multiple", "retrieved_exceeds_memory",
-]
-
-
-@pytest.mark.parametrize("name", ERROR_CASES)
-def test_bad_input_fails_with_a_clear_message(error_logs, name):
-    case, message = error_logs[name]
-    assert message in case.log, f"expected {message!r} in:\n" + "\n".join(case.log.splitlines()[-15:])
-    assert case.failed and "num_updates" not in case.log  # failed before training
-
-
-# ---------------------------------------------------------------------------------------------
 # fairseq-hydra-train configs
 
 
+# fairseq-hydra-train in a process of its own; the YAMLs compose in the quick loop
+# (test_yaml_composes_into_the_arch_and_paper_settings)
 @pytest.mark.slow
 def test_tiny_yaml_trains_with_fairseq_hydra_train(corpus, backbone, tmp_path):
     log = run_cli([

@@ -39,6 +39,19 @@ def run_main(capsys, *args):
     return subprocess.CompletedProcess(args, rc, out, err)
 
 
+def run_main_captured(*args):
+    """run_main for fixtures, which have no capsys."""
+    import contextlib
+    import io
+
+    from fairseq_longmem.convert_hf_gpt2 import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in args])
+    return subprocess.CompletedProcess(args, rc, out.getvalue(), err.getvalue())
+
+
 def error_lines(stderr: str):
     # fairseq.tasks.text_to_speech calls logging.basicConfig at import time and logs an INFO line
     # about tensorboardX; that is fairseq's import noise, not the converter's output.
@@ -108,14 +121,15 @@ def to_fairseq(ids, vocab):
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """name -> (HF model, converted OUT_DIR, CLI result), each config converted once by the CLI."""
+    """name -> (HF model, converted OUT_DIR, CLI result), each config converted once by the CLI's
+    main() (test_refuses_bert_config runs the CLI process itself)."""
     cache = {}
 
     def get(name):
         if name not in cache:
             tmp = tmp_path_factory.mktemp(name)
             hf_model, hf_dir = make_hf_model(tmp, name)
-            res = run_cli(hf_dir, tmp / "out")
+            res = run_main_captured(hf_dir, tmp / "out")
             assert res.returncode == 0, res.stderr
             cache[name] = (hf_model, tmp / "out", res)
         return cache[name]
@@ -170,21 +184,18 @@ def test_eval_lm_cli_scores_converted_checkpoint(converted, tmp_path):
     lines = [torch.randint(0, vocab - 1, (20,), generator=g).tolist() for _ in range(3)]
     (tmp_path / "test.txt").write_text("".join(" ".join(map(str, l)) + "\n" for l in lines))
     data = tmp_path / "bin"
-    bin_dir = os.path.dirname(sys.executable)
-    subprocess.run(
-        [os.path.join(bin_dir, "fairseq-preprocess"), "--only-source", "--srcdict", out_dir / "dict.txt",
-         "--testpref", tmp_path / "test.txt", "--destdir", data, "--workers", "1"],
-        check=True, capture_output=True,
-    )
     from fairseq_longmem.user_dir import path as user_dir
 
-    res = subprocess.run(
-        [os.path.join(bin_dir, "fairseq-eval-lm"), data, "--path", out_dir / "checkpoint.pt",
-         "--user-dir", user_dir(), "--gen-subset", "test", "--cpu", "--tokens-per-sample", "63",
-         "--sample-break-mode", "none", "--batch-size", "1", "--context-window", "0"],
-        capture_output=True, text=True,
-    )
-    assert res.returncode == 0, res.stderr[-2000:]
+    logs = run_cli_cases({  # one interpreter: fairseq's import paid once
+        "preprocess": ("fairseq-preprocess", [
+            "--only-source", "--srcdict", out_dir / "dict.txt", "--testpref",
+            tmp_path / "test.txt", "--destdir", data, "--workers", "1"]),
+        "eval_lm": ("fairseq-eval-lm", [
+            data, "--path", out_dir / "checkpoint.pt", "--user-dir", user_dir(), "--gen-subset",
+            "test", "--cpu", "--tokens-per-sample", "63", "--sample-break-mode", "none",
+            "--batch-size", "1", "--context-window", "0"]),
+    })
+    assert not any(case.failed for case in logs.values()), logs["eval_lm"].log[-2000:]
     # the stream is 3 x (20 tokens + </s>) = 63 tokens scored as one block; fairseq feeds </s>
     # before the first token, so every token is predicted: HF on [eos] + stream[:-1]
     stream = []
@@ -195,7 +206,7 @@ def test_eval_lm_cli_scores_converted_checkpoint(converted, tmp_path):
     with torch.no_grad():
         lp = torch.log_softmax(hf_model(inp).logits[0], -1)
     nll = -lp.gather(-1, target[:, None]).mean().item()
-    loss = float(re.search(r"Loss \(base 2\): ([0-9.]+)", res.stderr + res.stdout).group(1))
+    loss = float(re.search(r"Loss \(base 2\): ([0-9.]+)", logs["eval_lm"].log).group(1))
     assert abs(loss - nll / math.log(2)) < 1e-3
 
 
@@ -211,6 +222,8 @@ def test_converted_checkpoint_records_its_dictionary_fingerprint(converted):
     assert cfg["dictionary_fingerprint"] == fingerprint_of(out_dir / "dict.txt")
 
 
+# two fairseq-preprocess processes more; the dictionary check is in the quick loop in
+# test_bad_input (reordered_dict_eval_gpt2_lm)
 @pytest.mark.slow
 def test_eval_refuses_data_binarized_with_a_reordered_converted_dict(converted, tmp_path):
     """The same GPT-2 symbols in another order would silently score other tokens: fairseq-eval-lm
@@ -294,6 +307,7 @@ def test_refuses_malformed_config_json(capsys, tmp_path, text, needle):
 
 
 def test_refuses_bert_config(tmp_path):
+    # the CLI process itself (its exit status and stderr); the other refusals run main()
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
     res = run_cli(tmp_path / "bert", tmp_path / "out")
@@ -314,13 +328,14 @@ def test_refuses_unrepresentable_config(capsys, tmp_path, override, needle):
     assert_one_line_error(run_main(capsys, tmp_path / "hf", tmp_path / "out"), needle)
 
 
-def test_refuses_truncated_safetensors(tmp_path):
+def test_refuses_truncated_safetensors(capsys, tmp_path):
     cfg = write_config(tmp_path / "hf")
     path = tmp_path / "hf" / "model.safetensors"
     save_safetensors(small_state_dict(cfg), path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    assert_one_line_error(run_cli(tmp_path / "hf", tmp_path / "out"), "model.safetensors", "truncated")
+    assert_one_line_error(run_main(capsys, tmp_path / "hf", tmp_path / "out"), "model.safetensors",
+                          "truncated")
 
 
 def test_refuses_truncated_pytorch_bin(capsys, tmp_path):
@@ -372,6 +387,8 @@ def test_dict_ids_skip_eos():
     assert gpt2_dict_ids(6, eos_id=2) == [0, 1, 3, 4, 5]
 
 
+# the converter's output in the quick loop: test_logit_parity and
+# test_eval_lm_cli_scores_converted_checkpoint
 @pytest.mark.slow
 def test_converted_checkpoint_is_a_longmem_backbone(converted):
     """--backbone-path takes the converter's output: the frozen backbone holds exactly the

@@ -17,7 +17,7 @@ writes the rows of every batch the rank trained on and its final weights.
 import pytest
 import torch
 
-from conftest import TOKENS_PER_SAMPLE
+from conftest import longmem_train_argv
 from distributed_launch import PROBE_DIR, STREAMS_PER_RANK, WORLD, expected_streams, launch
 
 
@@ -29,20 +29,17 @@ def test_shards_are_disjoint_and_equally_long(corpus):
     assert docs[0] | docs[1] == set(range(len(corpus.docs["train"])))
 
 
+# two processes; the task's sharding is checked in the quick loop by
+# test_shards_are_disjoint_and_equally_long
 @pytest.mark.slow
 def test_two_process_data_parallel_training(corpus, backbone, tmp_path):
     save_dir, probe_dir = tmp_path / "ck", tmp_path / "probe"
     save_dir.mkdir()
     probe_dir.mkdir()
-    logs = launch([
-        corpus.data_dir, "--user-dir", PROBE_DIR,
-        "--task", "longmem_lm", "--arch", "longmem_gpt2_tiny", "--criterion", "longmem_rank_probe",
-        "--backbone-path", backbone, "--tokens-per-sample", TOKENS_PER_SAMPLE,
-        "--batch-size", STREAMS_PER_RANK, "--memory-size", "256", "--chunk-size", "4",
-        "--retrieved-tokens", "16", "--max-epoch", "1", "--optimizer", "adam", "--lr", "1e-3",
-        "--cpu", "--seed", "1", "--num-workers", "0", "--no-epoch-checkpoints",
-        "--save-dir", save_dir,
-    ], str(save_dir), str(probe_dir))
+    logs = launch(longmem_train_argv(
+        corpus.data_dir, backbone, save_dir, "--max-epoch", "1", "--no-epoch-checkpoints",
+        batch_size=STREAMS_PER_RANK, criterion="longmem_rank_probe", user_dir=PROBE_DIR)[1:],
+        str(save_dir), str(probe_dir))
     assert "training on 2 devices" in logs[0]
 
     probes = [torch.load(probe_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]

@@ -2,7 +2,6 @@
 readers, exact prompt tokens, the scoring rules on a model whose logits are known, the shared
 read-only memory, and fairseq-generate end to end on a tiny GPT-2-vocabulary LongMem."""
 
-import hashlib
 import os
 import random
 import re
@@ -11,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import USER_DIR, FavoursOneToken, run_cli
+from conftest import USER_DIR, FavoursOneToken, run_cli_cases
 from fairseq_longmem.tasks.scoring import icl_data, memory_scoring
 from fairseq_longmem.tasks.scoring.scorers import ICLAccuracyScorer
 
@@ -324,15 +323,61 @@ def icl_setup(gpt2_vocab_models, tmp_path_factory):
                            longmem=gpt2_vocab_models.longmem, files=gpt2_vocab_models.files)
 
 
-def generate(s, *extra, path=None, check=True):
+def generate_argv(s, *extra, path=None, data=None):
     enc, vocab, dict_txt = s.files
-    return run_cli([
-        "fairseq-generate", os.path.dirname(dict_txt), "--user-dir", USER_DIR,
+    return ("fairseq-generate", [
+        os.path.dirname(dict_txt), "--user-dir", USER_DIR,
         "--task", "longmem_icl", "--path", path or s.longmem, "--icl-dataset", "tsv",
-        "--icl-data-dir", s.data, "--icl-labels", "negative,positive",
+        "--icl-data-dir", data or s.data, "--icl-labels", "negative,positive",
         "--demos-in-context", "3", "--demos-in-memory", "40", "--scoring", "icl_accuracy",
         "--batch-size", "4", "--bpe", "gpt2", "--gpt2-encoder-json", enc, "--gpt2-vocab-bpe",
-        vocab, "--cpu", "--nbest", "2", *extra], check=check)
+        vocab, "--cpu", "--nbest", "2", *extra])
+
+
+BAD_INPUT = [
+    (["--icl-dataset", "nope"], "invalid choice: 'nope'"),
+    (["--icl-data-dir", "/nonexistent/icl"], "ICL data not found: /nonexistent/icl/train.tsv"),
+    (["--icl-labels", "negative,very positive", "--icl-decision", "vocab"],
+     "--icl-decision vocab compares one predicted token with the label, but ' very positive' "
+     "is 2 tokens"),
+    (["--demos-in-context", "61"], "--demos-in-context 61: expected 0 to 60"),
+    (["--demos-in-memory", "100"], "--demos-in-memory 100: expected 0 to 60"),
+    (["--gen-subset", "valid"], "--gen-subset valid: longmem_icl scores the set's evaluation"),
+]
+
+
+@pytest.fixture(scope="module")
+def runs(icl_setup, tmp_path_factory):
+    """Every fairseq-generate call of the tests below, through its entry point, one after another
+    in one interpreter (fairseq's import paid once): name -> CaseLog; the folders they used."""
+    tmp = tmp_path_factory.mktemp("icl_runs")
+    rng = random.Random(0)
+    train, test = [review(rng) for _ in range(60)], [review(rng) for _ in range(12)]
+    folders = SimpleNamespace(
+        tmp=tmp, memory=str(tmp / "memory.safetensors"),
+        clean=write_mpqa(str(tmp / "clean"), train, test),
+        dirty=write_mpqa(str(tmp / "dirty"), train, test, empty_train=(5, 6, 50),
+                         empty_test=(4,), raw=True))
+    s = icl_setup
+    todo = {
+        "default": generate_argv(s),
+        "mpqa_clean": generate_argv(s, "--icl-dataset", "mpqa", data=folders.clean),
+        "mpqa_dirty": generate_argv(s, "--icl-dataset", "mpqa", data=folders.dirty),
+        "memory_first": generate_argv(s, "--memory-file", folders.memory),
+        "memory_second": generate_argv(s, "--memory-file", folders.memory),
+        "memory_other_layer": generate_argv(s, "--memory-file", folders.memory,
+                                            "--model-overrides", "{'memory_layer': 2}"),
+        "batch1": generate_argv(s, "--batch-size", "1"),
+        **{f"bad{i}": generate_argv(s, "--memory-file", str(tmp / f"bad{i}.safetensors"), *args)
+           for i, (args, _) in enumerate(BAD_INPUT)},
+    }
+    return run_cli_cases(todo, timeout=900, watch=[folders.memory]), folders
+
+
+def log_of(runs, name):
+    case = runs[0][name]
+    assert not case.failed, f"{name}:\n{case.log[-3000:]}"
+    return case.log
 
 
 def parse(log):
@@ -352,8 +397,8 @@ def parse(log):
     return out, (float(m.group(1)), int(m.group(2)), int(m.group(3)))
 
 
-def test_generate_prints_every_candidate_and_the_accuracy(icl_setup):
-    log = generate(icl_setup)
+def test_generate_prints_every_candidate_and_the_accuracy(runs):
+    log = log_of(runs, "default")
     rows, (pct, right, total) = parse(log)
     assert sorted(rows) == list(range(12)) and total == 12
     for target, hyps in rows.values():
@@ -379,39 +424,33 @@ def load_run_icl():
 
 
 def test_empty_rows_are_left_out_of_the_draw_and_the_score_and_run_icl_reports_them(
-        icl_setup, tmp_path, capsys):
+        runs, icl_setup, tmp_path, capsys):
     """fairseq-generate on an MPQA-layout set with empty rows in both files scores exactly as on
     the same set without them, over the rows scored, and says so; run_icl.py's table shows it."""
     import json
 
-    rng = random.Random(0)
-    train, test = [review(rng) for _ in range(60)], [review(rng) for _ in range(12)]
-    clean = write_mpqa(str(tmp_path / "clean"), train, test)
-    dirty = write_mpqa(str(tmp_path / "dirty"), train, test, empty_train=(5, 6, 50),
-                       empty_test=(4,), raw=True)
-    runs = {name: generate(SimpleNamespace(**{**vars(icl_setup), "data": folder}),
-                          "--icl-dataset", "mpqa")
-            for name, folder in (("clean", clean), ("dirty", dirty))}
-    rows, accuracy = parse(runs["dirty"])
-    assert (rows, accuracy) == parse(runs["clean"])
+    dirty = runs[1].dirty
+    logs = {name: log_of(runs, f"mpqa_{name}") for name in ("clean", "dirty")}
+    rows, accuracy = parse(logs["dirty"])
+    assert (rows, accuracy) == parse(logs["clean"])
     assert sorted(rows) == list(range(12)) and accuracy[2] == 12
     assert accuracy[1] == sum(target == hyps[0][0] for target, hyps in rows.values())
     warnings = [f"{dirty}/mpqa/train.csv: 3 rows (lines 5, 6, 50) with empty text skipped",
                 f"{dirty}/mpqa/test.csv: 1 row (line 4) with empty text left out of scoring; "
                 "accuracy is over the 12 rows scored"]
     run_icl = load_run_icl()
-    assert run_icl.EMPTY_ROWS.findall(runs["dirty"]) == warnings
+    assert run_icl.EMPTY_ROWS.findall(logs["dirty"]) == warnings
     # fairseq's other log format (when nothing configured logging before fairseq-generate)
     other = f"2026-12-01 22:00:00 | WARNING | fairseq_longmem.tasks.scoring.icl_data | {warnings[1]}\n"
     assert run_icl.EMPTY_ROWS.findall(other) == warnings[1:]
-    assert " with empty text " not in runs["clean"]
-    assert "mpqa: 12 test examples" in runs["dirty"]
+    assert " with empty text " not in logs["clean"]
+    assert "mpqa: 12 test examples" in logs["dirty"]
 
     # run_icl.py over these logs (one seed, each condition's log this run's) prints the warnings
     out = tmp_path / "runs" / "mpqa"
     out.mkdir(parents=True)
     for condition in ("zero", "context", "memory"):
-        (out / f"{condition}_seed1.log").write_text(f"# cmd\n{runs['dirty']}# seconds: 1.0\n")
+        (out / f"{condition}_seed1.log").write_text(f"# cmd\n{logs['dirty']}# seconds: 1.0\n")
     run_icl.tokenizer_args = lambda args: []
     capsys.readouterr()
     run_icl.main(["--path", icl_setup.longmem, "--dict-dir", "unused", "--dataset", "mpqa",
@@ -422,65 +461,68 @@ def test_empty_rows_are_left_out_of_the_draw_and_the_score_and_run_icl_reports_t
     assert json.load(open(out / "summary.json"))["empty_rows"] == warnings
 
 
-def test_memory_file_is_built_once_then_reused_with_identical_scores(icl_setup, tmp_path):
-    path = str(tmp_path / "memory.safetensors")
-    first = generate(icl_setup, "--memory-file", path)
+def test_memory_file_is_built_once_then_reused_with_identical_scores(runs):
+    path = runs[1].memory
+    first, second = log_of(runs, "memory_first"), log_of(runs, "memory_second")
     assert "memory saved to" in first and os.path.isfile(path)
-    digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
-    second = generate(icl_setup, "--memory-file", path)
+    digest = runs[0]["memory_first"].watched[path]
     assert "loaded from" in second and "written in" not in second
     assert parse(first) == parse(second)
-    assert hashlib.sha256(open(path, "rb").read()).hexdigest() == digest
+    assert runs[0]["memory_second"].watched[path] == digest
     # another memory layer makes other keys: the file is refused, named, and left alone
-    log = generate(icl_setup, "--memory-file", path, "--model-overrides",
-                   "{'memory_layer': 2}", check=False)
+    refusal = runs[0]["memory_other_layer"]
+    assert refusal.failed
     assert re.search(r"--memory-file .* holds another memory; it differs in: memory_layer "
-                     r"\(file 3, this run 2\)", log)
-    assert hashlib.sha256(open(path, "rb").read()).hexdigest() == digest
+                     r"\(file 3, this run 2\)", refusal.log)
+    assert refusal.watched[path] == digest
 
 
-def test_batch_size_does_not_change_predictions(icl_setup):
-    one, _ = parse(generate(icl_setup, "--batch-size", "1"))
-    eight, _ = parse(generate(icl_setup, "--batch-size", "8"))
+def test_batch_size_does_not_change_predictions(runs):
+    one, _ = parse(log_of(runs, "batch1"))
+    four, _ = parse(log_of(runs, "default"))  # --batch-size 4
+    assert sorted(one) == sorted(four) == list(range(12))
     for i in one:
-        assert [lbl for lbl, _ in one[i][1]] == [lbl for lbl, _ in eight[i][1]]
-        for (_, a), (_, b) in zip(one[i][1], eight[i][1]):
+        assert [lbl for lbl, _ in one[i][1]] == [lbl for lbl, _ in four[i][1]]
+        for (_, a), (_, b) in zip(one[i][1], four[i][1]):
             assert a == pytest.approx(b, abs=1e-4)
 
 
-def test_memory_off_backbone_zero_shot_chunk_size_and_vocab_rule(icl_setup):
-    on, _ = parse(generate(icl_setup))
-    off_log = generate(icl_setup, "--model-overrides", "{'disable_memory': True}")
+# five more fairseq-generate runs (each pays fairseq's config composition, seconds); the quick
+# loop runs longmem_icl end to end in test_generate_prints_every_candidate_and_the_accuracy, and
+# the label and vocab decisions in-process in
+# test_scoring_picks_the_model_s_label_and_fails_when_labels_swap
+@pytest.mark.slow
+def test_memory_off_backbone_zero_shot_chunk_size_and_vocab_rule(runs, icl_setup):
+    s = icl_setup
+    more = run_cli_cases({
+        "memory_off": generate_argv(s, "--model-overrides", "{'disable_memory': True}"),
+        "backbone": generate_argv(s, "--demos-in-memory", "0", path=s.backbone),
+        "zero": generate_argv(s, "--demos-in-context", "0", "--demos-in-memory", "0"),
+        "csz2": generate_argv(s, "--model-overrides", "{'chunk_size': 2}"),
+        "vocab": generate_argv(s, "--icl-decision", "vocab", "--nbest", "3"),
+    }, timeout=600)
+    runs = ({**runs[0], **more}, runs[1])
+    on, _ = parse(log_of(runs, "default"))
+    off_log = log_of(runs, "memory_off")
     assert "reads no memory" in off_log
     off, _ = parse(off_log)
     assert off != on  # the memory changes the scores
-    parse(generate(icl_setup, "--demos-in-memory", "0", path=icl_setup.backbone))
-    zero, _ = parse(generate(icl_setup, "--demos-in-context", "0", "--demos-in-memory", "0"))
+    parse(log_of(runs, "backbone"))
+    zero, _ = parse(log_of(runs, "zero"))
     assert len(zero) == 12
-    csz2 = generate(icl_setup, "--model-overrides", "{'chunk_size': 2}")
+    csz2 = log_of(runs, "csz2")
     assert "chunk size 2" in csz2
     parse(csz2)
-    vocab = generate(icl_setup, "--icl-decision", "vocab", "--nbest", "3")
-    rows, (_, _, total) = parse(vocab)
+    rows, (_, _, total) = parse(log_of(runs, "vocab"))
     assert total == 12 and all(len(h) == 3 for _, h in rows.values())
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--icl-dataset", "nope"], "invalid choice: 'nope'"),
-    (["--icl-data-dir", "/nonexistent/icl"], "ICL data not found: /nonexistent/icl/train.tsv"),
-    (["--icl-labels", "negative,very positive", "--icl-decision", "vocab"],
-     "--icl-decision vocab compares one predicted token with the label, but ' very positive' "
-     "is 2 tokens"),
-    (["--demos-in-context", "61"], "--demos-in-context 61: expected 0 to 60"),
-    (["--demos-in-memory", "100"], "--demos-in-memory 100: expected 0 to 60"),
-    (["--gen-subset", "valid"], "--gen-subset valid: longmem_icl scores the set's evaluation"),
-])
-def test_bad_input_is_refused_in_one_line_and_writes_nothing(icl_setup, tmp_path, args, message):
-    path = tmp_path / "memory.safetensors"
-    log = generate(icl_setup, "--memory-file", str(path), *args, check=False)
-    assert message in log
-    assert "Accuracy" not in log
-    assert not path.exists()
+@pytest.mark.parametrize("i", range(len(BAD_INPUT)), ids=[m for _, m in BAD_INPUT])
+def test_bad_input_is_refused_in_one_line_and_writes_nothing(runs, i):
+    case, message = runs[0][f"bad{i}"], BAD_INPUT[i][1]
+    assert case.failed and message in case.log, case.log[-2000:]
+    assert "Accuracy" not in case.log
+    assert not (runs[1].tmp / f"bad{i}.safetensors").exists()
 
 
 def test_memory_is_filled_once_and_left_bit_identical_by_scoring(icl_setup, monkeypatch):
@@ -505,6 +547,10 @@ def test_memory_is_filled_once_and_left_bit_identical_by_scoring(icl_setup, monk
     assert memory.fill().tolist() == fill
 
 
+# run_icl.py's table, warnings and summary.json from fairseq-generate logs are checked in the quick
+# loop by test_empty_rows_are_left_out_of_the_draw_and_the_score_and_run_icl_reports_them; this
+# one runs its five fairseq-generate processes (about 30 s)
+@pytest.mark.slow
 def test_run_icl_prints_the_three_conditions_from_its_logs(icl_setup, tmp_path):
     import json
     import shlex

@@ -574,6 +574,9 @@ def test_faiss_backend_without_faiss_says_what_to_install(monkeypatch):
     assert bank.search(torch.randn(1, 1, 1, 4), 4).mask.all()
 
 
+# a pytest run in a second interpreter; the message without faiss is checked in the quick loop by
+# test_faiss_backend_without_faiss_says_what_to_install
+@pytest.mark.slow
 def test_faiss_tests_skip_without_faiss():
     # run this file's faiss tests with `import faiss` failing: they must skip, not fail
     script = textwrap.dedent(f"""

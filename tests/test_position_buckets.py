@@ -12,7 +12,10 @@ import pytest
 
 from conftest import REPO, TOKENS_PER_SAMPLE, USER_DIR, document_tokens, run_cli, train_longmem
 
-pytestmark = pytest.mark.slow  # every test here runs fairseq-train several times
+# every test here runs fairseq-train several times; the criterion's bucket code is shared with the
+# recurrence buckets (fairseq_longmem/buckets.py), checked in the quick loop by
+# tests/test_recurrence_buckets.py
+pytestmark = pytest.mark.slow
 
 SCORE_POSITIONS = os.path.join(REPO, "examples", "long_context_lm", "score_positions.py")
 BATCH_SIZE = 4

@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 PROBE = r"""
@@ -32,11 +34,18 @@ print(json.dumps({
 SIZES = ["tiny", "small", "medium", "large", "xl"]
 
 
-def test_import_registers_every_name():
-    res = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, cwd=REPO,
-                         timeout=300)
+@pytest.fixture(scope="module")
+def probed():
+    """What PROBE, then PATCH_PROBE, print in one fresh interpreter (one import of fairseq):
+    PROBE's ``import fairseq_longmem`` comes first, so the registries see only that import."""
+    res = subprocess.run([sys.executable, "-c", PROBE + PATCH_PROBE], capture_output=True,
+                         text=True, cwd=REPO, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
-    found = json.loads(res.stdout.strip().splitlines()[-1])
+    return [json.loads(line) for line in res.stdout.strip().splitlines()[-2:]]
+
+
+def test_import_registers_every_name(probed):
+    found = probed[0]
     assert found["tasks"] == ["longmem_icl", "longmem_lm", "longmem_suffix"]
     assert found["models"] == ["gpt2_lm", "longmem_gpt2"]
     assert found["archs"] == {  # fairseq registers a model's own name as an arch too
@@ -76,12 +85,9 @@ print(json.dumps({
 """
 
 
-def test_fairseq_patches_installed_on_import():
+def test_fairseq_patches_installed_on_import(probed):
     """Every symbol fairseq_patches.PATCHES lists is replaced after ``import fairseq_longmem``."""
-    res = subprocess.run([sys.executable, "-c", PATCH_PROBE], capture_output=True, text=True,
-                         cwd=REPO, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    found = json.loads(res.stdout.strip().splitlines()[-1])
+    found = probed[1]
     ours = "fairseq_longmem.fairseq_patches.checkpoint_utils"
     assert found == {
         "patched": [

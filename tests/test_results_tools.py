@@ -27,6 +27,7 @@ def load(relpath):
 
 
 recall_distance = load("recall_distance.py")
+recall_task = load("recall_task.py")  # recall_distance.py's documents and scoring
 summarize = load(os.path.join("long_context_lm", "summarize.py"))
 run_icl = load(os.path.join("icl", "run_icl.py"))
 
@@ -37,7 +38,7 @@ run_icl = load(os.path.join("icl", "run_icl.py"))
 
 @pytest.mark.parametrize("distance", [0, 1, 4, 32])
 def test_recall_document_asks_each_fact_once_distance_segments_later(distance):
-    rd = recall_distance
+    rd = recall_task
     v = rd.Vocab()
     doc = rd.make_document(v, random.Random(distance), distance).tolist()
     T = rd.T
@@ -59,7 +60,7 @@ def test_recall_document_asks_each_fact_once_distance_segments_later(distance):
 
 
 def test_recall_answers_mask_marks_exactly_the_asked_values():
-    rd = recall_distance
+    rd = recall_task
     v = rd.Vocab()
     samples = rd.batches(v, (2,), rd.ROWS, seed=3)
     assert len(samples) == 3  # 3 segments per document, one document per row

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import REPO, USER_DIR, FavoursOneToken, run_cli
+from conftest import REPO, USER_DIR, FavoursOneToken, run_cli_cases
 from fairseq_longmem.tasks.scoring import memory_scoring
 from fairseq_longmem.tasks.scoring.longmem_suffix import read_chapterbreak
 from fairseq_longmem.tasks.scoring.scorers import CandidateAccuracyScorer
@@ -180,14 +180,14 @@ def test_prefix_goes_into_memory_once_and_scoring_never_writes(gpt2_vocab_models
     assert adds == ["fill"] * -(-max(memory_tokens) // 16)
 
 
-def suffix_cli(models, data, *extra, check=True):
+def suffix_case(models, data, *extra):
     enc, vocab, dict_txt = models.files
-    return run_cli([
-        "fairseq-generate", os.path.dirname(dict_txt), "--user-dir", USER_DIR,
+    return ("fairseq-generate", [
+        os.path.dirname(dict_txt), "--user-dir", USER_DIR,
         "--task", "longmem_suffix", "--path", models.longmem, "--suffix-data", data,
         "--tokens-per-sample", "32", "--suffix-tokens", "8", "--scoring", "candidate_accuracy",
         "--batch-size", "2", "--bpe", "gpt2", "--gpt2-encoder-json", enc, "--gpt2-vocab-bpe",
-        vocab, "--cpu", "--nbest", "3", *extra], check=check)
+        vocab, "--cpu", "--nbest", "3", *extra])
 
 
 def test_generate_end_to_end_with_memory_on_and_off(gpt2_vocab_models, tmp_path):
@@ -196,16 +196,22 @@ def test_generate_end_to_end_with_memory_on_and_off(gpt2_vocab_models, tmp_path)
                  "pos": "Review: the film", "negs": ["Sentiment: dull", "great . fine"]}
                 for i in range(3)]
     data = write_json(tmp_path / "s.json", {"w": examples})
-    on = suffix_cli(gpt2_vocab_models, data)
+    logs = run_cli_cases({  # one interpreter: fairseq's import paid once
+        "on": suffix_case(gpt2_vocab_models, data),
+        "off": suffix_case(gpt2_vocab_models, data, "--model-overrides",
+                           "{'disable_memory': True}"),
+        "missing": suffix_case(gpt2_vocab_models, str(tmp_path / "missing.json")),
+    })
+    on, off = logs["on"].log, logs["off"].log
+    assert not logs["on"].failed and not logs["off"].failed
     m = re.search(r"Generate test with beam=1: Accuracy ([\d.]+) \((\d+)/3\)", on)
     assert m, on[-2000:]
     assert len(re.findall(r"^H-\d\t", on, re.M)) == 9 and len(re.findall(r"^T-\d\t", on, re.M)) == 3
-    off = suffix_cli(gpt2_vocab_models, data, "--model-overrides", "{'disable_memory': True}")
     assert "scored after the context alone" in off
     score = lambda log: [float(x) for x in re.findall(r"^H-\d\t(\S+)", log, re.M)]  # noqa: E731
     assert score(on) != score(off)
-    bad = suffix_cli(gpt2_vocab_models, str(tmp_path / "missing.json"), check=False)
-    assert "--suffix-data: no file at" in bad and "Accuracy" not in bad
+    bad = logs["missing"]
+    assert bad.failed and "--suffix-data: no file at" in bad.log and "Accuracy" not in bad.log
 
 
 def test_builder_finds_chapters_and_writes_the_format(tmp_path):
