@@ -30,24 +30,24 @@ from fairseq.data import Dictionary, data_utils, indexed_dataset
 
 
 def augment_document(doc: np.ndarray, eos: int, rng: np.random.RandomState, rate: float,
-                     span: tuple, max_distance: int, random_vocab: range = None) -> int:
+                     span: tuple, max_distance: int, random_vocab: range = None) -> list:
     """Overwrite, in place, about ``rate * len(doc)`` tokens of ``doc`` with spans copied from
     earlier in it, left to right (a later span may copy an earlier copy, as the model sees it).
     With ``random_vocab``, the earlier span is first overwritten with tokens drawn uniformly from
     it, so that only recalling the first occurrence predicts the second (real text's spans are
-    partly predictable from their own words). Spans never cover ``eos``. Returns the number of
-    tokens overwritten."""
+    partly predictable from their own words). Spans never cover ``eos``, and no copy writes over
+    an earlier copy or its source, so every pair still matches in the result. Returns the copies
+    as ``(source start, copy start, length)``."""
     lo, hi = span
     n = len(doc)
     per_copy = (lo + hi) / 2 * (1 if random_vocab is None else 2)  # random: both copies written
     wanted = int(rate * n / per_copy)
     if wanted == 0 or n < 2 * hi:
-        return 0
+        return []
     starts = np.sort(rng.randint(hi, n - hi, size=wanted))
-    written, free_from = 0, 0
+    copies = []
+    taken = np.zeros(n, dtype=bool)  # copies and their sources: never overwritten again
     for b in starts:
-        if b < free_from:
-            continue  # overlaps the previous copy
         length = int(rng.randint(lo, hi + 1))
         far = min(max_distance, b)
         if far < length:
@@ -56,15 +56,14 @@ def augment_document(doc: np.ndarray, eos: int, rng: np.random.RandomState, rate
         a = b - distance
         if (doc[a:a + length] == eos).any() or (doc[b:b + length] == eos).any():
             continue
-        if random_vocab is not None and a < free_from:
-            continue  # writing the first copy would break the previous pair
+        if taken[b:b + length].any() or (random_vocab is not None and taken[a:a + length].any()):
+            continue  # would break an earlier pair (a text copy may copy a copy: it is unchanged)
         if random_vocab is not None:
             doc[a:a + length] = rng.randint(random_vocab.start, random_vocab.stop, size=length)
-            written += length
         doc[b:b + length] = doc[a:a + length]
-        written += length
-        free_from = b + length
-    return written
+        taken[a:a + length] = taken[b:b + length] = True
+        copies.append((int(a), int(b), length))
+    return copies
 
 
 def main(argv=None) -> int:
@@ -107,7 +106,7 @@ def main(argv=None) -> int:
     rng = np.random.RandomState(args.seed)
     builder = indexed_dataset.make_builder(
         os.path.join(args.out, args.split + ".bin"), impl="mmap", vocab_size=len(dictionary))
-    total = written = docs = 0
+    total = written = docs = pairs = 0
     i = 0
     while i < len(lines):
         j = i
@@ -115,8 +114,10 @@ def main(argv=None) -> int:
             j += 1
         if j > i:
             flat = np.concatenate(lines[i:j])
-            written += augment_document(flat, eos, rng, args.rate, span, args.max_distance,
-                                        random_vocab)
+            copies = augment_document(flat, eos, rng, args.rate, span, args.max_distance,
+                                      random_vocab)
+            written += sum(n * (1 if random_vocab is None else 2) for _, _, n in copies)
+            pairs += len(copies)
             total += len(flat)
             docs += 1
             pieces = np.split(flat, np.cumsum([len(x) for x in lines[i:j]])[:-1])
@@ -129,7 +130,7 @@ def main(argv=None) -> int:
     manifest = {"source": os.path.abspath(args.data), "split": args.split, "rate": args.rate,
                 "random_spans": args.random_spans,
                 "max_distance": args.max_distance, "span": list(span), "seed": args.seed,
-                "documents": docs, "tokens": total, "tokens_overwritten": written}
+                "documents": docs, "tokens": total, "copies": pairs, "tokens_overwritten": written}
     with open(os.path.join(args.out, "manifest.json"), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
     print(json.dumps(manifest))

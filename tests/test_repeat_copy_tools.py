@@ -23,31 +23,39 @@ def test_augment_document_copies_only_from_earlier_text():
     doc = np.arange(10, 5010, dtype=np.int64)
     doc[::97] = eos  # line ends
     orig = doc.copy()
-    written = repeat_augment.augment_document(doc, eos, np.random.RandomState(3), rate=0.2,
-                                              span=(4, 9), max_distance=300)
-    changed = np.flatnonzero(doc != orig)
-    # every token value is distinct in the original, so a copied token names where it came from
+    copies = repeat_augment.augment_document(doc, eos, np.random.RandomState(3), rate=0.2,
+                                             span=(4, 9), max_distance=300)
+    written = sum(n for _, _, n in copies)
     assert 0.1 * len(doc) < written <= 0.2 * len(doc) + 9
-    assert len(changed) <= written  # a copy may repeat the token already there: not counted
-    assert (doc == eos).sum() == (orig == eos).sum() and (doc[orig == eos] == eos).all()
-    assert (doc[changed] < orig[changed]).all()  # copied from an earlier position
-    src = doc[changed] - 10  # position of the original token each copy carries
-    assert (changed - src).min() >= 4
+    assert (doc[orig == eos] == eos).all() and (doc == eos).sum() == (orig == eos).sum()
+    changed = np.flatnonzero(doc != orig)
+    # every original token value is distinct, so a copied token names the position it came from
+    assert (doc[changed] < orig[changed]).all()
+    covered = np.zeros(len(doc), dtype=bool)
+    for a, b, n in copies:
+        assert 4 <= n <= 9 and n <= b - a <= 300
+        assert (doc[a:a + n] == doc[b:b + n]).all()  # every pair still matches at the end
+        assert not covered[b:b + n].any()  # no copy writes over another
+        covered[b:b + n] = True
+    assert set(changed) <= set(np.flatnonzero(covered))
 
 
 def test_augment_document_random_spans_come_in_pairs():
     eos = 2
     doc = np.arange(5000, 9000, dtype=np.int64)
     doc[::97] = eos
-    written = repeat_augment.augment_document(doc, eos, np.random.RandomState(5), rate=0.1,
-                                              span=(4, 9), max_distance=60,
-                                              random_vocab=range(4, 50))
-    rand = np.flatnonzero(doc < 50)
-    rand = rand[doc[rand] != eos]
-    assert len(rand) == written and 0.05 * len(doc) < written <= 0.1 * len(doc) + 18
-    runs = [tuple(doc[r]) for r in np.split(rand, np.flatnonzero(np.diff(rand) != 1) + 1)]
-    # each random span is written twice: its first occurrence and the copy, nothing else
-    assert len(runs) % 2 == 0 and all(runs.count(r) == 2 for r in runs)
+    copies = repeat_augment.augment_document(doc, eos, np.random.RandomState(5), rate=0.1,
+                                             span=(4, 9), max_distance=2000,
+                                             random_vocab=range(4, 50))
+    mask = np.zeros(len(doc), dtype=bool)
+    for a, b, n in copies:
+        assert (doc[a:a + n] == doc[b:b + n]).all() and ((doc[b:b + n] >= 4) & (doc[b:b + n] < 50)).all()
+        assert not mask[a:a + n].any() and not mask[b:b + n].any()  # pairs never overlap
+        mask[a:a + n] = mask[b:b + n] = True
+    # the random tokens are exactly the pairs' tokens, about rate * len(doc) of them
+    assert (np.flatnonzero((doc < 50) & (doc != eos)) == np.flatnonzero(mask)).all()
+    assert 0.05 * len(doc) < mask.sum() <= 0.1 * len(doc) + 18
+    assert max(b - a for a, b, _ in copies) > 500  # long distances survive the no-overlap rule
 
 
 def test_augment_document_is_seeded():
@@ -77,6 +85,7 @@ def test_repeat_augment_changes_only_the_training_split(corpus, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["tokens"] == len(a) - sum(len(old[i]) == 1 for i in range(len(old)))
     assert 0 < (a != b).sum() <= manifest["tokens_overwritten"]
+    assert manifest["copies"] > 0
     with pytest.raises(SystemExit):  # never overwrites an existing folder
         repeat_augment.main([corpus.data_dir, "--out", str(out)])
 
