@@ -10,7 +10,7 @@ import pytest
 import torch
 from fairseq.data import Dictionary, data_utils
 
-from conftest import REPO, TOKENS_PER_SAMPLE, train_longmem
+from conftest import REPO, TOKENS_PER_SAMPLE
 
 sys.path.insert(0, os.path.join(REPO, "examples"))
 sys.path.insert(0, os.path.join(REPO, "examples", "long_context_lm"))
@@ -115,8 +115,8 @@ def test_copy_losses():
     assert a == pytest.approx(1 / np.log(2)) and b == pytest.approx(0.25 / np.log(2))
 
 
-def test_copy_probe_end_to_end(corpus, backbone, tmp_path):
-    lm = train_longmem(corpus, backbone, tmp_path / "lm")
+def test_copy_probe_end_to_end(corpus, backbone, longmem_run, tmp_path):
+    lm = longmem_run.checkpoint
     out = tmp_path / "probe.json"
     assert copy_probe.main([corpus.data_dir, "--path", backbone, "--path", lm,
                             "--tokens-per-sample", str(TOKENS_PER_SAMPLE), "--span", "6",
