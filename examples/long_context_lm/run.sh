@@ -39,7 +39,7 @@ LOGS="$OUT/logs"
 mkdir -p "$LOGS"
 
 # step NAME OUTPUT COMMAND...: run COMMAND unless OUTPUT and its complete log exist. The log is
-# written to $LOGS/NAME.log.part and renamed to $LOGS/NAME.log when COMMAND succeeds; the command
+# written to $LOGS/NAME.log.part (appended to by a rerun) and renamed to $LOGS/NAME.log when COMMAND succeeds; the command
 # line goes to $LOGS/NAME.cmd and the wall time to $LOGS/times.tsv.
 step() {
   local name=$1 output=$2; shift 2
@@ -47,7 +47,11 @@ step() {
   echo "== $name"
   local start=$SECONDS
   printf '%q ' "$@" > "$LOGS/$name.cmd"
-  if ! "$@" > "$LOGS/$name.log.part" 2>&1; then
+  # a rerun appends: a training resumed from its checkpoint_last.pt keeps the log of its first part
+  if [ -s "$LOGS/$name.log.part" ]; then
+    echo "== resumed $(date -u +%Y-%m-%dT%H:%MZ)" >> "$LOGS/$name.log.part"
+  fi
+  if ! "$@" >> "$LOGS/$name.log.part" 2>&1; then
     echo "error: $name failed; see $LOGS/$name.log.part" >&2; tail -5 "$LOGS/$name.log.part" >&2
     exit 1
   fi
@@ -60,7 +64,7 @@ step() {
   echo "cpu: $(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2 | xargs) x $(getconf _NPROCESSORS_ONLN) cores (threads $THREADS)"
   python -c "import torch; print('torch', torch.__version__, '| gpu:', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none')"
   echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null)"
-} > "$LOGS/hardware.txt"
+} >> "$LOGS/hardware.txt"  # a rerun adds its own lines
 
 # 1. corpus -----------------------------------------------------------------------------------
 if [ -n "${SYNTHETIC_BOOKS:-}" ]; then
