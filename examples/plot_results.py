@@ -6,7 +6,9 @@
 ``--long-context DIR``: a folder written by examples/long_context_lm/run.sh (its ``logs/`` are
 read again through summarize.py) -> ``long_context_lm.png`` (perplexity per condition),
 ``long_context_lm_sweeps.png`` (memory size, chunk size), ``long_context_lm_positions.png``
-(perplexity per position bucket). ``--recall FILE``: the JSON lines of examples/recall_distance.py
+(perplexity per position bucket), ``long_context_lm_suffix.png`` and, where the run has
+recurrence buckets, ``long_context_lm_recurrence.png`` (the loss gain of (d) over memory off and
+over the sliding window by how far back each token's bigram last occurred). ``--recall FILE``: the JSON lines of examples/recall_distance.py
 -> ``recall_distance.png``. ``--tag smoke`` appends ``_smoke`` to the file names and titles.
 """
 
@@ -174,6 +176,11 @@ def long_context(plt, run_dir, out, tag):
                   title_fontsize=8)
         ax.set_title("Suffix identification, test books' chapter boundaries" + suffix)
         save(fig, out, "long_context_lm_suffix", tag)
+
+    if r.get("recurrence_gain"):
+        # loss gain of (d) over memory off and over the sliding window, by recurrence distance
+        fig = summarize.recurrence_plot(plt, r, os.devnull, tag)
+        save(fig, out, "long_context_lm_recurrence", tag)
 
 
 def recall_curve(plt, path, out, tag):

@@ -321,6 +321,19 @@ def test_plots_are_drawn_from_the_logs(tmp_path):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plots_include_the_recurrence_gain_when_the_run_has_it(tmp_path):
+    pytest.importorskip("matplotlib")
+    plot_results = load("plot_results.py")
+    root = write_recurrence(write_run(str(tmp_path / "run")))
+    out = tmp_path / "plots"
+    out.mkdir()
+    assert plot_results.main(["--long-context", root, "--out", str(out)]) == 0
+    assert sorted(os.listdir(out)) == ["long_context_lm.png", "long_context_lm_positions.png",
+                                       "long_context_lm_recurrence.png", "long_context_lm_sweeps.png"]
+    with open(out / "long_context_lm_recurrence.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
 @pytest.mark.parametrize("table", sorted(glob.glob(os.path.join(LOGS, "icl*", "*", "table.md"))))
 def test_icl_table_total_is_the_sum_of_its_runs(table):
     """The total line adds the runs' own times (a table resumed over several calls once printed
