@@ -120,13 +120,13 @@ def main(argv=None) -> int:
         model = models[0].eval()
         d = task.source_dictionary
         text = real_text(args.data, args.split, d)
-        memory = model.__class__.__name__ == "LongMemGPT2Model" and not getattr(
-            model.decoder.cfg, "disable_memory", True)
+        # a LongMem decoder keeps one memory per stream; a gpt2_lm backbone has none
+        memory = hasattr(model.decoder, "reset_memory") and not model.decoder.cfg.disable_memory
+        vocab = range(d.nspecial, min(len(d), d.nspecial + args.span_vocab))
         for distance in distances:
-            vocab = range(d.nspecial, min(len(d), d.nspecial + args.span_vocab))
             docs, first, second = make_trials(text, vocab, T, args.span,
                                               distance, args.trials, args.seed)
-            if hasattr(model, "decoder") and hasattr(model.decoder, "reset_memory"):
+            if memory:
                 model.decoder.reset_memory()
             lp = score(model, docs, T, d.eos(), memory)
             loss1, loss2 = copy_losses(lp, first, second, args.span)
