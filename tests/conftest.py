@@ -20,6 +20,13 @@ from typing import Dict, List, Tuple
 import pytest
 import torch
 
+# One thread per test process unless OMP_NUM_THREADS says otherwise: the suite runs in two
+# pytest-xdist workers on two cores (pytest.ini), and the tests' tensors are tiny. Two workers
+# with two threads each spin in torch's thread pool: on the 2-core VM a generation test took
+# 49 s that way and 6 s with one thread.
+if "OMP_NUM_THREADS" not in os.environ:
+    torch.set_num_threads(1)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USER_DIR = os.path.join(REPO, "fairseq_longmem")
 # console scripts of the interpreter running the tests, so that a venv need not be activated

@@ -193,7 +193,7 @@ def test_eval_lm_cli_scores_converted_checkpoint(converted, tmp_path):
         "eval_lm": ("fairseq-eval-lm", [
             data, "--path", out_dir / "checkpoint.pt", "--user-dir", user_dir(), "--gen-subset",
             "test", "--cpu", "--tokens-per-sample", "63", "--sample-break-mode", "none",
-            "--batch-size", "1", "--context-window", "0"]),
+            "--batch-size", "1", "--context-window", "0", "--num-workers", "0"]),
     })
     assert not any(case.failed for case in logs.values()), logs["eval_lm"].log[-2000:]
     # the stream is 3 x (20 tokens + </s>) = 63 tokens scored as one block; fairseq feeds </s>
@@ -245,7 +245,7 @@ def test_eval_refuses_data_binarized_with_a_reordered_converted_dict(converted, 
     logs = run_cli_cases({name: ("fairseq-eval-lm", [
         tmp_path / name, "--path", out_dir / "checkpoint.pt", "--user-dir", user_dir(),
         "--gen-subset", "test", "--cpu", "--tokens-per-sample", "16", "--batch-size", "1",
-    ]) for name in dicts})
+        "--num-workers", "0"]) for name in dicts})
     assert not logs["same"].failed and "Loss (base 2)" in logs["same"].log
     assert logs["reordered"].failed
     expected = (

@@ -331,7 +331,7 @@ def generate_argv(s, *extra, path=None, data=None):
         "--icl-data-dir", data or s.data, "--icl-labels", "negative,positive",
         "--demos-in-context", "3", "--demos-in-memory", "40", "--scoring", "icl_accuracy",
         "--batch-size", "4", "--bpe", "gpt2", "--gpt2-encoder-json", enc, "--gpt2-vocab-bpe",
-        vocab, "--cpu", "--nbest", "2", *extra])
+        vocab, "--cpu", "--nbest", "2", "--num-workers", "0", *extra])
 
 
 BAD_INPUT = [

@@ -578,13 +578,15 @@ def test_faiss_backend_without_faiss_says_what_to_install(monkeypatch):
 # test_faiss_backend_without_faiss_says_what_to_install
 @pytest.mark.slow
 def test_faiss_tests_skip_without_faiss():
-    # run this file's faiss tests with `import faiss` failing: they must skip, not fail
+    # run this file's faiss tests with `import faiss` failing: they must skip, not fail (in this
+    # one process, -n 0: pytest.ini's xdist workers would import faiss afresh)
     script = textwrap.dedent(f"""
         import sys
         sys.modules["faiss"] = None
         import pytest
-        sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", {os.path.abspath(__file__)!r},
-                              "-k", "faiss and not skip_without_faiss"]))
+        sys.exit(pytest.main(["-q", "-n", "0", "-p", "no:cacheprovider",
+                              {os.path.abspath(__file__)!r}, "-k",
+                              "faiss and not skip_without_faiss"]))
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          cwd=REPO, timeout=300)

@@ -71,7 +71,7 @@ def test_triton_query_blocks_and_tiles_do_not_change_results():
 @pytest.mark.skipif(torch.cuda.is_available() or INTERPRETING, reason="runs the kernels itself")
 def test_kernels_through_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider",
                           os.path.abspath(__file__)], capture_output=True, text=True, env=env,
                          cwd=os.path.dirname(os.path.abspath(__file__)), timeout=600)
     summary = out.stdout.strip().splitlines()[-1]

@@ -187,7 +187,7 @@ def suffix_case(models, data, *extra):
         "--task", "longmem_suffix", "--path", models.longmem, "--suffix-data", data,
         "--tokens-per-sample", "32", "--suffix-tokens", "8", "--scoring", "candidate_accuracy",
         "--batch-size", "2", "--bpe", "gpt2", "--gpt2-encoder-json", enc, "--gpt2-vocab-bpe",
-        vocab, "--cpu", "--nbest", "3", *extra])
+        vocab, "--cpu", "--nbest", "3", "--num-workers", "0", *extra])
 
 
 def test_generate_end_to_end_with_memory_on_and_off(gpt2_vocab_models, tmp_path):
