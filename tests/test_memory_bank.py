@@ -1,5 +1,6 @@
 """Tests of the chunked memory bank against a naive list-of-chunks reference; CPU, seconds."""
 
+import json
 import os
 import random
 import re
@@ -12,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fairseq_longmem.memory.bank import ChunkedMemoryBank, MemoryRetrieval
+from fairseq_longmem.memory.file_format import read_identity
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES_DIR = os.path.join(REPO, "fairseq_longmem", "modules")
@@ -431,6 +433,24 @@ def test_fingerprint_rules(tmp_path):
     assert "\n" not in str(err.value)
     assert_same_state(before, state(victim))
     ChunkedMemoryBank(3, 4, 16, 4, 64, fingerprint="x").load(tmp_path / "b.safetensors")
+
+
+def test_read_identity_takes_only_its_own_kind(tmp_path):
+    # the one reader of the identities that prompt memories and ICL memories carry
+    kind = "fairseq_longmem.prompt_memory/1"
+    own = {"kind": kind, "num_tokens": 7}
+    for name, fingerprint in (("own", json.dumps(own)), ("other", json.dumps({"kind": "icl/1"})),
+                              ("plain", "gpt2:abc"), ("list", "[1, 2]"), ("none", "")):
+        filled_bank(seed=14, fingerprint=fingerprint).save(tmp_path / f"{name}.safetensors")
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    assert read_identity(tmp_path / "own.safetensors", kind) == own
+    for name in ("other", "plain", "list", "none"):
+        with pytest.raises(ValueError) as err:
+            read_identity(tmp_path / f"{name}.safetensors", kind)
+        assert str(err.value) == f"no {kind} identity in its header", name
+    with pytest.raises(ValueError, match=r"empty.safetensors: refused, expected a complete "
+                       r"safetensors memory-bank file, found an unreadable file"):
+        read_identity(tmp_path / "empty.safetensors", kind)
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -132,6 +132,21 @@ def read_header(path) -> dict:
     return header
 
 
+def read_identity(path, kind: str) -> dict:
+    """The identity a saved bank carries as its fingerprint (a JSON object whose ``kind`` names
+    what wrote it, e.g. a prompt memory), when that kind is ``kind``. A one-line ValueError
+    otherwise: the file's own refusal when it is no readable bank, else that it holds no such
+    identity."""
+    header = read_header(path)
+    try:
+        identity = json.loads(header.get("fingerprint") or "")
+    except ValueError:
+        identity = None
+    if not isinstance(identity, dict) or identity.get("kind") != kind:
+        raise ValueError(f"no {kind} identity in its header")
+    return identity
+
+
 def _read(path, tensors: bool = True):
     """(header dict, tensors on CPU) of a saved bank; structural damage -> one-line ValueError."""
     from safetensors import SafetensorError, safe_open

@@ -19,7 +19,7 @@ import torch
 from fairseq.sequence_generator import EnsembleModel, SequenceGenerator
 
 from ..memory.bank import ChunkedMemoryBank
-from ..memory.file_format import read_header
+from ..memory.file_format import read_identity
 from .scoring import memory_scoring
 
 logger = logging.getLogger(__name__)
@@ -180,13 +180,10 @@ def load_prompt_memory(path: str, decoder, segment_len: int, template) -> Chunke
     refused in one line when it is not a prompt memory of this model (another backbone, memory
     layer, chunk or memory size, segment)."""
     try:
-        identity = json.loads(read_header(path).get("fingerprint") or "")
-        if not isinstance(identity, dict) or identity.get("kind") != PROMPT_MEMORY_KIND:
-            raise ValueError
+        identity = read_identity(path, PROMPT_MEMORY_KIND)
     except ValueError as e:
-        detail = str(e) if str(e).startswith(path) else "no prompt-memory identity in its header"
         raise ValueError(f"--memory-file {path} is not a prompt memory of fairseq-longmem "
-                         f"({detail}): write one with fairseq-interactive --save-memory") from None
+                         f"({e}): write one with fairseq-interactive --save-memory") from None
     want = prompt_memory_identity(decoder, segment_len)
     diff = ", ".join(f"{k} (file {identity.get(k)!r}, this model {want[k]!r})"
                      for k in MATCHING_KEYS if identity.get(k) != want[k])

@@ -32,7 +32,7 @@ from fairseq.dataclass import ChoiceEnum
 from fairseq.tasks import register_task
 
 from . import icl_data, memory_scoring
-from ...memory.file_format import read_header
+from ...memory.file_format import read_identity
 from .candidate_scoring import (
     CandidateScorer,
     CandidateScoringConfig,
@@ -252,7 +252,11 @@ class ICLScorer(CandidateScorer):
                                               decoder.cfg.retrieved_tokens)
         path = cfg.memory_file
         if path and os.path.exists(path):
-            saved = read_identity(path)
+            try:
+                saved = read_identity(path, MEMORY_FILE_KIND)
+            except ValueError as e:
+                raise ValueError(f"--memory-file {path} is not an in-context-learning memory of "
+                                 f"fairseq-longmem ({e}): pass another --memory-file") from None
             if saved != wanted:
                 diff = ", ".join(f"{k} (file {saved.get(k)!r}, this run {wanted.get(k)!r})"
                                  for k in sorted(set(saved) | set(wanted))
@@ -303,21 +307,6 @@ class ICLScorer(CandidateScorer):
         scores = memory_scoring.continuation_logprobs(self.model, prompts,
                                                       [cands] * len(prompts), self.pad, memory)
         return [self.ranked(cands, row) for row in scores]
-
-
-def read_identity(path: str) -> dict:
-    """The identity a saved ICL memory was built with (its bank fingerprint), or a one-line
-    error if the file is not such a memory."""
-    try:
-        identity = json.loads(read_header(path).get("fingerprint") or "")
-        if not isinstance(identity, dict) or identity.get("kind") != MEMORY_FILE_KIND:
-            raise ValueError
-    except ValueError:
-        raise ValueError(
-            f"--memory-file {path} is not an in-context-learning memory of fairseq-longmem "
-            "(no identity in its header): pass another --memory-file"
-        ) from None
-    return identity
 
 
 # what the task's build_generator (CandidateScoringTask's) hands fairseq-generate
