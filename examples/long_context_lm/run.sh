@@ -16,7 +16,7 @@
 #   bash examples/long_context_lm/run.sh                 # CPU default, about 2.5 hours on 2 cores
 #   PRESET=smoke bash examples/long_context_lm/run.sh    # generated books, a few minutes
 #   PRESET=gpu bash examples/long_context_lm/run.sh      # GPU-sized (gpu.env)
-#   PRESET=code_cpu / PRESET=code_smoke                  # the same on Python source code (docs/DATA.md)
+#   PRESET=code_cpu / code_smoke / code_gpu              # the same on Python source code (docs/DATA.md)
 # OUT=DIR chooses the output folder (default runs/long_context_lm/$PRESET); a step whose output
 # and complete log are already there is skipped (a rerun resumes); all logs go to $OUT/logs.
 # Settings: $PRESET.env, each overridable from the environment. See this folder's README.md.
@@ -25,7 +25,7 @@ HERE="$(cd "$(dirname "$0")" && pwd)"
 cd "$HERE/../.."
 PRESET=${PRESET:-cpu}
 if [ ! -f "$HERE/$PRESET.env" ]; then
-  echo "error: PRESET=$PRESET has no settings file $HERE/$PRESET.env; use cpu, smoke, gpu, code_cpu or code_smoke" >&2
+  echo "error: PRESET=$PRESET has no settings file $HERE/$PRESET.env; use cpu, smoke, gpu, code_cpu, code_smoke or code_gpu" >&2
   exit 2
 fi
 # shellcheck source=cpu.env
