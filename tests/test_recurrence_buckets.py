@@ -152,6 +152,25 @@ def test_reach_shares_of_a_hand_made_memory_sum_to_one():
     reach = reach_of_read(probs, found, torch.ones(1, 1, 1, 1, dtype=torch.bool), bank, [1, 4, 16])
     assert reach["mass"].flatten().tolist() == pytest.approx([0.4, 0.2, 0.25, 0.15])
     assert reach["chunks"].flatten().tolist() == [1, 2, 1, 1]
+    # chance: the 20 stored chunks were written 1, 2-4 (3), 5-16 (12), 17-20 (4) adds back
+    assert reach["stored"].tolist() == pytest.approx([1 / 20, 3 / 20, 12 / 20, 4 / 20])
+    # two rows (row 1 cleared, then one add), batch rows folded onto them two by two, and one
+    # batch row whose queries found nothing: each row's contents weighted by its readers
+    two = ChunkedMemoryBank(2, 1, 2, chunk_size=1, memory_size=32)
+    for step in range(20):
+        two.add(torch.ones(2, 1, 1, 2), torch.ones(2, 1, 1, 2))
+    two.clear(1)
+    two.add(torch.ones(2, 1, 1, 2), torch.ones(2, 1, 1, 2))
+    # contents now: row 0 written 1-21 back (1, 3, 12, 5), row 1 one chunk 1 back
+    has_mem = torch.ones(4, 2, 3, 1, dtype=torch.bool)
+    has_mem[1] = False  # batch row 1 reads row 0 but found nothing
+    probs4 = torch.full((4, 2, 3, 1), 1.0)
+    slots4 = torch.zeros(4, 2, 3, 1, dtype=torch.long)
+    stored = reach_of_read(probs4, SimpleNamespace(chunk_index=slots4), has_mem, two,
+                           [1, 4, 16])["stored"]
+    row0 = torch.tensor([1, 3, 12, 5]) / 21
+    want = 6 * row0 + 12 * torch.tensor([1.0, 0, 0, 0])  # batch row 0 (6 pairs); rows 2, 3
+    assert stored.tolist() == pytest.approx(want.tolist())
     # a cleared row counts afresh
     bank.clear()
     bank.add(torch.ones(1, 1, 1, 2), torch.ones(1, 1, 1, 2))
@@ -159,10 +178,12 @@ def test_reach_shares_of_a_hand_made_memory_sum_to_one():
 
     labels = ["1", "2_4", "5_16", "17_end"]
     logs = []
-    for mass, chunks in ((reach["mass"], reach["chunks"]),
-                         (torch.tensor([[0.0, 1.0, 1.0, 0.0], [2.0, 0.0, 0.0, 0.0]]),
-                          torch.tensor([[0.0, 3.0, 1.0, 0.0], [4.0, 0.0, 0.0, 0.0]]))):
-        logs.append(reach_sums({"mass": mass, "chunks": chunks, "labels": labels}))
+    for mass, chunks, stored in ((reach["mass"], reach["chunks"], reach["stored"]),
+                                 (torch.tensor([[0.0, 1.0, 1.0, 0.0], [2.0, 0.0, 0.0, 0.0]]),
+                                  torch.tensor([[0.0, 3.0, 1.0, 0.0], [4.0, 0.0, 0.0, 0.0]]),
+                                  torch.tensor([0.0, 0.0, 1.0, 1.0]))):
+        logs.append(reach_sums({"mass": mass, "chunks": chunks, "stored": stored,
+                                "labels": labels}))
     for log in logs:
         log.update(loss=0.0, ntokens=1, sample_size=1)
     values = reduced(logs)
@@ -172,6 +193,9 @@ def test_reach_shares_of_a_hand_made_memory_sum_to_one():
     assert shares == pytest.approx([2.4 / 5, 1.2 / 5, 1.25 / 5, 0.15 / 5], abs=1e-3)
     assert values["mem_reach1_h1"] == 1.0
     assert values["mem_chunks2_4"] == pytest.approx(5 / 13, abs=1e-3)
+    # the contents: (0.05, 0.15, 0.6, 0.2) + (0, 0, 1, 1) over 3
+    stored = [values[f"mem_stored{label}"] for label in labels]
+    assert stored == pytest.approx([0.05 / 3, 0.15 / 3, 1.6 / 3, 1.2 / 3], abs=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,6 +276,9 @@ def test_recurrence_buckets_through_the_clis_match_eval_lm(corpus, backbone, lon
     assert sum(shares) == pytest.approx(1, abs=1e-6) and shares[0] > 0 and shares[1] > 0
     chunks = [res["longmem"][f"mem_chunks{label}"] for label in LABELS[2:]]
     assert sum(chunks) == pytest.approx(1, abs=1e-6)
+    # chance, the memory's contents: every read has at least the previous segment in memory
+    stored = [res["longmem"][f"mem_stored{label}"] for label in LABELS[2:]]
+    assert sum(stored) == pytest.approx(1, abs=1e-6) and stored[0] > 0
     for h in range(4):  # longmem_gpt2_tiny's heads
         assert sum(res["longmem"][f"mem_reach{label}_h{h}"] for label in LABELS[2:]) \
             == pytest.approx(1, abs=1e-6)

@@ -150,9 +150,11 @@ def write_recurrence(root, tokens=REC_TOKENS):
             if n:
                 values[f"loss_rec{label}"] = bits
         if name.startswith("memory_1"):
-            for label, mass, chunks, h0, h1 in (("1", 0.5, 0.4, 0.75, 0.25), ("2_4", 0.25, 0.3, 0.25, 0.25),
-                                                ("5_16", 0.125, 0.2, 0.0, 0.25), ("17_end", 0.125, 0.1, 0.0, 0.25)):
+            for label, mass, chunks, stored, h0, h1 in (
+                    ("1", 0.5, 0.4, 0.05, 0.75, 0.25), ("2_4", 0.25, 0.3, 0.15, 0.25, 0.25),
+                    ("5_16", 0.125, 0.2, 0.3, 0.0, 0.25), ("17_end", 0.125, 0.1, 0.5, 0.0, 0.25)):
                 values.update({f"mem_reach{label}": mass, f"mem_chunks{label}": chunks,
+                               f"mem_stored{label}": stored,
                                f"mem_reach{label}_h0": h0, f"mem_reach{label}_h1": h1})
         with open(os.path.join(root, "logs", f"positions_{name}.json"), "w") as f:
             json.dump(values, f)
@@ -183,6 +185,7 @@ def test_summarize_recurrence_and_reach_tables(tmp_path):
         {"none": 0, "local": -25, "1": 10, "2_4": 20, "5_16": 40, "all": 100 * (1 - 6.8 / 6.95)})
     assert r["reach"]["mass"] == {"1": 0.5, "2_4": 0.25, "5_16": 0.125, "17_end": 0.125}
     assert r["reach"]["heads"][1]["17_end"] == 0.25
+    assert r["reach"]["stored"] == {"1": 0.05, "2_4": 0.15, "5_16": 0.3, "17_end": 0.5}
     text = summarize.markdown(r)
     assert table_under(text, "### Loss by recurrence distance") == [
         "| | first | same segment | 1 | 2-4 | 5-16 | >16 | all |",
@@ -200,6 +203,7 @@ def test_summarize_recurrence_and_reach_tables(tmp_path):
         "|---|---|---|---|---|",
         "| attention mass | 50.0% | 25.0% | 12.5% | 12.5% |",
         "| retrieved chunks | 40.0% | 30.0% | 20.0% | 10.0% |",
+        "| chance: the memory's contents | 5.0% | 15.0% | 30.0% | 50.0% |",
         "| head 0: attention mass | 75.0% | 25.0% | 0.0% | 0.0% |",
         "| head 1: attention mass | 25.0% | 25.0% | 25.0% | 25.0% |",
     ]

@@ -28,7 +28,8 @@ CONDITIONS = {  # name: (label, short label for plots)
 MEMORY = re.compile(r"memory_(\d+)_csz(\d+)$")
 # longmem_cross_entropy's recurrence buckets (none, local, 1, 2_4, ..., 17_end) and reach shares
 REC_TOKENS = re.compile(r"ntokens_rec(none|local|\d+(?:_(?:\d+|end))?)$")
-REACH = re.compile(r"mem_(reach|chunks)(\d+(?:_(?:\d+|end))?)(?:_h(\d+))?$")
+REACH = re.compile(r"mem_(reach|chunks|stored)(\d+(?:_(?:\d+|end))?)(?:_h(\d+))?$")
+REACH_KINDS = {"reach": "mass", "chunks": "chunks", "stored": "stored"}
 REC_CONDITIONS = ("backbone", "backbone_window", "memory_off")  # the rows before (d)
 
 
@@ -181,18 +182,19 @@ def gains(recurrence, main):
 
 
 def reach(values):
-    """Where (d)'s memory reads reach: {"mass": {label: share}, "chunks": {...}, "heads": {h:
-    {label: share}}} from its positions file (``--memory-reach-buckets``); {} without."""
+    """Where (d)'s memory reads reach: {"mass": {label: share}, "chunks": {...}, "stored": {...}
+    (the memory's contents, chance), "heads": {h: {label: share}}} from its positions file
+    (``--memory-reach-buckets``); {} without."""
     out = {}
     for key, v in values.items():
         m = REACH.match(key)
         if m:
             kind, label, head = m.groups()
             if head is None:
-                out.setdefault("mass" if kind == "reach" else "chunks", {})[label] = v
+                out.setdefault(REACH_KINDS[kind], {})[label] = v
             elif kind == "reach":
                 out.setdefault("heads", {}).setdefault(int(head), {})[label] = v
-    for key in ("mass", "chunks"):
+    for key in ("mass", "chunks", "stored"):
         if key in out:
             out[key] = dict(sorted(out[key].items(), key=lambda kv: rec_order(kv[0])))
     if "heads" in out:
@@ -290,12 +292,17 @@ def recurrence_markdown(r):
         cols = list(shares["mass"])
         out += ["", "### Where the memory reads reach ((d))", "",
                 "Share of the memory attention's mass (and of the retrieved chunks) by how many "
-                "segments back the chunk read was written.", "",
+                "segments back the chunk read was written; chance: the share of the memory's "
+                "own chunks in each bucket at the time of the read (where reads of stored "
+                "chunks drawn at random would land).", "",
                 "| | " + " | ".join(rec_name(b) for b in cols) + " |", "|---|" + "---|" * len(cols),
                 "| attention mass | " + " | ".join(f"{100 * shares['mass'][b]:.1f}%" for b in cols) + " |"]
         if shares.get("chunks"):
             out.append("| retrieved chunks | " + " | ".join(
                 f"{100 * shares['chunks'].get(b, 0):.1f}%" for b in cols) + " |")
+        if shares.get("stored"):
+            out.append("| chance: the memory's contents | " + " | ".join(
+                f"{100 * shares['stored'].get(b, 0):.1f}%" for b in cols) + " |")
         for h, row in shares.get("heads", {}).items():
             out.append(f"| head {h}: attention mass | " + " | ".join(
                 f"{100 * row.get(b, 0):.1f}%" for b in cols) + " |")

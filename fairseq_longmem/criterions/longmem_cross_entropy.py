@@ -21,8 +21,10 @@ previous occurrence at j are ``i // T - j // T`` segments apart.
 With a model that logs where its memory reads reach (``longmem_gpt2 --memory-reach-buckets``),
 also ``mem_reach<label>``: the share of the memory attention's mass on chunks written ``label``
 segments back (summed over heads and queries that read memory; the shares sum to 1),
-``mem_reach<label>_h<h>`` the same per head, and ``mem_chunks<label>`` the share of retrieved
-chunks.
+``mem_reach<label>_h<h>`` the same per head, ``mem_chunks<label>`` the share of retrieved
+chunks, and ``mem_stored<label>`` the share of the memory's own chunks written ``label`` segments
+back at the time of each read (weighted as the mass is): where reads that picked stored chunks at
+random would land, the chance level of the other two.
 """
 
 import math
@@ -42,6 +44,7 @@ POS_COUNT = "ntokens_pos"  # logging-output prefix of a position bucket's token 
 POS_LOSS = "lossnat_pos"  # ... and of its summed loss in nats (reduced to loss_pos*)
 REC_COUNT, REC_LOSS = "ntokens_rec", "lossnat_rec"  # the same per recurrence bucket
 REACH_MASS, REACH_CHUNKS = "reachmass_", "reachchunks_"  # summed mass/chunks, + label_h<head>
+REACH_STORED = "reachstored_"  # + label: the memory's contents by bucket, summed over the reads
 
 
 @dataclass
@@ -235,15 +238,22 @@ def reach_sums(reach) -> dict:
         for label, m, c in zip(reach["labels"], mass, chunks):
             out[f"{REACH_MASS}{label}_h{h}"] = float(m)
             out[f"{REACH_CHUNKS}{label}_h{h}"] = float(c)
+    for label, share in zip(reach["labels"], reach["stored"].tolist()):
+        out[f"{REACH_STORED}{label}"] = float(share)
     return out
 
 
 def log_reach_shares(logging_outputs):
     """``mem_reach<label>`` (share of memory-attention mass), ``mem_reach<label>_h<h>`` (per
-    head) and ``mem_chunks<label>`` (share of retrieved chunks): each family sums to 1."""
-    mass, chunks = {}, {}  # (label, head) -> sum
+    head), ``mem_chunks<label>`` (share of retrieved chunks) and ``mem_stored<label>`` (share of
+    the memory's contents, the chance level): each family sums to 1."""
+    mass, chunks, stored = {}, {}, {}  # (label, head) -> sum; label -> sum
     for log in logging_outputs:
         for k, v in log.items():
+            if k.startswith(REACH_STORED):
+                label = k[len(REACH_STORED):]
+                stored[label] = stored.get(label, 0.0) + v
+                continue
             for prefix, into in ((REACH_MASS, mass), (REACH_CHUNKS, chunks)):
                 if k.startswith(prefix):
                     label, head = k[len(prefix):].rsplit("_h", 1)
@@ -254,7 +264,11 @@ def log_reach_shares(logging_outputs):
     labels = sorted({label for label, _ in mass}, key=label_order)
     heads = sorted({head for _, head in mass})
     total_chunks = sum(chunks.values())
+    total_stored = sum(stored.values())
     for label in labels:
+        if total_stored:
+            metrics.log_scalar(f"mem_stored{label}", stored.get(label, 0.0) / total_stored,
+                               total, round=3)
         metrics.log_scalar(f"mem_reach{label}",
                            sum(mass[label, h] for h in heads) / total, total, round=3)
         if total_chunks:

@@ -442,6 +442,14 @@ class ChunkedMemoryBank:
         written = self._written_at[rows].gather(1, slots.clamp_min(0).flatten(1)).view(slots.shape)
         return clock.view(-1, 1, 1, 1) - written + 1
 
+    def contents_segments_back(self) -> torch.LongTensor:
+        """(rows, capacity): how many ``add`` calls ago (1 = the latest) each stored chunk was
+        written, as ``segments_back`` counts; -1 for the empty slots (from ``count`` on)."""
+        clock = torch.from_numpy(self._clock).to(self._device)
+        count = torch.from_numpy(self._count).to(self._device)
+        stored = torch.arange(self.capacity, device=self._device)[None, :] < count[:, None]
+        return (clock[:, None] - self._written_at + 1).masked_fill(~stored, -1)
+
     def _expand(self, slots):
         """Gather the chunks named by slots (B, H, T, nk), -1 = missing, into a MemoryRetrieval."""
         B, H, T, nk = slots.shape

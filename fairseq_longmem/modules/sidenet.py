@@ -24,7 +24,9 @@ class MemoryReadStats:
     gate: torch.Tensor  # mean sigmoid(g_h) over heads
     memory_share: torch.Tensor  # mean share of attention mass on memory over (B, H, T)
     # with reach buckets: {"mass": (H, nb) memory-attention mass summed over the queries that
-    # read memory, "chunks": (H, nb) retrieved chunks counted} by segments back of the chunk
+    # read memory, "chunks": (H, nb) retrieved chunks counted} by segments back of the chunk,
+    # and "stored": (nb,) the share of the memory's chunks in each bucket, summed over the same
+    # (query, head) pairs: where reads would land if they picked stored chunks at random
     reach: Optional[Dict[str, torch.Tensor]] = None
 
 # SideNet initialisations (--sidenet-init): "paper" copies backbone blocks as they are;
@@ -49,7 +51,15 @@ def reach_of_read(probs, found, has_mem, memory, reach_edges: Sequence[int]):
     per_mass = torch.zeros(H * nb, device=back.device).index_add_(0, index, mass.flatten())
     per_chunks = torch.zeros(H * nb, device=back.device).index_add_(
         0, index, valid.float().flatten())
-    return {"mass": per_mass.view(H, nb), "chunks": per_chunks.view(H, nb)}
+    # chance: the memory's contents by bucket, per memory row, weighted by the (query, head)
+    # pairs of the batch rows that read that row and found something
+    contents = memory.contents_segments_back()  # (R, C), -1 for empty slots
+    in_bucket = F.one_hot(torch.bucketize(contents, edges), nb) * (contents > 0)[..., None]
+    counts = in_bucket.sum(1).float()  # (R, nb)
+    shares = counts / counts.sum(-1, keepdim=True).clamp_min(1)
+    readers = has_mem.expand(B, H, T, 1).float().sum(dim=(1, 2, 3))  # (B,)
+    stored = (shares.repeat_interleave(B // contents.shape[0], 0) * readers[:, None]).sum(0)
+    return {"mass": per_mass.view(H, nb), "chunks": per_chunks.view(H, nb), "stored": stored}
 
 
 def read_memory(memory, q, retrieved_tokens: int):
