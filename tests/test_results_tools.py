@@ -248,8 +248,8 @@ def test_recurrence_plot_draws_the_gains_by_bucket(tmp_path):
     assert [b.get_height() for b in over_b] == pytest.approx([0, -25, 10, 20, 40, 100 * (1 - 6.8 / 6.95)])
     # the empty >16 bucket is left out; every label carries its token count
     assert [t.get_text() for t in ax.get_xticklabels()] == [
-        "first\n500 tokens", "same segment\n300 tokens", "1\n100 tokens", "2-4\n60 tokens",
-        "5-16\n40 tokens", "all\n1,000 tokens"]
+        "first\n500 tok.", "same segment\n300 tok.", "1\n100 tok.", "2-4\n60 tok.",
+        "5-16\n40 tok.", "all\n1.0k tok."]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == [
         "(d) over (c) memory off", "(d) over (b) sliding window"]
     assert [tuple(line.get_ydata()) for line in ax.get_lines()] == [(0, 0)]  # the zero line

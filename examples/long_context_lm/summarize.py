@@ -326,8 +326,12 @@ def recurrence_plot(plt, r, path, tag=""):
     fmt = ScalarFormatter(useOffset=False)
     fmt.set_scientific(False)
     ax.yaxis.set_major_formatter(fmt)
+    # the token count on a line of its own, short (thousands), so that 8 groups fit side by side
+    def count(n):
+        return f"{n} tok." if n < 1000 else f"{n / 1000:.1f}k tok."
+
     ax.set_xticks(range(len(buckets)),
-                  [f"{rec_name(b)}\n{rec[main][b]['tokens']:,} tokens" for b in buckets])
+                  [f"{rec_name(b)}\n{count(rec[main][b]['tokens'])}" for b in buckets], fontsize=8)
     ax.set_xlabel("segments back to the previous occurrence of the token's bigram")
     ax.set_ylabel("loss gain of (d), % (higher: (d) better)")
     ax.grid(axis="y", alpha=0.3)

@@ -1,0 +1,1 @@
+python examples/build_book_corpus.py --out /work/runs/code_cpu/data --sources pycode --valid-packages 2 --test-packages 2 --seed 1 --bpe sentencepiece --vocab-size 8000 

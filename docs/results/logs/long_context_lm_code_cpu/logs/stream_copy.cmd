@@ -1,0 +1,1 @@
+fairseq-preprocess --only-source --srcdict /work/runs/code_cpu/data/bin/dict.txt --testpref /work/runs/code_cpu/data/test.stream.tok --destdir /work/runs/code_cpu/data/bin-stream --workers 1 

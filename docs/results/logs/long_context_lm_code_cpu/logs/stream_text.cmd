@@ -1,0 +1,1 @@
+bash -c grep\ -v\ \"\^\$\"\ \"\$0\"\ \>\ \"\$1\" /work/runs/code_cpu/data/test.tok /work/runs/code_cpu/data/test.stream.tok 
