@@ -1,0 +1,1 @@
+python examples/build_book_corpus.py --out /work/runs/cpu/data --sources austen\,kjv\,mobydick\,tidytext --valid-books 1 --test-books 2 --seed 1993 --bpe sentencepiece --vocab-size 8000 

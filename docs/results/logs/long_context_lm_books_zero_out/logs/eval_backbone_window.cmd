@@ -1,0 +1,1 @@
+fairseq-eval-lm /work/runs/cpu/data/bin-stream --user-dir /work/runsrc_books/fairseq_longmem --task language_modeling --path /work/runs/cpu/backbone/checkpoint_last.pt --gen-subset test --sample-break-mode none --tokens-per-sample 256 --context-window 128 --batch-size 16 --num-workers 0 --cpu 

@@ -1,0 +1,1 @@
+fairseq-eval-lm /work/runs/cpu/data/bin --user-dir /work/runsrc_books/fairseq_longmem --task longmem_lm --path /work/runs/cpu/longmem/checkpoint_last.pt --gen-subset test --tokens-per-sample 256 --batch-size 2 --num-workers 0 --model-overrides \{\'memory_size\':\ 16384\} --cpu 

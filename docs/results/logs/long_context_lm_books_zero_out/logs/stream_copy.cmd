@@ -1,0 +1,1 @@
+fairseq-preprocess --only-source --srcdict /work/runs/cpu/data/bin/dict.txt --testpref /work/runs/cpu/data/test.stream.tok --destdir /work/runs/cpu/data/bin-stream --workers 1 

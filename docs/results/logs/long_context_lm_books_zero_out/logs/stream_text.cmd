@@ -1,0 +1,1 @@
+bash -c grep\ -v\ \"\^\$\"\ \"\$0\"\ \>\ \"\$1\" /work/runs/cpu/data/test.tok /work/runs/cpu/data/test.stream.tok 

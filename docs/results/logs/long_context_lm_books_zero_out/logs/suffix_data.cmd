@@ -1,0 +1,1 @@
+python examples/suffix/build_chapterbreak.py --corpus /work/runs/cpu/data --splits test --out /work/runs/cpu/data/suffix.json --ctx-words 6500 
