@@ -34,6 +34,10 @@ setup(
         "numpy>=1.24",
         "safetensors>=0.4",
         "sentencepiece>=0.1.99",
+        # imported models (python -m fairseq_longmem.convert, --bpe hf_tokenizer): llama.cpp's
+        # GGUF reader and Hugging Face's tokenizer library
+        "gguf>=0.10",
+        "tokenizers>=0.19",
     ]
     + FAIRSEQ_RUNTIME,
     extras_require={

@@ -15,8 +15,8 @@ import random
 import torch
 from fairseq.data import Dictionary
 
-from fairseq_longmem.models.longmem_gpt2 import LongMemGPT2Config, LongMemGPT2Model
-from fairseq_longmem.modules.gpt2 import GPT2Backbone, GPT2Dims
+from fairseq_longmem.families.gpt2.model import LongMemGPT2Config, LongMemGPT2Model
+from fairseq_longmem.families.gpt2.modules import GPT2Backbone, GPT2Dims
 from fairseq_longmem.tasks.longmem_lm import DocumentStreamDataset
 
 NK, NV, NF, T, FACTS, ROWS = 8, 8, 32, 32, 4, 8

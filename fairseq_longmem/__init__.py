@@ -37,4 +37,4 @@ if fairseq_installed():
 
     fairseq_patches.install()
 
-    from . import criterions, models, tasks  # noqa: E402,F401
+    from . import criterions, hf_tokenizer_bpe, models, tasks  # noqa: E402,F401

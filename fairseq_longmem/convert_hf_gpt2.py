@@ -24,7 +24,7 @@ import torch
 
 from . import require_fairseq
 from .fileio import atomic_write, read_json
-from .modules.gpt2 import GPT2Backbone, GPT2Dims
+from .families.gpt2.modules import GPT2Backbone, GPT2Dims
 
 SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
 # HF buffers that are not parameters: the causal mask and the masked-score constant.
@@ -225,7 +225,7 @@ def build_cfg(config: dict, out_dir: str, dictionary_fingerprint: str) -> dict:
     from fairseq.tasks.language_modeling import LanguageModelingConfig
     from omegaconf import OmegaConf
 
-    from .models.gpt2_lm import GPT2LMConfig
+    from .families.gpt2.model import GPT2LMConfig
 
     n_positions = config["n_positions"]
     cfg = OmegaConf.structured(FairseqConfig())
@@ -298,7 +298,7 @@ def convert(hf_dir: str, out_dir: str, force: bool = False) -> str:
 
     from fairseq.data import Dictionary
 
-    from .models.gpt2_lm import dictionary_fingerprint
+    from .models.common import dictionary_fingerprint
 
     os.makedirs(out_dir, exist_ok=True)
     dict_path = os.path.join(out_dir, "dict.txt")

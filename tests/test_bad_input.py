@@ -302,7 +302,8 @@ REFUSED = {
     "backbone_not_gpt2_lm": lambda x: [
         "is not a gpt2_lm checkpoint (model 'longmem_gpt2_tiny')"],
     "backbone_wrong_size": lambda x: [
-        "is a GPT-2 of width/layers/heads (128, 4, 4) but the arch expects (768, 12, 12)"],
+        "is a gpt2_lm of embed_dim/num_layers/num_heads (128, 4, 4) but the arch expects "
+        "(768, 12, 12)"],
     "data_dir_missing": lambda x: [
         "Dictionary not found: " + os.path.join(x.ins["no_data"], "dict.txt")],
     "split_missing": lambda x: ["Dataset not found: valid"],

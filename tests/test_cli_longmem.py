@@ -298,7 +298,7 @@ def test_tiny_yaml_trains_with_fairseq_hydra_train(corpus, backbone, tmp_path):
     # dictionary fingerprint, the backbone's positions) must still reach the checkpoint
     from fairseq.data import Dictionary
 
-    from fairseq_longmem.models.gpt2_lm import dictionary_fingerprint
+    from fairseq_longmem.models.common import dictionary_fingerprint
 
     saved = torch.load(tmp_path / "ck" / "checkpoint_last.pt", weights_only=False)["cfg"]["model"]
     dictionary = Dictionary.load(os.path.join(corpus.data_dir, "dict.txt"))
@@ -324,7 +324,7 @@ def test_yaml_composes_into_the_arch_and_paper_settings(name, size):
     from omegaconf import OmegaConf
 
     import fairseq_longmem  # noqa: F401
-    from fairseq_longmem.models.longmem_gpt2 import validate_config
+    from fairseq_longmem.models.longmem import validate_config
 
     GlobalHydra.instance().clear()
     hydra_init(name)

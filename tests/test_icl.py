@@ -225,7 +225,8 @@ def test_scoring_picks_the_model_s_label_and_fails_when_labels_swap(gpt2_files, 
     assert top["tokens"].tolist() == [POS_ID]
     # the model puts logit 5 on one token and 0 on the others
     expected = 5.0 - torch.logsumexp(torch.tensor([5.0] + [0.0] * (vocab - 1)), 0).item()
-    assert top["score"] == pytest.approx(expected, abs=1e-5)
+    # fp32 log-softmax over the 50k vocabulary: 1.3e-5 off the exact value on an AVX2-only CPU
+    assert top["score"] == pytest.approx(expected, abs=5e-5)
     if decision == "labels":
         assert [h["tokens"].tolist() for h in hypos[0]] == [[POS_ID], [NEG_ID]]
     swapped = make_task(gpt2_files, tmp_path, icl_decision=decision,
@@ -239,8 +240,8 @@ def test_scoring_picks_the_model_s_label_and_fails_when_labels_swap(gpt2_files, 
 def tiny_longmem(vocab, **overrides):
     from fairseq.data import Dictionary
 
-    from fairseq_longmem.models.longmem_gpt2 import LongMemGPT2Config, LongMemGPT2Model
-    from fairseq_longmem.modules.gpt2 import GPT2Backbone, GPT2Dims
+    from fairseq_longmem.families.gpt2.model import LongMemGPT2Config, LongMemGPT2Model
+    from fairseq_longmem.families.gpt2.modules import GPT2Backbone, GPT2Dims
 
     d = Dictionary()
     for i in range(vocab - d.nspecial):

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from fairseq_longmem.models.longmem_gpt2 import LongMemGPT2Config, LongMemGPT2Model
+from fairseq_longmem.families.gpt2.model import LongMemGPT2Config, LongMemGPT2Model
 from tiny_longmem import D, DICT, HEADS, LAYERS, T, make_backbone, make_model, random_tokens, stream
 
 def expected_trainable(d, layers, heads, r=2):

@@ -113,6 +113,6 @@ def test_auto_is_torch_on_cpu_and_every_backend_is_listed_once():
     assert memory_search.resolve("auto", torch.device("cpu")) == "torch"
     assert len(set(ChunkedMemoryBank.BACKENDS)) == len(ChunkedMemoryBank.BACKENDS)
     assert ChunkedMemoryBank.BACKENDS[0] == "auto"
-    from fairseq_longmem.models.longmem_gpt2 import SEARCH_BACKENDS
+    from fairseq_longmem.models.longmem import SEARCH_BACKENDS
 
     assert [str(b) for b in SEARCH_BACKENDS] == list(ChunkedMemoryBank.BACKENDS)

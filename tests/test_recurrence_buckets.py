@@ -22,7 +22,7 @@ from fairseq_longmem.criterions.longmem_cross_entropy import (
     reach_sums,
 )
 from fairseq_longmem.memory.bank import ChunkedMemoryBank
-from fairseq_longmem.modules.sidenet import reach_of_read
+from fairseq_longmem.modules.memory_attention import reach_of_read
 from fairseq_longmem.tasks.longmem_lm import DocumentStreamDataset, previous_bigram_distance
 
 SCORE_POSITIONS = os.path.join(REPO, "examples", "long_context_lm", "score_positions.py")

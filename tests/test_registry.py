@@ -13,6 +13,7 @@ PROBE = r"""
 import json
 import fairseq_longmem  # the only import: nothing else may register anything
 from fairseq.criterions import CRITERION_REGISTRY
+from fairseq.data.encoders import BPE_REGISTRY
 from fairseq.models import ARCH_MODEL_NAME_REGISTRY, MODEL_REGISTRY
 from fairseq.scoring import SCORER_REGISTRY
 from fairseq.tasks import TASK_REGISTRY
@@ -25,7 +26,8 @@ print(json.dumps({
     "tasks": ours(TASK_REGISTRY),
     "models": ours(MODEL_REGISTRY),
     "archs": {a: m for a, m in ARCH_MODEL_NAME_REGISTRY.items()
-              if m in ("gpt2_lm", "longmem_gpt2")},
+              if m in ("gpt2_lm", "longmem_gpt2", "llama_lm", "longmem_llama")},
+    "bpes": ours(BPE_REGISTRY),
     "criterions": ours(CRITERION_REGISTRY),
     "scorers": ours(SCORER_REGISTRY),
 }))
@@ -47,12 +49,14 @@ def probed():
 def test_import_registers_every_name(probed):
     found = probed[0]
     assert found["tasks"] == ["longmem_icl", "longmem_lm", "longmem_suffix"]
-    assert found["models"] == ["gpt2_lm", "longmem_gpt2"]
+    assert found["models"] == ["gpt2_lm", "llama_lm", "longmem_gpt2", "longmem_llama"]
     assert found["archs"] == {  # fairseq registers a model's own name as an arch too
         "gpt2_lm": "gpt2_lm", "longmem_gpt2": "longmem_gpt2",
         **{f"gpt2_lm_{s}": "gpt2_lm" for s in SIZES},
         **{f"longmem_gpt2_{s}": "longmem_gpt2" for s in SIZES},
+        "llama_lm": "llama_lm", "llama_lm_tiny": "llama_lm", "longmem_llama": "longmem_llama",
     }
+    assert found["bpes"] == ["hf_tokenizer"]
     assert found["criterions"] == ["longmem_cross_entropy"]
     assert found["scorers"] == ["candidate_accuracy", "icl_accuracy"]
 

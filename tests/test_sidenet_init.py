@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from fairseq.data import Dictionary
 
-from fairseq_longmem.models.longmem_gpt2 import LongMemGPT2Config, LongMemGPT2Model
-from fairseq_longmem.modules.gpt2 import GPT2Backbone, GPT2Dims
+from fairseq_longmem.families.gpt2.model import LongMemGPT2Config, LongMemGPT2Model
+from fairseq_longmem.families.gpt2.modules import GPT2Backbone, GPT2Dims
 from fairseq_longmem.modules.sidenet import SideNet
 
 D, LAYERS, HEADS, T = 64, 4, 4, 16

@@ -18,8 +18,8 @@ import time
 import torch
 from fairseq.data import Dictionary
 
-from fairseq_longmem.models.longmem_gpt2 import LongMemGPT2Config, LongMemGPT2Model
-from fairseq_longmem.modules.gpt2 import GPT2Backbone, GPT2Dims
+from fairseq_longmem.families.gpt2.model import LongMemGPT2Config, LongMemGPT2Model
+from fairseq_longmem.families.gpt2.modules import GPT2Backbone, GPT2Dims
 from runlog import RunLog  # examples/benchmarks/runlog.py, beside this script
 
 

@@ -18,14 +18,14 @@ from runlog import RunLog, cpu_model  # examples/benchmarks/runlog.py, beside th
 
 from fairseq.data import Dictionary
 
-from fairseq_longmem.models.longmem_gpt2 import (
+from fairseq_longmem.families.gpt2.model import (
     DEFAULT_MEMORY_LAYER,
     LongMemGPT2Config,
     LongMemGPT2Model,
 )
-from fairseq_longmem.modules.gpt2 import GPT2_SIZES, GPT2Backbone, GPT2Dims
+from fairseq_longmem.families.gpt2.modules import GPT2_SIZES, GPT2Backbone, GPT2Dims
 from fairseq_longmem.memory.bank import ChunkedMemoryBank
-from fairseq_longmem.modules.sidenet import JointAttention
+from fairseq_longmem.modules.memory_attention import JointAttentionMixin
 from fairseq_longmem.tasks.longmem_lm import DocumentStreamDataset
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -194,7 +194,7 @@ def breakdown(on, off, batches, sync, train: bool):
     timers.wrap(ChunkedMemoryBank, "search", lambda *a, **k: "search")
     timers.wrap(ChunkedMemoryBank, "_expand", lambda *a, **k: "gather")  # part of search
     timers.wrap(ChunkedMemoryBank, "add", lambda *a, **k: "add")
-    timers.wrap(JointAttention, "forward",
+    timers.wrap(JointAttentionMixin, "forward",
                 lambda self, x, memory=None, **k: "attn_on" if memory is not None else "attn_off")
     step = (lambda r, b: r.train_step(b)) if train else (lambda r, b: r.eval_forward(b))
     try:

@@ -128,7 +128,7 @@ class SlidingWindow(torch.nn.Module):
 
     def __init__(self, model, dataset, context_window: int):
         super().__init__()
-        from fairseq_longmem.models.gpt2_lm import GPT2LanguageModel
+        from fairseq_longmem.families.gpt2.model import GPT2LanguageModel
         from fairseq_longmem.tasks.longmem_lm import DocumentStreamDataset
 
         C = context_window

@@ -46,13 +46,12 @@ and are never touched by ``model.to()``/``model.half()`` or DDP buffer broadcast
 """
 
 import logging
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 from . import file_format as memory_file
 from . import search as memory_search
+from .interface import Memory, MemoryRetrieval, chunk_means
 
 logger = logging.getLogger(__name__)
 
@@ -70,17 +69,7 @@ except AttributeError:  # private API gone: search results are then gathered int
 _MAX_SCORE_BYTES = 256 * 2**20
 
 
-@dataclass
-class MemoryRetrieval:
-    """Result of :meth:`ChunkedMemoryBank.search` (storage dtype, storage device)."""
-
-    keys: torch.Tensor  # (B, H, T, k, hd)
-    values: torch.Tensor  # (B, H, T, k, hd)
-    mask: torch.Tensor  # (B, H, T, k) bool, True = valid memory token
-    chunk_index: torch.Tensor  # (B, H, T, k // csz) long ring-buffer slot, -1 = missing
-
-
-class ChunkedMemoryBank:
+class ChunkedMemoryBank(Memory):
     """Per-row, per-head FIFO memory of ``memory_size`` tokens in chunks of ``chunk_size``.
 
     See the module docstring for the layout, the staging of partial chunks and the file format.
@@ -398,10 +387,7 @@ class ChunkedMemoryBank:
         base = (np.asarray(rows)[:, None] * H + np.arange(H)[None, :]) * C  # (R, H)
         flat = torch.from_numpy((base[:, :, None] + slots[:, None, :]).reshape(-1))  # (R*H*keep,)
         flat = flat.to(self._device, non_blocking=True)
-        # fp32 mean as a sum of x * (1/csz): finite for any finite keys, where sum / csz could
-        # overflow; mean() up to summation order when csz is a power of two (x / csz is exact)
-        weights = torch.full((S,), 1.0 / S, device=ck.device)
-        summ = torch.einsum("rhksd,s->rhkd", ck.float(), weights)  # (R, H, keep, hd)
+        summ = chunk_means(ck)  # (R, H, keep, hd)
         self._keys.view(-1, S * D).index_copy_(0, flat, ck.reshape(-1, S * D).to(self._dtype))
         self._values.view(-1, S * D).index_copy_(0, flat, cv.reshape(-1, S * D).to(self._dtype))
         self._summaries.view(-1, D).index_copy_(0, flat, summ.reshape(-1, D).to(self._dtype))
@@ -449,6 +435,9 @@ class ChunkedMemoryBank:
         count = torch.from_numpy(self._count).to(self._device)
         stored = torch.arange(self.capacity, device=self._device)[None, :] < count[:, None]
         return (clock[:, None] - self._written_at + 1).masked_fill(~stored, -1)
+
+    def tensors(self):
+        return [self._keys, self._values, self._summaries, self._stage_keys, self._stage_values]
 
     def _expand(self, slots):
         """Gather the chunks named by slots (B, H, T, nk), -1 = missing, into a MemoryRetrieval."""

@@ -1,18 +1,28 @@
-"""The frozen backbone of a ``longmem_gpt2`` model, loaded from a ``gpt2_lm`` checkpoint
-(``--backbone-path``) and checked against the arch and the task's dictionary."""
+"""The frozen backbone of a LongMem model, loaded from a checkpoint of its family's plain LM
+(``--backbone-path``: ``gpt2_lm``, ``llama_lm``) and checked against the arch and the task's
+dictionary."""
 
 import os
 
-from fairseq.models import ARCH_MODEL_REGISTRY
+from fairseq.models import ARCH_MODEL_REGISTRY, MODEL_REGISTRY
 
 from ..checkpoint.read import read_checkpoint
-from ..modules.gpt2 import GPT2Backbone, GPT2Dims
-from .gpt2_lm import FINGERPRINT, GPT2LanguageModel, check_fingerprint, check_vocab, task_dict_path
+from ..families import FAMILIES
+from .common import FINGERPRINT, check_fingerprint, check_vocab, record_in_config, task_dict_path
 
 
-def load_backbone(path: str, dims: GPT2Dims, task):
-    """Build the backbone from a gpt2_lm checkpoint and check it is the one --arch describes and
-    that it was trained with the task's dictionary; returns the backbone and its model config."""
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def load_backbone(model_class, cfg, task):
+    """Build the backbone of ``model_class`` (a LongMemModel subclass) from ``cfg.backbone_path``:
+    refuse a checkpoint of another model or family, sizes that disagree with the options that
+    were set (``SIZE_OPTIONS``; unset ones, 0, are taken from it) and another dictionary; take
+    ``COPIED_OPTIONS`` from it and record all of them in ``cfg`` (saved with the LongMem
+    checkpoint, which then needs no --backbone-path). Returns the backbone and its model config."""
+    family = FAMILIES[model_class.family]
+    path = cfg.backbone_path
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"--backbone-path: no checkpoint at {path} (evaluating a LongMem checkpoint? pass "
@@ -27,26 +37,28 @@ def load_backbone(path: str, dims: GPT2Dims, task):
         if k.startswith("decoder.backbone.")
     }
     name = model_cfg.get("_name")
-    if ARCH_MODEL_REGISTRY.get(name) is not GPT2LanguageModel or not weights:
+    if ARCH_MODEL_REGISTRY.get(name) is not MODEL_REGISTRY[family.lm_model] or not weights:
         raise ValueError(
-            f"--backbone-path {path} is not a gpt2_lm checkpoint (model "
-            f"{name!r}); train one with --arch gpt2_lm_* or convert one with "
-            "python -m fairseq_longmem.convert_hf_gpt2"
+            f"--backbone-path {path} is not a {family.lm_model} checkpoint (model "
+            f"{name!r}); train one with --arch {family.lm_model}_* or convert one with "
+            "python -m fairseq_longmem.convert"
         )
-    found = tuple(model_cfg.get(k) for k in ("embed_dim", "num_layers", "num_heads"))
-    wanted = (dims.embed_dim, dims.num_layers, dims.num_heads)
+    sizes = [k for k in model_class.SIZE_OPTIONS if getattr(cfg, k)]
+    found = tuple(model_cfg.get(k) for k in sizes)
+    wanted = tuple(getattr(cfg, k) for k in sizes)
     if found != wanted:
         raise ValueError(
-            f"--backbone-path {path} is a GPT-2 of width/layers/heads {found} but the arch "
-            f"expects {wanted}; pick the matching --arch longmem_gpt2_* or set "
-            "--embed-dim/--num-layers/--num-heads"
+            f"--backbone-path {path} is a {family.lm_model} of {'/'.join(sizes)} {found} but "
+            f"the arch expects {wanted}; pick the matching --arch {family.longmem_model}* or set "
+            f"{'/'.join(_option(k) for k in sizes)}"
         )
-    check_vocab(weights, "wte.weight", dictionary, f"--backbone-path {path}")
+    for key in model_class.SIZE_OPTIONS + model_class.COPIED_OPTIONS:
+        if key in model_cfg:
+            record_in_config(cfg, key, model_cfg[key])
+    check_vocab(weights, family.backbone.token_embedding, dictionary, f"--backbone-path {path}")
     check_fingerprint(
         model_cfg.get(FINGERPRINT), dictionary, f"--backbone-path {path}", task_dict_path(task)
     )
-    dims.max_positions = model_cfg.get("max_positions", dims.max_positions)
-    dims.layer_norm_eps = model_cfg.get("layer_norm_eps", dims.layer_norm_eps)
-    backbone = GPT2Backbone(dims)
+    backbone = family.backbone(model_class.backbone_dims(cfg, len(dictionary)))
     backbone.load_state_dict(weights)
     return backbone, model_cfg

@@ -8,7 +8,6 @@ from typing import Optional
 import torch
 
 from ..memory.bank import ChunkedMemoryBank
-from ..modules.gpt2 import GPT2Dims
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +32,7 @@ def free_bytes(device: torch.device) -> Optional[int]:
         return None
 
 
-def check_memory_fits(cfg, dims: GPT2Dims, task):
+def check_memory_fits(cfg, dims, task):
     """Refuse a --memory-size whose memories cannot fit on the device, before anything is
     allocated (the bank is built at the first batch, which would otherwise ask for it then)."""
     task_cfg = getattr(task, "cfg", None)
@@ -46,14 +45,14 @@ def check_memory_fits(cfg, dims: GPT2Dims, task):
     # training keeps a second memory for validation, which never reads training text
     banks = 1 if getattr(task, "building_from_checkpoint", False) else 2
     dtype = torch.float16 if half else torch.float32
-    per_bank = ChunkedMemoryBank.bytes_for(rows, dims.num_heads, dims.head_dim, cfg.chunk_size,
+    per_bank = ChunkedMemoryBank.bytes_for(rows, dims.num_kv_heads, dims.head_dim, cfg.chunk_size,
                                            cfg.memory_size, dtype)
     free = free_bytes(device)
     if free is not None and banks * per_bank > free:
         what = "a training and a validation memory" if banks == 2 else "the memory"
         raise ValueError(
             f"--memory-size {cfg.memory_size} needs {banks * per_bank / _GIB:,.1f} GiB for {what} "
-            f"({rows} streams (--batch-size) x {dims.num_heads} heads x {cfg.memory_size} tokens "
+            f"({rows} streams (--batch-size) x {dims.num_kv_heads} key-value heads x {cfg.memory_size} tokens "
             f"x {dims.head_dim} dims x keys and values, plus chunk means, in "
             f"{'16' if half else '32'}-bit floats, and chunk write times), more than the "
             f"{free / _GIB:,.1f} GiB free on {device}: lower --memory-size or --batch-size"

@@ -21,18 +21,17 @@ from typing import List, Optional
 
 import torch
 
-from ..memory.bank import ChunkedMemoryBank, MemoryRetrieval
-from .gpt2 import KVCache
-from .sidenet import read_memory
+from ..families.base import KVCache
+from ..memory.bank import ChunkedMemoryBank
+from ..memory.interface import Memory, MemoryRetrieval, chunk_means
+from .memory_attention import read_memory
 
 
 def chunk_scores(q: torch.Tensor, found: MemoryRetrieval, chunk_size: int) -> torch.Tensor:
     """<q, mean of the chunk's keys> (B, H, T, nk) of each retrieved chunk, -inf where missing:
     the scores the bank ranked them by (its summaries are fp32 means of the same keys)."""
     B, H, T, K, hd = found.keys.shape
-    chunks = found.keys.view(B, H, T, K // chunk_size, chunk_size, hd).float()
-    weights = torch.full((chunk_size,), 1.0 / chunk_size, device=chunks.device)
-    means = torch.einsum("bhtnsd,s->bhtnd", chunks, weights)  # (B, H, T, nk, hd)
+    means = chunk_means(found.keys.view(B, H, T, K // chunk_size, chunk_size, hd))  # (B,H,T,nk,hd)
     scores = torch.einsum("bhtd,bhtnd->bhtn", q.float(), means)  # (B, H, T, nk)
     return scores.masked_fill(found.chunk_index < 0, -math.inf)
 
@@ -61,18 +60,17 @@ def merge_retrievals(q, first: MemoryRetrieval, second: MemoryRetrieval, chunk_s
                            chunk_index=torch.where(valid, best, torch.full_like(best, -1)))
 
 
-class SharedPromptMemory:
+class SharedPromptMemory(Memory):
     """The memory of ``beam`` hypotheses per prompt: the prompts' bank (R rows, read-only, shared
     by each prompt's beams: hypothesis n reads prompt row n // beam) and a bank of the segments
-    each hypothesis generated (R * beam rows). Duck-types the part of
-    :class:`ChunkedMemoryBank` the model uses (``num_rows``, ``search``, ``add``,
-    ``select_rows``, ``fill``)."""
+    each hypothesis generated (R * beam rows)."""
 
     def __init__(self, prompt: ChunkedMemoryBank, beam: int, generated: ChunkedMemoryBank):
         if generated.num_rows != prompt.num_rows * beam:
             raise ValueError(f"{generated.num_rows} generated rows for {prompt.num_rows} "
                              f"prompts x {beam} beams")
         self.prompt, self.beam, self.generated = prompt, beam, generated
+        self.num_heads, self.chunk_size = prompt.num_heads, prompt.chunk_size
 
     @property
     def num_rows(self) -> int:
@@ -96,6 +94,15 @@ class SharedPromptMemory:
     def add(self, keys, values, lengths=None):
         self.generated.add(keys, values, lengths=lengths)
 
+    def segments_back(self, slots):
+        raise ValueError("a decoding memory keeps no write times: where reads reach is logged "
+                         "in training and evaluation only (--memory-reach-buckets)")
+
+    contents_segments_back = segments_back
+
+    def tensors(self):
+        return self.prompt.tensors() + self.generated.tensors()
+
     def select_rows(self, order: torch.Tensor):
         """Hypotheses follow ``order`` (beams of a prompt stay together, in groups of
         ``beam``); the prompts' bank is re-indexed only when prompts drop out of the batch."""
@@ -115,7 +122,7 @@ class DecodingState:
 
     backbone: List[KVCache]
     side: List[KVCache]
-    memory: Optional[object]  # ChunkedMemoryBank or SharedPromptMemory
+    memory: Optional[Memory]  # ChunkedMemoryBank or SharedPromptMemory
 
     @property
     def pos(self) -> int:
@@ -165,10 +172,4 @@ class DecodingState:
     def tensors(self) -> List[torch.Tensor]:
         """Every tensor the state holds (for checks that it does not grow)."""
         out = [t for c in self.backbone + self.side for t in (c.k, c.v)]
-        banks = [] if self.memory is None else (
-            [self.memory.prompt, self.memory.generated]
-            if isinstance(self.memory, SharedPromptMemory) else [self.memory])
-        for bank in banks:
-            out += [bank._keys, bank._values, bank._summaries, bank._stage_keys,
-                    bank._stage_values]
-        return out
+        return out + ([] if self.memory is None else self.memory.tensors())

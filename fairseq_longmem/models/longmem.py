@@ -1,9 +1,11 @@
-"""``longmem_gpt2``: a frozen GPT-2 backbone, a trainable SideNet and a per-row memory bank.
+"""LongMem over a frozen backbone of any family (docs/DESIGN.md, "Backbone families"): the
+backbone, a trainable SideNet of the same family and a per-row memory bank.
 
 Each batch row is one stream (see the ``longmem_lm`` task): the model clears a row's memory when
 the batch flags that row as starting a new document, reads the memory, scores the segment, then
 appends the backbone's layer-``m`` keys/values to that row's memory (write after read).
-Training and evaluation keep separate memories, so validation never reads training text.
+Training and evaluation keep separate memories, so validation never reads training text. The
+families register ``longmem_gpt2`` and ``longmem_llama`` (:mod:`fairseq_longmem.families`).
 """
 
 import dataclasses
@@ -13,35 +15,26 @@ from typing import Optional
 
 import torch
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
-from fairseq.models import (
-    FairseqIncrementalDecoder,
-    FairseqLanguageModel,
-    register_model,
-)
+from fairseq.models import FairseqIncrementalDecoder, FairseqLanguageModel
 from omegaconf import II
 
 from ..buckets import parse_segment_buckets, segment_label
+from ..families import FAMILIES
+from ..families.base import Backbone
 from ..memory.bank import ChunkedMemoryBank
 from ..modules.decoding_state import DecodingState
-from ..modules.gpt2 import GPT2Backbone
 from ..modules.sidenet import SIDENET_INITS, SideNet
 from .backbone import load_backbone
-from .memory_fit import check_memory_fits
-from .gpt2_lm import (
-    GPT2HeadDecoder,
+from .common import (
+    BackboneDecoder,
     bind_dictionary,
     check_vocab,
-    dims_from_config,
     fingerprint_field,
     record_in_config,
-    register_size_archs,
 )
+from .memory_fit import check_memory_fits
 
 logger = logging.getLogger(__name__)
-
-# 0-based backbone layer whose keys/values fill the memory, per size: odd, about 3/4 deep
-# (the paper reads layer 17 of GPT-2 medium's 24)
-DEFAULT_MEMORY_LAYER = {"tiny": 3, "small": 9, "medium": 17, "large": 25, "xl": 35}
 
 SEARCH_BACKENDS = ChoiceEnum(list(ChunkedMemoryBank.BACKENDS))
 SIDENET_INIT_CHOICES = ChoiceEnum(list(SIDENET_INITS))
@@ -49,20 +42,17 @@ MODES = ("train", "eval")  # one stream memory each, so that validation never re
 
 
 @dataclass
-class LongMemGPT2Config(FairseqDataclass):
+class LongMemOptions(FairseqDataclass):
+    """The options of LongMem over any backbone family; each family's config adds its sizes."""
+
     backbone_path: str = field(
         default="",
         metadata={
-            "help": "frozen backbone: a gpt2_lm checkpoint (trained with fairseq-train or written "
-            "by python -m fairseq_longmem.convert_hf_gpt2); not read when a LongMem checkpoint "
-            "is loaded, since that holds the backbone weights"
+            "help": "frozen backbone: a checkpoint of the family's plain LM (gpt2_lm, llama_lm; "
+            "trained with fairseq-train or written by python -m fairseq_longmem.convert); not "
+            "read when a LongMem checkpoint is loaded, since that holds the backbone weights"
         },
     )
-    embed_dim: int = field(default=768, metadata={"help": "backbone width (set by --arch)"})
-    num_layers: int = field(default=12, metadata={"help": "backbone layers L' (set by --arch)"})
-    num_heads: int = field(default=12, metadata={"help": "backbone heads (set by --arch)"})
-    max_positions: int = field(default=1024, metadata={"help": "backbone positions"})
-    layer_norm_eps: float = field(default=1e-5, metadata={"help": "LayerNorm epsilon"})
     mask_special_logits: bool = field(
         default=False,
         metadata={"help": "-inf logits for <s>/<pad>/<unk>; copied from a converted backbone"},
@@ -119,11 +109,11 @@ class LongMemGPT2Config(FairseqDataclass):
     max_target_positions: Optional[int] = II("task.tokens_per_sample")
 
 
-class LongMemDecoder(GPT2HeadDecoder, FairseqIncrementalDecoder):
+class LongMemDecoder(BackboneDecoder, FairseqIncrementalDecoder):
     """Scores segments (``forward``) and decodes incrementally (``incremental_state``, fairseq's
     protocol; :meth:`prefill` and :meth:`advance`; docs/GENERATION.md)."""
 
-    def __init__(self, cfg: LongMemGPT2Config, dictionary, backbone: GPT2Backbone):
+    def __init__(self, cfg, dictionary, backbone: Backbone):
         super().__init__(dictionary, backbone, cfg.mask_special_logits)
         self.cfg = cfg
         self.backbone.requires_grad_(False)
@@ -133,6 +123,7 @@ class LongMemDecoder(GPT2HeadDecoder, FairseqIncrementalDecoder):
             init=str(getattr(cfg, "sidenet_init", "paper")),
             gate_init=getattr(cfg, "gate_init", 0.0),
             gate_lr_scale=getattr(cfg, "gate_lr_scale", 1.0),
+            memory_distance=memory_distance(cfg),
         )
         self.reach_labels = []
         spec = getattr(cfg, "memory_reach_buckets", "")
@@ -187,14 +178,14 @@ class LongMemDecoder(GPT2HeadDecoder, FairseqIncrementalDecoder):
         with ``template``'s device and dtype, that the caller owns and passes to :meth:`forward`."""
         dims = self.backbone.dims
         return ChunkedMemoryBank(
-            num_rows, dims.num_heads, dims.head_dim, self.cfg.chunk_size, memory_size,
+            num_rows, dims.num_kv_heads, dims.head_dim, self.cfg.chunk_size, memory_size,
             dtype=template.dtype, device=template.device, backend=self.cfg.search_backend,
             fingerprint=fingerprint,
         )
 
     @torch.no_grad()
     def memory_keys_values(self, src_tokens):
-        """The frozen backbone's layer-m keys and values (B, H, T, hd) of ``src_tokens``: what
+        """The frozen backbone's layer-m keys and values (B, Hkv, T, hd) of ``src_tokens``: what
         the forward pass writes into memory, computed without the SideNet or later layers."""
         _, kv = self.backbone(src_tokens, kv_layer=self.cfg.memory_layer, stop_at_kv_layer=True)
         return kv
@@ -233,7 +224,7 @@ class LongMemDecoder(GPT2HeadDecoder, FairseqIncrementalDecoder):
         if state.pos == T:
             if state.memory is not None:
                 cache = state.backbone[self.cfg.memory_layer]
-                state.memory.add(cache.k, cache.v)  # (B, H, T, hd) each
+                state.memory.add(cache.k, cache.v)  # (B, Hkv, T, hd) each
             state.restart_segment()
         return x if features_only else self.output_layer(x)
 
@@ -280,7 +271,7 @@ class LongMemDecoder(GPT2HeadDecoder, FairseqIncrementalDecoder):
         if incremental_state is not None:
             state = self.decoding_state(incremental_state)
             if state is None:
-                state = self.start_decoding(src_tokens.size(0), self.backbone.wte.weight)
+                state = self.start_decoding(src_tokens.size(0), self.backbone.output_weight)
                 self.set_decoding_state(incremental_state, state)
             out = self.advance(src_tokens[:, -1:], state, features_only)
             return out, {"inner_states": None}
@@ -329,45 +320,85 @@ class LongMemDecoder(GPT2HeadDecoder, FairseqIncrementalDecoder):
         return (x if features_only else self.output_layer(x)), extra
 
 
-@register_model("longmem_gpt2", dataclass=LongMemGPT2Config)
-class LongMemGPT2Model(FairseqLanguageModel):
+class LongMemModel(FairseqLanguageModel):
+    """LongMem over a backbone family; each family registers a subclass that sets ``family``,
+    ``dims_from_config(cfg, vocab_size)`` and the options that say which backbone it is
+    (:func:`~.backbone.load_backbone`)."""
+
+    family = ""
+    # options a --backbone-path must agree with when they are set (0: taken from it) ...
+    SIZE_OPTIONS = ()
+    # ... and options always taken from it
+    COPIED_OPTIONS = ()
+
+    @staticmethod
+    def dims_from_config(cfg, vocab_size: int):
+        raise NotImplementedError
+
     @classmethod
-    def build_model(cls, cfg: LongMemGPT2Config, task):
-        validate_config(cfg)
-        # cfg.dropout is the SideNet's; the frozen backbone has none
-        dims = dataclasses.replace(dims_from_config(cfg, len(task.target_dictionary)),
-                                   dropout=0.0, attention_dropout=0.0)
+    def default_memory_layer(cls, cfg) -> int:
+        """--memory-layer when it is left at -1 (after the backbone's sizes are known)."""
+        return cfg.memory_layer
+
+    @classmethod
+    def build_model(cls, cfg, task):
+        family = FAMILIES[cls.family]
+        if cfg.num_layers:  # known before the backbone is read: refuse bad options first
+            validate_config(cfg)
         if getattr(task, "building_from_checkpoint", False):
-            backbone = GPT2Backbone(dims)  # weights come with the LongMem checkpoint
+            # weights come with the LongMem checkpoint; the sizes were saved in its config
+            backbone = family.backbone(cls.backbone_dims(cfg, len(task.target_dictionary)))
         elif not cfg.backbone_path:
             raise ValueError(
-                "--backbone-path is required: a gpt2_lm checkpoint to freeze as the backbone"
+                f"--backbone-path is required: a {family.lm_model} checkpoint to freeze as the "
+                "backbone"
             )
         else:
-            backbone, backbone_cfg = load_backbone(cfg.backbone_path, dims, task)
-            # saved with the LongMem checkpoint, which then needs no --backbone-path
-            record_in_config(cfg, "max_positions", dims.max_positions)
-            record_in_config(cfg, "layer_norm_eps", dims.layer_norm_eps)
+            backbone, backbone_cfg = load_backbone(cls, cfg, task)
+            cfg.memory_layer = cls.default_memory_layer(cfg)
+            record_in_config(cfg, "memory_layer", cfg.memory_layer)
+            validate_config(cfg)
             record_in_config(cfg, "mask_special_logits",
                              bool(backbone_cfg.get("mask_special_logits", False)))
+        dims = backbone.dims
         if (cfg.max_target_positions or 0) > dims.max_positions:
             raise ValueError(
                 f"--tokens-per-sample ({cfg.max_target_positions}) exceeds the backbone's "
                 f"{dims.max_positions} positions"
             )
-        bind_dictionary(cfg, task, "the longmem_gpt2 checkpoint")
+        bind_dictionary(cfg, task, f"the {family.longmem_model} checkpoint")
         check_memory_fits(cfg, dims, task)
         return cls(LongMemDecoder(cfg, task.target_dictionary, backbone))
 
     @classmethod
-    def from_backbone(cls, cfg: LongMemGPT2Config, dictionary, backbone: GPT2Backbone):
+    def backbone_dims(cls, cfg, vocab_size: int):
+        # cfg.dropout is the SideNet's; the frozen backbone has none
+        return dataclasses.replace(cls.dims_from_config(cfg, vocab_size), dropout=0.0,
+                                   attention_dropout=0.0)
+
+    @classmethod
+    def from_backbone(cls, cfg, dictionary, backbone: Backbone):
         """Build around an in-memory backbone (tests, notebooks)."""
         validate_config(cfg, num_layers=backbone.dims.num_layers)
         return cls(LongMemDecoder(cfg, dictionary, backbone))
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
-        check_vocab(state_dict, "decoder.backbone.wte.weight", self.decoder.dictionary, "checkpoint")
+        key = "decoder.backbone." + self.decoder.backbone.token_embedding
+        check_vocab(state_dict, key, self.decoder.dictionary, "checkpoint")
         return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
+
+
+def memory_distance(cfg) -> int:
+    """How many positions before its query a rotary family's memory read places every retrieved
+    token (--memory-distance; 0: the segment length --tokens-per-sample, i.e. just before the
+    local window's first token as seen from its last)."""
+    if not hasattr(cfg, "memory_distance"):
+        return 0  # a family without rotary positions
+    distance = cfg.memory_distance or cfg.max_target_positions
+    if not isinstance(distance, int) or distance < 1:
+        raise ValueError(f"--memory-distance {cfg.memory_distance!r}: expected a positive number "
+                         "of positions, or 0 with --tokens-per-sample set")
+    return distance
 
 
 def validate_config(cfg, num_layers: Optional[int] = None):
@@ -389,13 +420,5 @@ def validate_config(cfg, num_layers: Optional[int] = None):
          f"--retrieved-tokens ({cfg.retrieved_tokens}) exceeds --memory-size ({cfg.memory_size})")
     need(0 <= cfg.memory_layer < layers,
          f"--memory-layer {cfg.memory_layer} is not a layer of the {layers}-layer backbone: "
-         f"expected 0 to {layers - 1} (0-based), or leave it unset with a sized arch "
-         "(longmem_gpt2_tiny ... _xl), which picks one about 3/4 deep")
-
-
-def _memory_layer_default(args, size):
-    if getattr(args, "memory_layer", -1) in (None, -1):
-        args.memory_layer = DEFAULT_MEMORY_LAYER[size]
-
-
-register_size_archs("longmem_gpt2", "longmem_gpt2", extra=_memory_layer_default)
+         f"expected 0 to {layers - 1} (0-based), or leave it unset with an arch that picks one "
+         "about 3/4 deep (longmem_gpt2_tiny ... _xl, longmem_llama)")

@@ -1,4 +1,5 @@
-"""GPT-2 as plain torch modules, with the parameter names of Hugging Face's GPT2LMHeadModel.
+"""The GPT-2 family as plain torch modules, with the parameter names of Hugging Face's
+GPT2LMHeadModel: learned positions added to the embeddings, LayerNorm, fused q/k/v, tanh GELU.
 
 Our own attention (not fairseq's MultiheadAttention) so that each layer's per-head keys/values
 and every hidden state are available to LongMem. Layout is B x T x C throughout. For incremental
@@ -7,11 +8,13 @@ decoding every attention takes an optional :class:`KVCache` of the tokens before
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..base import Backbone, KVCache, causal_attention
 
 # OpenAI's sizes (embed dim, layers, heads), plus a tiny one for tests and CPU runs.
 GPT2_SIZES = {
@@ -44,41 +47,14 @@ class GPT2Dims:
     def head_dim(self) -> int:
         return self.embed_dim // self.num_heads
 
+    @property
+    def num_kv_heads(self) -> int:
+        return self.num_heads
+
 
 def gelu_tanh(x):
     # GPT-2's "gelu_new"
     return F.gelu(x, approximate="tanh")
-
-
-class KVCache:
-    """One attention layer's keys and values of the tokens seen so far in the current segment,
-    in fixed buffers of ``capacity`` tokens, so that its size never depends on how much was
-    generated: (B, H, capacity, hd) each, the first ``len`` tokens valid, with the device and
-    dtype of ``template`` (any tensor, e.g. a model parameter)."""
-
-    def __init__(self, batch: int, num_heads: int, capacity: int, head_dim: int,
-                 template: torch.Tensor):
-        self.k = template.new_zeros(batch, num_heads, capacity, head_dim)  # (B, H, capacity, hd)
-        self.v = template.new_zeros(batch, num_heads, capacity, head_dim)  # (B, H, capacity, hd)
-        self.len = 0
-
-    def append(self, k, v):
-        """Store k, v (B, H, n, hd) after the cached tokens; returns all valid keys and values."""
-        n = k.size(2)
-        if self.len + n > self.k.size(2):
-            raise ValueError(f"KVCache: {self.len} + {n} tokens exceed its {self.k.size(2)}")
-        self.k[:, :, self.len:self.len + n] = k
-        self.v[:, :, self.len:self.len + n] = v
-        self.len += n
-        return self.k[:, :, :self.len], self.v[:, :, :self.len]  # (B, H, len, hd) each
-
-    def reset(self):
-        self.len = 0
-
-    def reorder(self, order: torch.Tensor):
-        """Rows follow ``order`` (a beam search's choice of hypotheses)."""
-        self.k = self.k.index_select(0, order)
-        self.v = self.v.index_select(0, order)
 
 
 class CausalSelfAttention(nn.Module):
@@ -101,20 +77,17 @@ class CausalSelfAttention(nn.Module):
 
     def local_attention(self, q, k, v, cache: Optional[KVCache] = None):
         """Causal attention of q over k, v (B, H, n, hd each), after the ``cache``d tokens if one
-        is given (k, v are then appended to it). An empty cache takes the same path as no cache,
-        so a segment's first forward is bit-identical with and without one."""
+        is given (k, v are then appended to it)."""
         p = self.attention_dropout if self.training else 0.0
         past = cache.len if cache is not None else 0
         if cache is not None:
             k, v = cache.append(k, v)  # (B, H, past + n, hd)
-        if past == 0:
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-        n = q.size(2)
-        if n == 1:  # one new token sees every cached one
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # (B, H, 1, hd)
-        allowed = (torch.arange(n, device=q.device)[:, None] + past
-                   >= torch.arange(past + n, device=q.device)[None, :])  # (n, past + n)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)
+        return causal_attention(q, k, v, past, p)
+
+    def memory_queries(self, q):
+        """The queries that search and read LongMem's memory: GPT-2's keys carry no position,
+        so its queries as they are."""
+        return q
 
     def merge_heads(self, a):
         B, H, T, hd = a.shape
@@ -150,6 +123,11 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(dims.embed_dim, eps=dims.layer_norm_eps)
         self.mlp = MLP(dims)
 
+    def output_projections(self):
+        """The layers whose output is added to the residual stream (zeroed by LongMem's
+        ``--sidenet-init zero-out``)."""
+        return [self.attn.c_proj, self.mlp.c_proj]
+
     def forward(self, x, **attn_kwargs):
         a, aside = self.attn(self.ln_1(x), **attn_kwargs)
         x = x + a
@@ -157,8 +135,11 @@ class Block(nn.Module):
         return x, aside
 
 
-class GPT2Backbone(nn.Module):
+class GPT2Backbone(Backbone):
     """Token + learned position embeddings, ``num_layers`` blocks, final LayerNorm, tied output."""
+
+    family = "gpt2"
+    token_embedding = "wte.weight"
 
     def __init__(self, dims: GPT2Dims):
         super().__init__()
@@ -169,6 +150,18 @@ class GPT2Backbone(nn.Module):
         self.h = nn.ModuleList(Block(dims) for _ in range(dims.num_layers))
         self.ln_f = nn.LayerNorm(dims.embed_dim, eps=dims.layer_norm_eps)
         self.reset_parameters()
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.h
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.ln_f
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.wte.weight
 
     def reset_parameters(self):
         # GPT-2's initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 * layers)
@@ -185,40 +178,6 @@ class GPT2Backbone(nn.Module):
     def embed(self, tokens, start: int = 0):
         """Token plus position embeddings of ``tokens`` (B, T) at positions start..start+T-1."""
         T = tokens.size(1)
-        if start + T > self.dims.max_positions:
-            raise ValueError(
-                f"segment of {start + T} tokens is longer than the model's "
-                f"{self.dims.max_positions} positions"
-            )
+        self.check_positions(start + T)
         pos = torch.arange(start, start + T, device=tokens.device)
         return self.drop(self.wte(tokens) + self.wpe(pos))  # (B, T, C)
-
-    def new_caches(self, batch: int, capacity: int, template: torch.Tensor) -> List[KVCache]:
-        """One empty :class:`KVCache` of ``capacity`` tokens per block, on ``template``'s device
-        and in its dtype."""
-        d = self.dims
-        return [KVCache(batch, d.num_heads, capacity, d.head_dim, template) for _ in self.h]
-
-    def forward(
-        self, tokens, kv_layer: Optional[int] = None, stop_at_kv_layer: bool = False,
-        caches: Optional[List[KVCache]] = None,
-    ) -> Tuple[List[torch.Tensor], Optional[Tuple[torch.Tensor, torch.Tensor]]]:
-        """Return all hidden states ``[h_0 .. h_L]`` (each B x T x C, before ``ln_f``) and the
-        per-head keys/values (B, H, T, hd) of block ``kv_layer`` (0-based) if asked for.
-        ``stop_at_kv_layer`` skips the blocks after ``kv_layer`` (when only its K/V are needed).
-        With ``caches`` (one per block), ``tokens`` continue the cached ones: positions start
-        after them and each block attends to them too (incremental decoding)."""
-        start = caches[0].len if caches is not None else 0
-        x = self.embed(tokens, start)
-        hiddens, kv_out = [x], None
-        for i, block in enumerate(self.h):
-            x, kv = block(x) if caches is None else block(x, cache=caches[i])
-            hiddens.append(x)
-            if i == kv_layer:
-                kv_out = kv
-                if stop_at_kv_layer:
-                    break
-        return hiddens, kv_out
-
-    def output_layer(self, x):
-        return F.linear(self.ln_f(x), self.wte.weight)  # (B, T, V)

@@ -1,0 +1,140 @@
+"""What every backbone family provides to LongMem (docs/DESIGN.md, "Backbone families"): its
+dimensions, the per-layer key/value caches of incremental decoding, and a backbone whose forward
+pass, output layer and caches are written once here against three hooks of the family's own
+(``embed``, ``blocks``, ``final_norm``; ``output_weight``).
+
+Layout is B x T x C; per-head tensors are B x H x T x hd with H query heads and Hkv key-value
+heads (Hkv = H without grouped-query attention). Keys in caches and in LongMem's memory are
+position-free: as the memory stores them (GPT-2's keys carry no position; a rotary family rotates
+keys when it attends, never in storage).
+"""
+
+from dataclasses import dataclass
+from typing import List, Optional, Tuple, Type
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class KVCache:
+    """One attention layer's keys and values of the tokens seen so far in the current segment,
+    in fixed buffers of ``capacity`` tokens, so that its size never depends on how much was
+    generated: (B, Hkv, capacity, hd) each, the first ``len`` tokens valid, with the device and
+    dtype of ``template`` (any tensor, e.g. a model parameter)."""
+
+    def __init__(self, batch: int, num_heads: int, capacity: int, head_dim: int,
+                 template: torch.Tensor):
+        self.k = template.new_zeros(batch, num_heads, capacity, head_dim)  # (B, Hkv, capacity, hd)
+        self.v = template.new_zeros(batch, num_heads, capacity, head_dim)  # (B, Hkv, capacity, hd)
+        self.len = 0
+
+    def append(self, k, v):
+        """Store k, v (B, Hkv, n, hd) after the cached tokens; returns all valid keys and values."""
+        n = k.size(2)
+        if self.len + n > self.k.size(2):
+            raise ValueError(f"KVCache: {self.len} + {n} tokens exceed its {self.k.size(2)}")
+        self.k[:, :, self.len:self.len + n] = k
+        self.v[:, :, self.len:self.len + n] = v
+        self.len += n
+        return self.k[:, :, :self.len], self.v[:, :, :self.len]  # (B, Hkv, len, hd) each
+
+    def reset(self):
+        self.len = 0
+
+    def reorder(self, order: torch.Tensor):
+        """Rows follow ``order`` (a beam search's choice of hypotheses)."""
+        self.k = self.k.index_select(0, order)
+        self.v = self.v.index_select(0, order)
+
+
+def causal_attention(q, k, v, past: int, dropout: float):
+    """Causal attention of q (B, H, n, hd) over k, v (B, H, past + n, hd), the first ``past``
+    of them cached: query i sees keys up to past + i. Without a past it takes SDPA's causal path,
+    so a segment's first forward is bit-identical with and without a cache."""
+    if past == 0:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+    n = q.size(2)
+    if n == 1:  # one new token sees every cached one
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # (B, H, 1, hd)
+    allowed = (torch.arange(n, device=q.device)[:, None] + past
+               >= torch.arange(past + n, device=q.device)[None, :])  # (n, past + n)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
+
+
+def expand_kv(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, Hkv, n, hd) -> (B, Hkv * groups, n, hd): key-value head j serves query heads
+    j * groups .. (j + 1) * groups - 1 (grouped-query attention; Hugging Face's ``repeat_kv``)."""
+    return t if groups == 1 else t.repeat_interleave(groups, dim=1)
+
+
+class Backbone(nn.Module):
+    """A frozen-able decoder-only LM: ``embed(tokens, start)``, ``blocks`` (each called as
+    ``block(x, cache=None) -> (x, (k, v))``), ``final_norm`` and the output embedding
+    ``output_weight``. A subclass also sets ``family`` (its :class:`~.Family` name) and
+    ``dims`` (with ``num_layers``, ``num_heads``, ``num_kv_heads``, ``head_dim``,
+    ``max_positions``, ``vocab_size``)."""
+
+    family = ""
+    token_embedding = ""  # its parameter's name, e.g. "wte.weight"
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    @property
+    def final_norm(self) -> nn.Module:
+        raise NotImplementedError
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def embed(self, tokens, start: int = 0):
+        raise NotImplementedError
+
+    def check_positions(self, end: int):
+        if end > self.dims.max_positions:
+            raise ValueError(f"segment of {end} tokens is longer than the model's "
+                             f"{self.dims.max_positions} positions")
+
+    def new_caches(self, batch: int, capacity: int, template: torch.Tensor) -> List[KVCache]:
+        """One empty :class:`KVCache` of ``capacity`` tokens per block, on ``template``'s device
+        and in its dtype."""
+        d = self.dims
+        return [KVCache(batch, d.num_kv_heads, capacity, d.head_dim, template) for _ in self.blocks]
+
+    def forward(
+        self, tokens, kv_layer: Optional[int] = None, stop_at_kv_layer: bool = False,
+        caches: Optional[List[KVCache]] = None,
+    ) -> Tuple[List[torch.Tensor], Optional[Tuple[torch.Tensor, torch.Tensor]]]:
+        """Return all hidden states ``[h_0 .. h_L]`` (each B x T x C, before the final norm) and
+        the keys/values (B, Hkv, T, hd, position-free) of block ``kv_layer`` (0-based) if asked
+        for. ``stop_at_kv_layer`` skips the blocks after ``kv_layer`` (when only its K/V are
+        needed). With ``caches`` (one per block), ``tokens`` continue the cached ones: positions
+        start after them and each block attends to them too (incremental decoding)."""
+        start = caches[0].len if caches is not None else 0
+        x = self.embed(tokens, start)
+        hiddens, kv_out = [x], None
+        for i, block in enumerate(self.blocks):
+            x, kv = block(x) if caches is None else block(x, cache=caches[i])
+            hiddens.append(x)
+            if i == kv_layer:
+                kv_out = kv
+                if stop_at_kv_layer:
+                    break
+        return hiddens, kv_out
+
+    def output_layer(self, x):
+        return F.linear(self.final_norm(x), self.output_weight)  # (B, T, V)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    dims: type  # dataclass of sizes: vocab_size, embed_dim, num_layers, num_heads, ... (base.py)
+    backbone: Type[nn.Module]  # a base.Backbone
+    block: Type[nn.Module]  # block(dims, attn=None): the backbone's block, attention swappable
+    attention: Type[nn.Module]  # the block's attention: project_qkv, local_attention, ...
+    lm_model: str  # the registered fairseq model of the plain LM (backbone checkpoints)
+    longmem_model: str  # the registered fairseq model of LongMem over it
