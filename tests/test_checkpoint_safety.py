@@ -60,7 +60,7 @@ def crafted_states(base, marker, data_dir):
     argparse_era["args"].character_filters = payload(marker)
     return {
         "model": (model, "names model 'transformer_lm', expected one of ['gpt2_lm', "
-                         "'longmem_gpt2'] (other models may evaluate strings from the file)"),
+                         "'llama_lm', 'longmem_gpt2', 'longmem_llama'] (other models may evaluate strings from the file)"),
         "criterion": (criterion, "names criterion 'ctc', expected one of ['cross_entropy', "
                                  "'longmem_cross_entropy']"),
         "interpolation": (interpolation, "has an interpolation in cfg.model.character_filters "

@@ -290,7 +290,7 @@ def assert_one_line_error(res, *needles):
 @pytest.mark.parametrize(
     "text, needle",
     [
-        ("[]", "config.json holds a JSON list, expected an object of GPT-2 settings"),
+        ("[]", "config.json holds a JSON list, expected an object of model settings"),
         ('{"model_type": "gpt2", "n_head": 0}', "config.json: n_head=0 is not a positive integer"),
         ('{"model_type": "gpt2", "n_embd": "big"}', "config.json: n_embd='big' is not a positive integer"),
         ('{"model_type": "gpt2", "n_positions": null}', "config.json: n_positions=None is not a positive"),

@@ -3,7 +3,6 @@ fairseq BPE (fairseq_longmem.hf_tokenizer_bpe): a tiny hand-built vocabulary thr
 Dictionary, GPT-2's real one against fairseq's own ``gpt2`` BPE, the refusals, and (slow) SmolLM2's
 real GGUF against transformers' GGUF tokenizer and an independent pure-python BPE."""
 
-import importlib.util
 import json
 import os
 from argparse import Namespace
@@ -12,13 +11,10 @@ import pytest
 import regex
 
 import fairseq_longmem.hf_tokenizer_bpe  # noqa: F401  registers --bpe hf_tokenizer
-from conftest import REPO
 from fairseq.data import Dictionary, encoders
 from fairseq.data.encoders.gpt2_bpe_utils import Encoder, bytes_to_unicode
 from fairseq_longmem.tokenizer_files import gguf_metadata, tokenizer_json_from_gguf
 
-GET_SMOLLM2 = os.path.join(REPO, "examples", "get_smollm2.py")
-SMOLLM2_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "fairseq_longmem", "smollm2")
 EOT = "<|endoftext|>"
 # digits, unicode, whitespace runs, newlines, leading/trailing spaces, indented code
 TEXTS = [
@@ -144,23 +140,10 @@ DIGIT_SPLIT = {"x  1": [104, 256, 33], "\n    1": [2367, 33]}
 
 
 @pytest.fixture(scope="session")
-def smollm2_gguf():
-    """SmolLM2-135M-Instruct's GGUF through examples/get_smollm2.py's ``fetch_gguf``."""
-    if not os.path.isfile(GET_SMOLLM2):
-        pytest.skip(f"{GET_SMOLLM2} does not exist yet: it fetches the SmolLM2 GGUF")
-    spec = importlib.util.spec_from_file_location("get_smollm2", GET_SMOLLM2)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    path = module.fetch_gguf(SMOLLM2_CACHE)
-    assert os.path.isfile(path), path
-    return str(path)
-
-
-@pytest.fixture(scope="session")
-def smollm2(smollm2_gguf, tmp_path_factory):
+def smollm2_tokenizer(smollm2_gguf, tmp_path_factory):
     """(metadata, tokenizer.json path, hf_tokenizer BPE), built once per session."""
     meta = gguf_metadata(smollm2_gguf)
-    path = tmp_path_factory.mktemp("smollm2") / "tokenizer.json"
+    path = tmp_path_factory.mktemp("smollm2_tokenizer") / "tokenizer.json"
     path.write_text(tokenizer_json_from_gguf(meta), encoding="utf-8")
     bpe = encoders.build_bpe(Namespace(bpe="hf_tokenizer", tokenizer_file=str(path)))
     return meta, str(path), bpe
@@ -179,8 +162,8 @@ def ids_of(bpe, text):
 
 
 @pytest.mark.slow
-def test_smollm2_matches_transformers_gguf_tokenizer(smollm2, smollm2_reference):
-    meta, _, bpe = smollm2
+def test_smollm2_matches_transformers_gguf_tokenizer(smollm2_tokenizer, smollm2_reference):
+    meta, _, bpe = smollm2_tokenizer
     assert meta["tokenizer.ggml.pre"] == "smollm" and meta["tokenizer.ggml.tokens"][0] == EOT
     for text in TEXTS + list(PINNED):
         assert ids_of(bpe, text) == smollm2_reference(text, add_special_tokens=False)["input_ids"]
@@ -194,10 +177,10 @@ def test_smollm2_matches_transformers_gguf_tokenizer(smollm2, smollm2_reference)
 
 
 @pytest.mark.slow
-def test_smollm2_matches_llama_cpp_smollm_pipeline(smollm2, tmp_path):
+def test_smollm2_matches_llama_cpp_smollm_pipeline(smollm2_tokenizer, tmp_path):
     """An independent reference: llama.cpp's "smollm" pre-type (each \\p{N} isolated, then GPT-2's
     regex) over fairseq's pure-python GPT-2 BPE with the file's vocabulary and merges."""
-    meta, _, bpe = smollm2
+    meta, _, bpe = smollm2_tokenizer
     tokens = meta["tokenizer.ggml.tokens"]
     ref = Encoder({t: i for i, t in enumerate(tokens)},
                   [tuple(m.split(" ")) for m in meta["tokenizer.ggml.merges"]])

@@ -14,13 +14,13 @@ PACKAGE = "fairseq_longmem"
 # is left out: every subpackage reads require_fairseq from it
 LAYERS = [
     ("fairseq_longmem.checkpoint", "fairseq_longmem.memory", "fairseq_longmem.fileio",
-     "fairseq_longmem.buckets"),
+     "fairseq_longmem.buckets", "fairseq_longmem.tokenizer_files"),
     ("fairseq_longmem.modules", "fairseq_longmem.families"),
     ("fairseq_longmem.models", "fairseq_longmem.criterions", "fairseq_longmem.families.gpt2.model",
      "fairseq_longmem.families.llama.model"),
     ("fairseq_longmem.tasks",),
     ("fairseq_longmem.fairseq_patches", "fairseq_longmem.convert_hf_gpt2",
-     "fairseq_longmem.user_dir"),
+     "fairseq_longmem.convert", "fairseq_longmem.hf_tokenizer_bpe", "fairseq_longmem.user_dir"),
 ]
 
 

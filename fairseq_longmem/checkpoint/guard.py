@@ -33,7 +33,7 @@ TRUST_ENV = "FAIRSEQ_LONGMEM_TRUST_CHECKPOINTS"
 # name covers its archs (gpt2_lm covers gpt2_lm_tiny, ...). longmem_icl and longmem_suffix are
 # tasks this plugin adds; they must keep to the rule too.
 LOADABLE: Dict[str, Set[str]] = {
-    "model": {"gpt2_lm", "longmem_gpt2"},
+    "model": {"gpt2_lm", "longmem_gpt2", "llama_lm", "longmem_llama"},
     "task": {"language_modeling", "longmem_lm", "longmem_icl", "longmem_suffix"},
     "criterion": {"cross_entropy", "longmem_cross_entropy"},
 }
