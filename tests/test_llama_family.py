@@ -143,6 +143,27 @@ def test_llama_sidenet_copies_its_backbone_blocks():
 
 
 @torch.no_grad()
+def test_first_copy_with_zero_out_asks_the_memory_with_the_backbone_layers_own_keys():
+    """--sidenet-copy first --sidenet-init zero-out: side block j copies backbone block r*j and,
+    at the start, is fed exactly that block's input h_{rj}; so with memory layer m = r*j the
+    memory block's keys (and queries) equal those of backbone layer m, which fill the memory."""
+    backbone = make_backbone(0, "llama")
+    for j, block in enumerate(SideNet(backbone, 2, 2, 0.0, 0.0, copy_from="first").h):
+        for name, t in backbone.layers[2 * j].state_dict().items():
+            assert torch.equal(block.state_dict()[name], t), (j, name)
+    side = SideNet(backbone, 2, 2, 0.0, 0.0, init="zero-out", copy_from="first")
+    assert side.side_memory_layer == 1
+    tokens = random_tokens(2, T, seed=8)
+    hiddens, (k, v) = backbone(tokens, kv_layer=2)
+    caches = side.new_caches(2, T, k)
+    side(hiddens, caches=caches)
+    torch.testing.assert_close(caches[1].k[:, :, :T], k, rtol=0, atol=1e-5)
+    torch.testing.assert_close(caches[1].v[:, :, :T], v, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="--sidenet-copy 'middle': expected one of last, first"):
+        SideNet(backbone, 2, 2, 0.0, 0.0, copy_from="middle")
+
+
+@torch.no_grad()
 def test_empty_memory_gives_the_memory_off_output_and_later_segments_read_it():
     on, off = make_model(family="llama"), make_model(family="llama", disable_memory=True)
     tokens = random_tokens(2, 3 * T, seed=5)

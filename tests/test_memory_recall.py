@@ -33,7 +33,9 @@ SEGS = 4  # facts in segment 0, asked in segment 3: three segments back
 # in-segment lookup reaches LOOKUP_TARGET, at most BACKBONE_ROUNDS rounds. Where floating-point
 # kernels differ (CPU instruction sets), one round reached 0.92 on one machine and 1.00 on
 # another; LongMem cannot recall across segments better than the backbone looks up within one.
-EPOCHS, STEPS, BACKBONE_ROUNDS, LOOKUP_TARGET = 70, 32, 3, 0.98
+# On one CI machine seed 0's backbone stalled at 0.879 after 3 rounds (here: 1.000 after 1): a
+# backbone below LOOKUP_FLOOR is trained again from the next seed in SEEDS.
+EPOCHS, STEPS, BACKBONE_ROUNDS, LOOKUP_TARGET, LOOKUP_FLOOR, SEEDS = 70, 32, 3, 0.98, 0.9, (0, 1)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -55,8 +57,13 @@ def vocab():
 
 @pytest.fixture(scope="module")
 def backbone(vocab):
-    """(pretrained backbone, in-segment lookup, rounds trained)."""
-    return recall_task.train_backbone(vocab, EPOCHS, STEPS, BACKBONE_ROUNDS, LOOKUP_TARGET)
+    """(pretrained backbone, in-segment lookup, rounds trained, seeds tried)."""
+    for tried, seed in enumerate(SEEDS, start=1):
+        bb, lookup, rounds = recall_task.train_backbone(vocab, EPOCHS, STEPS, BACKBONE_ROUNDS,
+                                                        LOOKUP_TARGET, seed=seed)
+        if lookup >= LOOKUP_FLOOR:
+            break
+    return bb, lookup, rounds, tried
 
 
 def train_and_score(v, bb, disable_memory):
@@ -70,9 +77,10 @@ def train_and_score(v, bb, disable_memory):
 
 
 def test_memory_is_read_for_recall_beyond_the_local_window(vocab, backbone):
-    bb, local_lookup, rounds = backbone
-    assert local_lookup >= 0.9, (
-        f"backbone's in-segment lookup only {local_lookup:.3f} after {rounds} rounds")
+    bb, local_lookup, rounds, tried = backbone
+    assert local_lookup >= LOOKUP_FLOOR, (
+        f"backbone's in-segment lookup only {local_lookup:.3f} after {rounds} rounds "
+        f"(seeds tried: {tried})")
     with_memory = train_and_score(vocab, bb, disable_memory=False)
     without_memory = train_and_score(vocab, bb, disable_memory=True)
     chance = 1 / recall_task.NV

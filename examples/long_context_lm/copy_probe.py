@@ -7,7 +7,7 @@ and outside the local window::
 
     python examples/long_context_lm/copy_probe.py DATA --path CK [--path CK2 ...] \\
         --tokens-per-sample 256 [--span 32] [--trials 64] [--distances 0,1,2,4,8,16] \\
-        [--span-vocab 1000] [--model-overrides "{'disable_memory': True}"] [--results-json FILE]
+        [--span-vocab 1000] [--span-first 0] [--model-overrides "{'disable_memory': True}"] [--results-json FILE]
 
 Each trial is a document of ``d + 2`` segments of real text from ``DATA``'s ``--split`` (valid by
 default) with the span at the same random offset of segment 1 and of segment ``1 + d``; the
@@ -104,6 +104,10 @@ def main(argv=None) -> int:
     p.add_argument("--span-vocab", type=int, default=1000,
                    help="span tokens are drawn from the N most frequent types (dict.txt is sorted "
                         "by count): rare types' embeddings are barely trained in a small model")
+    p.add_argument("--span-first", type=int, default=0,
+                   help="the first dictionary index span tokens are drawn from (0: the first "
+                        "after the special symbols); for a converted model's dict.txt, which lists "
+                        "its ids in id order, not by count, e.g. 1003 for ids 1000 and up")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--model-overrides", default="{}", help="applied to every --path")
     p.add_argument("--results-json")
@@ -122,7 +126,11 @@ def main(argv=None) -> int:
         text = real_text(args.data, args.split, d)
         # a LongMem decoder keeps one memory per stream; a gpt2_lm backbone has none
         memory = hasattr(model.decoder, "reset_memory") and not model.decoder.cfg.disable_memory
-        vocab = range(d.nspecial, min(len(d), d.nspecial + args.span_vocab))
+        lo = args.span_first or d.nspecial
+        if not d.nspecial <= lo < len(d):
+            raise SystemExit(f"error: --span-first {lo} is not an ordinary symbol of the "
+                             f"{len(d)}-symbol dictionary (from {d.nspecial})")
+        vocab = range(lo, min(len(d), lo + args.span_vocab))
         for distance in distances:
             docs, first, second = make_trials(text, vocab, T, args.span,
                                               distance, args.trials, args.seed)

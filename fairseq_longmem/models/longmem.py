@@ -23,7 +23,7 @@ from ..families import FAMILIES
 from ..families.base import Backbone
 from ..memory.bank import ChunkedMemoryBank
 from ..modules.decoding_state import DecodingState
-from ..modules.sidenet import SIDENET_INITS, SideNet
+from ..modules.sidenet import SIDENET_COPIES, SIDENET_INITS, SideNet
 from .backbone import load_backbone
 from .common import (
     BackboneDecoder,
@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 SEARCH_BACKENDS = ChoiceEnum(list(ChunkedMemoryBank.BACKENDS))
 SIDENET_INIT_CHOICES = ChoiceEnum(list(SIDENET_INITS))
+SIDENET_COPY_CHOICES = ChoiceEnum(list(SIDENET_COPIES))
 MODES = ("train", "eval")  # one stream memory each, so that validation never reads training text
 
 
@@ -87,6 +88,14 @@ class LongMemOptions(FairseqDataclass):
                   "r*(j+1)-1) or zero-out (the same, with every side block's attention and MLP "
                   "output projection zeroed, so that the SideNet starts equal to the backbone)"},
     )
+    sidenet_copy: SIDENET_COPY_CHOICES = field(
+        default="last",
+        metadata={"help": "which backbone block side block j copies: last (the paper's, block "
+                  "r*(j+1)-1, the last of the r it stands beside) or first (block r*j, whose input "
+                  "the side block is fed at the start with zero-out, so that its attention starts "
+                  "as the backbone's own; with --memory-layer a multiple of r the memory block's "
+                  "queries then match the memory's keys exactly)"},
+    )
     gate_init: float = field(
         default=0.0,
         metadata={"help": "initial logit g_h of every memory head's gate (the paper's: 0, an "
@@ -121,6 +130,7 @@ class LongMemDecoder(BackboneDecoder, FairseqIncrementalDecoder):
         self.sidenet = SideNet(
             backbone, cfg.reduction_factor, cfg.memory_layer, cfg.dropout, cfg.attention_dropout,
             init=str(getattr(cfg, "sidenet_init", "paper")),
+            copy_from=str(getattr(cfg, "sidenet_copy", "last")),
             gate_init=getattr(cfg, "gate_init", 0.0),
             gate_lr_scale=getattr(cfg, "gate_lr_scale", 1.0),
             memory_distance=memory_distance(cfg),

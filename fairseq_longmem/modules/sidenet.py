@@ -21,18 +21,24 @@ from .memory_attention import MemoryReadStats, joint_attention_class
 # so that each block adds nothing and, through the cross-network residual, the SideNet's output
 # is the backbone's at the start (up to the rounding of h_0 + (h_2 - h_0) + ...)
 SIDENET_INITS = ("paper", "zero-out")
+# which backbone block side block j copies (--sidenet-copy): "last", the paper's r*(j+1)-1, or
+# "first", r*j: the block whose input h_{rj} the side block is fed at the start with zero-out
+SIDENET_COPIES = ("last", "first")
 
 
 class SideNet(nn.Module):
     """``num_layers`` blocks of the backbone's family initialised from backbone blocks
-    ``r*(j+1)-1``; block ``memory_layer // r`` reads the memory."""
+    ``r*(j+1)-1`` (``copy_from="first"``: ``r*j``); block ``memory_layer // r`` reads the memory."""
 
     def __init__(self, backbone: Backbone, reduction_factor: int, memory_layer: int,
                  dropout: float, attention_dropout: float, init: str = "paper",
-                 gate_init: float = 0.0, gate_lr_scale: float = 1.0, memory_distance: int = 0):
+                 gate_init: float = 0.0, gate_lr_scale: float = 1.0, memory_distance: int = 0,
+                 copy_from: str = "last"):
         super().__init__()
         if init not in SIDENET_INITS:
             raise ValueError(f"--sidenet-init {init!r}: expected one of {', '.join(SIDENET_INITS)}")
+        if copy_from not in SIDENET_COPIES:
+            raise ValueError(f"--sidenet-copy {copy_from!r}: expected one of {', '.join(SIDENET_COPIES)}")
         backbone_dims = backbone.dims
         if reduction_factor < 1 or backbone_dims.num_layers % reduction_factor:
             raise ValueError(
@@ -46,6 +52,7 @@ class SideNet(nn.Module):
             )
         family = family_of(backbone)
         self.r = reduction_factor
+        self.copy_offset = reduction_factor - 1 if copy_from == "last" else 0
         self.memory_layer = memory_layer
         self.side_memory_layer = memory_layer // reduction_factor
         dims = dataclasses.replace(backbone_dims, dropout=dropout,
@@ -70,7 +77,7 @@ class SideNet(nn.Module):
     @torch.no_grad()
     def init_from_backbone(self, backbone: Backbone, zero_out: bool = False):
         for j, block in enumerate(self.h):
-            source = backbone.blocks[self.r * (j + 1) - 1].state_dict()
+            source = backbone.blocks[self.r * j + self.copy_offset].state_dict()
             # the memory block's gate is ours alone (initialised 0); all else is copied
             missing, unexpected = block.load_state_dict(source, strict=False)
             assert not unexpected and all(k.endswith("attn.gate") for k in missing), (

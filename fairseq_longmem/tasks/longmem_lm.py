@@ -59,7 +59,7 @@ class LongMemLMConfig(FairseqDataclass):
     line_end_marker: str = field(
         default="\u23ce",
         metadata={"help": "how printed lines (S-, H-, D-) show </s>, a line end; empty: leave it "
-                  "out as fairseq does (always so with --bpe gpt2, whose </s> is <|endoftext|>)"},
+                  "out as fairseq does (always so with --bpe gpt2 or hf_tokenizer, whose </s> is the model's end of text)"},
     )
     memory_file: Optional[str] = field(
         default=None,
@@ -319,7 +319,7 @@ class LongMemLMTask(OneDictionaryTask):
             raise ValueError("--data: no data directory given")
         dictionary = load_dictionary(paths[0], cls=LineEndDictionary)
         bpe = cfg.bpe_cfg.get("_name") if cfg.bpe_cfg is not None else None
-        dictionary.line_end = "" if bpe == "gpt2" else cfg.line_end_marker
+        dictionary.line_end = "" if bpe in ("gpt2", "hf_tokenizer") else cfg.line_end_marker
         if cfg.prompt_tokens < 0:
             raise ValueError(f"--prompt-tokens must be >= 0 (0: no prompts), got "
                              f"{cfg.prompt_tokens}")

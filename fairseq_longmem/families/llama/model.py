@@ -109,4 +109,6 @@ class LongMemLlamaModel(LongMemModel):
             return cfg.memory_layer
         # about 3/4 deep, and the backbone block that the memory's side layer m // r copies
         r = cfg.reduction_factor
+        if getattr(cfg, "sidenet_copy", "last") == "first":
+            return cfg.num_layers * 3 // 4 // r * r
         return (cfg.num_layers * 3 // 4 + 1) // r * r - 1
