@@ -369,6 +369,12 @@ def runs(icl_setup, tmp_path_factory):
         "memory_other_layer": generate_argv(s, "--memory-file", folders.memory,
                                             "--model-overrides", "{'memory_layer': 2}"),
         "batch1": generate_argv(s, "--batch-size", "1"),
+        # condition (e): the backbone reads the demonstrations' memory itself, no training
+        "free": generate_argv(s, "--training-free-memory", "--free-read-layers", "2-3",
+                              path=s.backbone),
+        "free_none": generate_argv(s, "--training-free-memory", "--free-read-layers", "2-3",
+                                   "--demos-in-memory", "0", path=s.backbone),
+        "backbone_context": generate_argv(s, "--demos-in-memory", "0", path=s.backbone),
         **{f"bad{i}": generate_argv(s, "--memory-file", str(tmp / f"bad{i}.safetensors"), *args)
            for i, (args, _) in enumerate(BAD_INPUT)},
     }
@@ -410,6 +416,20 @@ def test_generate_prints_every_candidate_and_the_accuracy(runs):
     assert pct == pytest.approx(100 * right / 12, abs=0.01)
     assert re.search(r"S-0\tReview: .* Sentiment:$", log, re.M)
     assert "40 in memory" in log and "written in 1 segments" in log
+
+
+def test_training_free_memory_reads_the_demonstrations_with_the_backbone_s_own_layers(runs):
+    """--training-free-memory on a gpt2_lm backbone: its blocks 2-3 each keep a memory of the 40
+    demonstrations; with no demonstration in memory it scores exactly as the backbone alone."""
+    log = log_of(runs, "free")
+    rows, (_, _, total) = parse(log)
+    assert total == 12 and sorted(rows) == list(range(12))
+    assert "training-free memory: blocks 2-3 of the 4-layer backbone" in log
+    assert "40 in memory" in log and "written in 1 segments" in log
+    none, _ = parse(log_of(runs, "free_none"))
+    alone, _ = parse(log_of(runs, "backbone_context"))
+    assert none == alone
+    assert rows != alone  # the demonstrations in memory change the scores
 
 
 def load_run_icl():
@@ -497,7 +517,6 @@ def test_memory_off_backbone_zero_shot_chunk_size_and_vocab_rule(runs, icl_setup
     s = icl_setup
     more = run_cli_cases({
         "memory_off": generate_argv(s, "--model-overrides", "{'disable_memory': True}"),
-        "backbone": generate_argv(s, "--demos-in-memory", "0", path=s.backbone),
         "zero": generate_argv(s, "--demos-in-context", "0", "--demos-in-memory", "0"),
         "csz2": generate_argv(s, "--model-overrides", "{'chunk_size': 2}"),
         "vocab": generate_argv(s, "--icl-decision", "vocab", "--nbest", "3"),
@@ -508,7 +527,7 @@ def test_memory_off_backbone_zero_shot_chunk_size_and_vocab_rule(runs, icl_setup
     assert "reads no memory" in off_log
     off, _ = parse(off_log)
     assert off != on  # the memory changes the scores
-    parse(log_of(runs, "backbone"))
+    parse(log_of(runs, "backbone_context"))
     zero, _ = parse(log_of(runs, "zero"))
     assert len(zero) == 12
     csz2 = log_of(runs, "csz2")

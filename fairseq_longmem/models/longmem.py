@@ -33,13 +33,13 @@ from .common import (
     record_in_config,
 )
 from .memory_fit import check_memory_fits
+from .stream_memory import StreamMemoryMixin
 
 logger = logging.getLogger(__name__)
 
 SEARCH_BACKENDS = ChoiceEnum(list(ChunkedMemoryBank.BACKENDS))
 SIDENET_INIT_CHOICES = ChoiceEnum(list(SIDENET_INITS))
 SIDENET_COPY_CHOICES = ChoiceEnum(list(SIDENET_COPIES))
-MODES = ("train", "eval")  # one stream memory each, so that validation never reads training text
 
 
 @dataclass
@@ -118,7 +118,7 @@ class LongMemOptions(FairseqDataclass):
     max_target_positions: Optional[int] = II("task.tokens_per_sample")
 
 
-class LongMemDecoder(BackboneDecoder, FairseqIncrementalDecoder):
+class LongMemDecoder(StreamMemoryMixin, BackboneDecoder, FairseqIncrementalDecoder):
     """Scores segments (``forward``) and decodes incrementally (``incremental_state``, fairseq's
     protocol; :meth:`prefill` and :meth:`advance`; docs/GENERATION.md)."""
 
@@ -144,43 +144,12 @@ class LongMemDecoder(BackboneDecoder, FairseqIncrementalDecoder):
         if cfg.disable_memory:
             # an unused parameter would stall data-parallel gradient reduction
             self.sidenet.memory_attention.gate.requires_grad_(False)
-        # mode -> stream memory (see stream_memory), built at the first batch of the mode; never
-        # part of the state dict
-        self._memories = {}
-        self._warned_no_flags = False
+        self.init_stream_memories()
 
     def train(self, mode: bool = True):
         super().train(mode)
         self.backbone.eval()  # frozen: no dropout, ever
         return self
-
-    def stream_memory(self, mode: str) -> Optional[ChunkedMemoryBank]:
-        """The memory this model keeps for its streams in ``mode`` ("train" or "eval"): what
-        :meth:`forward` reads and extends when it is given no ``memory``; None before the first
-        batch of that mode, after :meth:`reset_memory`, and with ``disable_memory``."""
-        if mode not in MODES:
-            raise ValueError(f"stream_memory: mode {mode!r}, expected one of {MODES}")
-        return self._memories.get(mode)
-
-    def reset_memory(self):
-        """Forget every stream's memory (both modes)."""
-        self._memories = {}
-
-    def _batch_memory(self, num_rows: int, template: torch.Tensor) -> ChunkedMemoryBank:
-        """The current mode's stream memory, built for ``num_rows`` rows on ``template``'s device
-        and in its dtype at the first batch, reset (with a warning) when the batch size changes."""
-        mode = "train" if self.training else "eval"
-        bank = self._memories.get(mode)
-        if bank is None or bank.device != template.device or bank.dtype != template.dtype:
-            bank = self.new_memory(num_rows, self.cfg.memory_size, template)
-            self._memories[mode] = bank
-        elif bank.num_rows != num_rows:
-            logger.warning(
-                "batch size changed from %d to %d rows: the %s memory is reset",
-                bank.num_rows, num_rows, mode,
-            )
-            bank.resize_rows(num_rows)
-        return bank
 
     def new_memory(self, num_rows: int, memory_size: int, template: torch.Tensor,
                    fingerprint: str = "") -> ChunkedMemoryBank:
@@ -300,17 +269,7 @@ class LongMemDecoder(BackboneDecoder, FairseqIncrementalDecoder):
                 )
             bank = memory
         elif not cfg.disable_memory:
-            bank = self._batch_memory(B, mem_k)
-            if new_document is not None:
-                rows = new_document.nonzero().flatten()
-                if rows.numel():
-                    bank.clear(rows)
-            elif not self._warned_no_flags:
-                logger.warning(
-                    "batch has no new_document flags: every row is taken to continue its stream "
-                    "(use --task longmem_lm, which streams documents and sets them)"
-                )
-                self._warned_no_flags = True
+            bank = self.stream_batch_memory(B, mem_k, new_document)
         x, stats = self.sidenet(hiddens, memory=bank, retrieved_tokens=cfg.retrieved_tokens)
 
         extra = {"inner_states": [x]}
@@ -411,6 +370,22 @@ def memory_distance(cfg) -> int:
     return distance
 
 
+def check_memory_sizes(memory_size: int, chunk_size: int, retrieved_tokens: int, prefix: str = ""):
+    """msz, csz and K as a memory can hold them, or a one-line error naming the options
+    (``prefix``: "free-" for the training-free read's --free-memory-size ...)."""
+    msz, csz, k = (f"--{prefix}{name}" for name in ("memory-size", "chunk-size", "retrieved-tokens"))
+    if chunk_size <= 0:
+        raise ValueError(f"{csz} must be > 0, got {chunk_size}")
+    if memory_size <= 0 or memory_size % chunk_size:
+        raise ValueError(f"{msz} ({memory_size}) must be a positive multiple of {csz} "
+                         f"({chunk_size})")
+    if retrieved_tokens <= 0 or retrieved_tokens % chunk_size:
+        raise ValueError(f"{k} ({retrieved_tokens}) must be a positive multiple of {csz} "
+                         f"({chunk_size})")
+    if retrieved_tokens > memory_size:
+        raise ValueError(f"{k} ({retrieved_tokens}) exceeds {msz} ({memory_size})")
+
+
 def validate_config(cfg, num_layers: Optional[int] = None):
     """Refuse option values the model cannot run with, in one line each (``num_layers``: the
     backbone's, when it is known better than ``cfg.num_layers``)."""
@@ -419,15 +394,7 @@ def validate_config(cfg, num_layers: Optional[int] = None):
             raise ValueError(msg)
 
     layers = cfg.num_layers if num_layers is None else num_layers
-    need(cfg.chunk_size > 0, f"--chunk-size must be > 0, got {cfg.chunk_size}")
-    need(cfg.memory_size > 0 and cfg.memory_size % cfg.chunk_size == 0,
-         f"--memory-size ({cfg.memory_size}) must be a positive multiple of --chunk-size "
-         f"({cfg.chunk_size})")
-    need(cfg.retrieved_tokens > 0 and cfg.retrieved_tokens % cfg.chunk_size == 0,
-         f"--retrieved-tokens ({cfg.retrieved_tokens}) must be a positive multiple of "
-         f"--chunk-size ({cfg.chunk_size})")
-    need(cfg.retrieved_tokens <= cfg.memory_size,
-         f"--retrieved-tokens ({cfg.retrieved_tokens}) exceeds --memory-size ({cfg.memory_size})")
+    check_memory_sizes(cfg.memory_size, cfg.chunk_size, cfg.retrieved_tokens)
     need(0 <= cfg.memory_layer < layers,
          f"--memory-layer {cfg.memory_layer} is not a layer of the {layers}-layer backbone: "
          f"expected 0 to {layers - 1} (0-based), or leave it unset with an arch that picks one "

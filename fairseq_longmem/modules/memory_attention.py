@@ -144,12 +144,52 @@ class JointAttentionMixin:
         return self.merge_heads(out), stats
 
 
-_JOINT_CLASSES = {}
+class FreeReadMixin:
+    """A frozen backbone layer's own attention reading a memory without training (the
+    training-free read, InfLLM's idea): one softmax over the retrieved memory tokens and the causal
+    local context together, as if the retrieved tokens were in the context ``memory_distance``
+    positions before the query (rotary families; GPT-2's keys carry no position). No parameter of
+    its own, so the backbone's weights load as they are. A read that finds nothing in memory (an
+    empty memory, a document's first segment) gives exactly the layer's own output. Returns the
+    output and the layer's keys and values (what the memory stores), as the family's attention."""
+
+    def forward(self, x, memory: Optional[Memory] = None, retrieved_tokens: int = 0,
+                cache: Optional[KVCache] = None):
+        q, k, v = self.project_qkv(x)  # (B, H, n, hd), (B, Hkv, n, hd) x 2
+        if memory is None or not bool(memory.fill().any()):
+            return self.merge_heads(self.local_attention(q, k, v, cache)), (k, v)
+        mq = self.memory_queries(q)
+        found = read_memory(memory, mq, retrieved_tokens)  # (B, H, n, K, ...)
+        ql, kl, vl, past = self.positioned(q, k, v, cache)  # kl, vl (B, H, past + n, hd)
+        n, scale = q.size(2), 1.0 / math.sqrt(self.head_dim)
+        neg = torch.finfo(q.dtype).min
+        local = torch.matmul(ql, kl.transpose(-1, -2)) * scale  # (B, H, n, past + n)
+        allowed = (torch.arange(n, device=q.device)[:, None] + past
+                   >= torch.arange(past + n, device=q.device)[None, :])
+        local = local.masked_fill(~allowed, neg)
+        mem = torch.einsum("bhtd,bhtkd->bhtk", mq, found.keys.to(q.dtype)) * scale
+        mem = mem.masked_fill(~found.mask, neg)  # (B, H, n, K)
+        probs = F.softmax(torch.cat([mem, local], dim=-1).float(), dim=-1).to(q.dtype)
+        K = mem.size(-1)
+        out = (torch.einsum("bhtk,bhtkd->bhtd", probs[..., :K], found.values.to(q.dtype))
+               + torch.matmul(probs[..., K:], vl))  # (B, H, n, hd)
+        return self.merge_heads(out), (k, v)
+
+
+_VARIANTS = {}
+
+
+def _variant(mixin: type, attention: type, prefix: str) -> type:
+    if (mixin, attention) not in _VARIANTS:
+        _VARIANTS[mixin, attention] = type(f"{prefix}{attention.__name__}", (mixin, attention), {})
+    return _VARIANTS[mixin, attention]
 
 
 def joint_attention_class(attention: type) -> type:
     """The memory-reading variant of a family's attention class (one class per family)."""
-    if attention not in _JOINT_CLASSES:
-        _JOINT_CLASSES[attention] = type(f"Joint{attention.__name__}",
-                                         (JointAttentionMixin, attention), {})
-    return _JOINT_CLASSES[attention]
+    return _variant(JointAttentionMixin, attention, "Joint")
+
+
+def free_read_attention_class(attention: type) -> type:
+    """The training-free reading variant of a family's attention class (:class:`FreeReadMixin`)."""
+    return _variant(FreeReadMixin, attention, "FreeRead")

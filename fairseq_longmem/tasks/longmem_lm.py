@@ -22,7 +22,7 @@ from fairseq.distributed import utils as dist_utils
 from fairseq.tasks import register_task
 from omegaconf import II
 
-from .base import OneDictionaryTask, load_dictionary
+from .base import OneDictionaryTask, TrainingFreeMemoryOptions, load_dictionary
 from .scoring.candidate_scoring import ExamplesDataset
 from .split_files import check_mmap_split, split_shards
 
@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class LongMemLMConfig(FairseqDataclass):
+class LongMemLMConfig(TrainingFreeMemoryOptions):
     data: str = field(default="???", metadata={"help": "path to data directory (fairseq-preprocess output)"})
     tokens_per_sample: int = field(
         default=1024, metadata={"help": "segment length T: tokens scored per row and batch"}

@@ -75,14 +75,20 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         return q, k, v
 
-    def local_attention(self, q, k, v, cache: Optional[KVCache] = None):
-        """Causal attention of q over k, v (B, H, n, hd each), after the ``cache``d tokens if one
-        is given (k, v are then appended to it)."""
-        p = self.attention_dropout if self.training else 0.0
+    def positioned(self, q, k, v, cache: Optional[KVCache] = None):
+        """(q, k, v, past): the cached and new keys and values (B, H, past + n, hd) that q
+        (B, H, n, hd) attends to (k, v are appended to the ``cache`` if one is given); GPT-2's
+        positions are in the embeddings, so nothing is rotated."""
         past = cache.len if cache is not None else 0
         if cache is not None:
             k, v = cache.append(k, v)  # (B, H, past + n, hd)
-        return causal_attention(q, k, v, past, p)
+        return q, k, v, past
+
+    def local_attention(self, q, k, v, cache: Optional[KVCache] = None):
+        """Causal attention of q over k, v (B, H, n, hd each), after the ``cache``d tokens if one
+        is given (:meth:`positioned`)."""
+        p = self.attention_dropout if self.training else 0.0
+        return causal_attention(*self.positioned(q, k, v, cache), p)
 
     def memory_queries(self, q):
         """The queries that search and read LongMem's memory: GPT-2's keys carry no position,

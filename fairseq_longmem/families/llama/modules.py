@@ -97,10 +97,10 @@ class LlamaAttention(nn.Module):
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return q, k, v
 
-    def local_attention(self, q, k, v, cache: Optional[KVCache] = None):
-        """Causal attention of q (B, H, n, hd) at positions past..past+n-1 over the cached and
-        new keys (rotated here, stored unrotated)."""
-        p = self.attention_dropout if self.training else 0.0
+    def positioned(self, q, k, v, cache: Optional[KVCache] = None):
+        """(q, k, v, past): q (B, H, n, hd) at positions past..past+n-1 and the cached and new
+        keys and values (B, H, past + n, hd), rotated here (stored unrotated) and expanded from
+        the key-value heads to the query heads: what causal attention reads."""
         past = cache.len if cache is not None else 0
         if cache is not None:
             k, v = cache.append(k, v)  # (B, Hkv, past + n, hd)
@@ -109,7 +109,13 @@ class LlamaAttention(nn.Module):
         q = rotate(q, positions[past:], self.theta)
         k = rotate(k, positions, self.theta)
         groups = self.num_heads // self.num_kv_heads
-        return causal_attention(q, expand_kv(k, groups), expand_kv(v, groups), past, p)
+        return q, expand_kv(k, groups), expand_kv(v, groups), past
+
+    def local_attention(self, q, k, v, cache: Optional[KVCache] = None):
+        """Causal attention of q (B, H, n, hd) at positions past..past+n-1 over the cached and
+        new keys (:meth:`positioned`)."""
+        p = self.attention_dropout if self.training else 0.0
+        return causal_attention(*self.positioned(q, k, v, cache), p)
 
     def memory_queries(self, q):
         """The queries that search and read LongMem's memory: rotated as if every memory key sat

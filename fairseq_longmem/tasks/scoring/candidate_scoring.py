@@ -15,13 +15,13 @@ from fairseq.data import Dictionary, FairseqDataset, encoders, iterators
 from fairseq.dataclass import FairseqDataclass
 from omegaconf import II
 
-from ..base import OneDictionaryTask, load_dictionary
+from ..base import OneDictionaryTask, TrainingFreeMemoryOptions, load_dictionary
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class CandidateScoringConfig(FairseqDataclass):
+class CandidateScoringConfig(TrainingFreeMemoryOptions):
     data: str = field(
         default="???", metadata={"help": "folder holding the checkpoint's dict.txt"}
     )

@@ -60,12 +60,15 @@ def write_stream(model, memory, stream: torch.Tensor, segment_len: int, pad: int
     for i in range(0, len(segments), rows_per_batch):
         batch = segments[i:i + rows_per_batch]
         tokens, lengths = pad_rows(batch, pad)
-        k, v = model.decoder.memory_keys_values(tokens.to(device))  # (R, H, T, hd) each
-        R, H, T, hd = k.shape
+        # (R, H, T, hd) each; (layers, R, H, T, hd) for the training-free read's memories
+        k, v = model.decoder.memory_keys_values(tokens.to(device))
+        *lead, R, H, T, hd = k.shape
         n = int(lengths.sum())  # only the last segment of the stream can be short
-        k = k.transpose(0, 1).reshape(1, H, R * T, hd)[:, :, :n]  # (1, H, n, hd), stream order
-        v = v.transpose(0, 1).reshape(1, H, R * T, hd)[:, :, :n]
-        memory.add(k, v)
+
+        def in_stream_order(t):  # -> (..., 1, H, n, hd)
+            return t.transpose(-4, -3).reshape(*lead, 1, H, R * T, hd)[..., :n, :]
+
+        memory.add(in_stream_order(k), in_stream_order(v))
     return int(stream.numel())
 
 

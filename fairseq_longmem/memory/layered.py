@@ -1,0 +1,84 @@
+"""One memory bank per reading layer, for the training-free read (the frozen backbone's own layers
+read the memory; :mod:`fairseq_longmem.models.training_free`).
+
+Each reading layer stores its own keys and values (position-free, per key-value head) and searches
+them with its own queries, as InfLLM does; the banks are written together, one segment at a time,
+so they always hold the same tokens. Callers that handle a LongMem bank (the stream memories of
+evaluation, in-context learning's demonstration memory) handle this one the same way: ``add``
+takes the layers' keys and values stacked on a leading axis.
+"""
+
+from typing import Dict, Sequence
+
+import torch
+
+from .bank import ChunkedMemoryBank
+
+
+class LayeredMemory:
+    """``layers`` (backbone block indices) -> a :class:`ChunkedMemoryBank` each, same rows."""
+
+    def __init__(self, layers: Sequence[int], **bank_options):
+        if not layers:
+            raise ValueError("LayeredMemory: no reading layer")
+        self.layers = tuple(layers)
+        self.banks: Dict[int, ChunkedMemoryBank] = {
+            i: ChunkedMemoryBank(**bank_options) for i in self.layers}
+
+    def layer(self, i: int) -> ChunkedMemoryBank:
+        return self.banks[i]
+
+    @property
+    def _first(self) -> ChunkedMemoryBank:
+        return self.banks[self.layers[0]]
+
+    @property
+    def num_rows(self) -> int:
+        return self._first.num_rows
+
+    @property
+    def device(self) -> torch.device:
+        return self._first.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._first.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.banks.values())
+
+    def fill(self) -> torch.LongTensor:
+        """(B,) searchable tokens per row (the same in every layer's bank)."""
+        return self._first.fill()
+
+    def clear(self, rows=None):
+        for b in self.banks.values():
+            b.clear(rows)
+
+    def resize_rows(self, num_rows: int):
+        for b in self.banks.values():
+            b.resize_rows(num_rows)
+
+    def select_rows(self, order):
+        for b in self.banks.values():
+            b.select_rows(order)
+
+    def add(self, keys, values, lengths=None):
+        """keys, values: (layers, B, Hkv, T, hd), in the order of ``self.layers``."""
+        if keys.dim() != 5 or keys.shape[0] != len(self.layers) or values.shape != keys.shape:
+            raise ValueError(
+                f"LayeredMemory.add: expected keys and values of shape ({len(self.layers)}, B, "
+                f"Hkv, T, hd), one per reading layer; got {tuple(keys.shape)} and "
+                f"{tuple(values.shape)}")
+        for n, i in enumerate(self.layers):
+            self.banks[i].add(keys[n], values[n], lengths=lengths)
+
+    def save(self, path, rows=None, overwrite: bool = False):
+        raise ValueError(self.NO_FILES)
+
+    def load(self, path, rows=None):
+        raise ValueError(self.NO_FILES)
+
+    NO_FILES = ("a training-free memory (one bank per reading layer) has no memory file: "
+                "--memory-file and --save-memory work with LongMem models")
