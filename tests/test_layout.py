@@ -19,8 +19,11 @@ LAYERS = [
     ("fairseq_longmem.models", "fairseq_longmem.criterions", "fairseq_longmem.families.gpt2.model",
      "fairseq_longmem.families.llama.model"),
     ("fairseq_longmem.tasks",),
+    # a family's Hugging Face converter (families/<family>/hf.py) sits with the converter
     ("fairseq_longmem.fairseq_patches", "fairseq_longmem.convert_hf_gpt2",
-     "fairseq_longmem.convert", "fairseq_longmem.hf_tokenizer_bpe", "fairseq_longmem.user_dir"),
+     "fairseq_longmem.convert", "fairseq_longmem.families.gpt2.hf",
+     "fairseq_longmem.families.llama.hf", "fairseq_longmem.hf_tokenizer_bpe",
+     "fairseq_longmem.user_dir"),
 ]
 
 

@@ -2,6 +2,8 @@
 memory off (``disable_memory``, same weights), timed alternately in one process; where it goes.
 
 Run from the repository root:  python examples/benchmarks/longmem_speed.py --threads 2
+Over a real backbone:          python examples/benchmarks/longmem_speed.py --threads 2 \
+    --backbone SMOLLM2/checkpoint.pt --reduction-factor 5 --B 2 --T 256 --msz 16384 --K 32
 """
 
 import argparse
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 from runlog import RunLog, cpu_model  # examples/benchmarks/runlog.py, beside this script
 
 from fairseq.data import Dictionary
+from fairseq.models import MODEL_DATACLASS_REGISTRY, MODEL_REGISTRY
 
 from fairseq_longmem.families.gpt2.model import (
     DEFAULT_MEMORY_LAYER,
@@ -24,7 +27,9 @@ from fairseq_longmem.families.gpt2.model import (
     LongMemGPT2Model,
 )
 from fairseq_longmem.families.gpt2.modules import GPT2_SIZES, GPT2Backbone, GPT2Dims
+from fairseq_longmem.families import FAMILIES
 from fairseq_longmem.memory.bank import ChunkedMemoryBank
+from fairseq_longmem.models.backbone import read_backbone_checkpoint
 from fairseq_longmem.modules.memory_attention import JointAttentionMixin
 from fairseq_longmem.tasks.longmem_lm import DocumentStreamDataset
 
@@ -41,21 +46,38 @@ def make_dictionary(size: int) -> Dictionary:
 
 
 def build_models(args, dictionary):
-    """The memory-on model and a memory-off copy with identical weights."""
-    dim, layers, heads = GPT2_SIZES[args.size]
+    """The memory-on model and a memory-off copy with identical weights, over a random GPT-2 of
+    ``--size`` or over the ``--backbone`` checkpoint (any family)."""
     T = args.T
-    dims = GPT2Dims(vocab_size=len(dictionary), embed_dim=dim, num_layers=layers, num_heads=heads,
-                    max_positions=max(1024, T), dropout=0.0, attention_dropout=0.0)
-    torch.manual_seed(0)
-    backbone = GPT2Backbone(dims)
-    common = dict(embed_dim=dim, num_layers=layers, num_heads=heads,
-                  max_positions=dims.max_positions,
-                  memory_layer=DEFAULT_MEMORY_LAYER[args.size], memory_size=args.msz,
-                  chunk_size=args.csz, retrieved_tokens=args.K, search_backend=args.backend,
-                  max_target_positions=T)
-    on = LongMemGPT2Model.from_backbone(LongMemGPT2Config(**common), dictionary, backbone)
-    off = LongMemGPT2Model.from_backbone(LongMemGPT2Config(**common, disable_memory=True),
-                                         dictionary, copy.deepcopy(backbone))
+    memory = dict(memory_size=args.msz, chunk_size=args.csz, retrieved_tokens=args.K,
+                  search_backend=args.backend, max_target_positions=T)
+    if args.backbone:
+        backbone, model_cfg = read_backbone_checkpoint(args.backbone)
+        family = FAMILIES[backbone.family]
+        model_class = MODEL_REGISTRY[family.longmem_model]
+        config_class = MODEL_DATACLASS_REGISTRY[family.longmem_model]
+        sizes = {k: model_cfg[k] for k in model_class.SIZE_OPTIONS + model_class.COPIED_OPTIONS
+                 if k in model_cfg}
+        options = dict(sizes, **memory, reduction_factor=args.reduction_factor,
+                       sidenet_copy=args.sidenet_copy, dropout=0.0)
+        probe = config_class(**options)
+        probe.memory_layer = (args.memory_layer if args.memory_layer >= 0
+                              else model_class.default_memory_layer(probe))
+        options["memory_layer"] = probe.memory_layer
+    else:
+        dim, layers, heads = GPT2_SIZES[args.size]
+        dims = GPT2Dims(vocab_size=len(dictionary), embed_dim=dim, num_layers=layers,
+                        num_heads=heads, max_positions=max(1024, T), dropout=0.0,
+                        attention_dropout=0.0)
+        torch.manual_seed(0)
+        backbone = GPT2Backbone(dims)
+        model_class, config_class = LongMemGPT2Model, LongMemGPT2Config
+        options = dict(embed_dim=dim, num_layers=layers, num_heads=heads,
+                       max_positions=dims.max_positions,
+                       memory_layer=DEFAULT_MEMORY_LAYER[args.size], **memory)
+    on = model_class.from_backbone(config_class(**options), dictionary, backbone)
+    off = model_class.from_backbone(config_class(**options, disable_memory=True),
+                                    dictionary, copy.deepcopy(backbone))
     off.load_state_dict(on.state_dict())
     return on, off
 
@@ -225,6 +247,13 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", default="tiny", choices=sorted(GPT2_SIZES),
                    help="backbone size (GPT-2 dims; tiny = 128-d, 4 layers, 4 heads)")
+    p.add_argument("--backbone", help="a plain LM checkpoint of any family (e.g. a converted "
+                   "SmolLM2's checkpoint.pt) instead of a random GPT-2 of --size")
+    p.add_argument("--reduction-factor", type=int, default=2, help="with --backbone: r")
+    p.add_argument("--memory-layer", type=int, default=-1,
+                   help="with --backbone: the memory layer (-1: the family's default)")
+    p.add_argument("--sidenet-copy", default="last", choices=("last", "first"),
+                   help="with --backbone: which backbone blocks the side blocks copy")
     p.add_argument("--vocab", type=int, default=None,
                    help="dictionary size (default: 8000, a sentencepiece-sized vocabulary, for "
                    "tiny; 50260, a converted GPT-2 dict.txt, otherwise)")
@@ -260,7 +289,10 @@ def main():
         torch.backends.cuda.matmul.allow_tf32 = True
     else:
         sync = lambda: None  # noqa: E731
-    if args.vocab is None:
+    if args.backbone:
+        # the dictionary must have the backbone's rows: read them off the checkpoint
+        args.vocab = read_backbone_checkpoint(args.backbone)[0].dims.vocab_size
+    elif args.vocab is None:
         args.vocab = 8000 if args.size == "tiny" else 50260
     if args.msz % args.T:
         p.error(f"--msz ({args.msz}) must be a multiple of --T ({args.T})")
@@ -277,14 +309,19 @@ def main():
     brk_b = rest[args.warmup_steps + args.steps:][:args.breakdown_steps]
     prof_b = rest[-1:]
     tokens = int(timed_b[0]["ntokens"])
-    dim, layers, heads = GPT2_SIZES[args.size]
+    dims = on.model.decoder.backbone.dims
+    what = (os.path.basename(os.path.dirname(os.path.abspath(args.backbone))) + " "
+            f"({on.model.decoder.backbone.family}, {dims.num_kv_heads} key-value heads, "
+            f"r={args.reduction_factor}, {len(on.model.decoder.sidenet.h)} side layers)"
+            if args.backbone else args.size)
 
     log.print(f"# {cpu_model()} ({os.cpu_count()} logical CPUs), "
           f"torch {torch.__version__}, torch threads = {torch.get_num_threads()}, device={device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
           + f", dtype={args.dtype}")
-    log.print(f"# {args.size}: d={dim}, {layers} layers, {heads} heads, memory layer "
-          f"{DEFAULT_MEMORY_LAYER[args.size]}, vocab {len(dictionary)}; B={args.B} T={args.T} "
+    log.print(f"# {what}: d={dims.embed_dim}, {dims.num_layers} layers, {dims.num_heads} heads, "
+          f"memory layer {on.model.decoder.cfg.memory_layer}, vocab {len(dictionary)}; "
+          f"B={args.B} T={args.T} "
           f"msz={args.msz} K={args.K} csz={args.csz} backend={args.backend}; trainable params "
           f"on={on.num_trainable:,} off={off.num_trainable:,}")
 

@@ -7,7 +7,8 @@ and outside the local window::
 
     python examples/long_context_lm/copy_probe.py DATA --path CK [--path CK2 ...] \\
         --tokens-per-sample 256 [--span 32] [--trials 64] [--distances 0,1,2,4,8,16] \\
-        [--span-vocab 1000] [--span-first 0] [--model-overrides "{'disable_memory': True}"] [--results-json FILE]
+        [--span-vocab 1000] [--span-first 0] [--model-overrides "{'disable_memory': True}"] \\
+        [--training-free-memory 15-29 [--free-memory-size 8192 ...]] [--results-json FILE]
 
 Each trial is a document of ``d + 2`` segments of real text from ``DATA``'s ``--split`` (valid by
 default) with the span at the same random offset of segment 1 and of segment ``1 + d``; the
@@ -110,6 +111,13 @@ def main(argv=None) -> int:
                         "its ids in id order, not by count, e.g. 1003 for ids 1000 and up")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--model-overrides", default="{}", help="applied to every --path")
+    p.add_argument("--training-free-memory", metavar="LAYERS",
+                   help="read each --path (a gpt2_lm/llama_lm backbone) with the training-free "
+                        "memory of these blocks, e.g. 15-29 (fairseq-eval-lm's "
+                        "--training-free-memory --free-read-layers)")
+    p.add_argument("--free-memory-size", type=int, default=8192)
+    p.add_argument("--free-chunk-size", type=int, default=4)
+    p.add_argument("--free-retrieved-tokens", type=int, default=32)
     p.add_argument("--results-json")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stdout)
@@ -122,9 +130,17 @@ def main(argv=None) -> int:
         models, _, task = checkpoint_utils.load_model_ensemble_and_task(
             [path], arg_overrides=dict(overrides, data=args.data, tokens_per_sample=T))
         model = models[0].eval()
+        if args.training_free_memory:
+            from fairseq_longmem.models.training_free import FreeReadConfig, TrainingFreeMemoryModel
+
+            model = TrainingFreeMemoryModel.around(model, FreeReadConfig(
+                layers=args.training_free_memory, memory_size=args.free_memory_size,
+                chunk_size=args.free_chunk_size, retrieved_tokens=args.free_retrieved_tokens,
+                max_target_positions=T)).eval()
         d = task.source_dictionary
         text = real_text(args.data, args.split, d)
-        # a LongMem decoder keeps one memory per stream; a gpt2_lm backbone has none
+        # a LongMem decoder (or the training-free read) keeps one memory per stream; a plain
+        # backbone has none
         memory = hasattr(model.decoder, "reset_memory") and not model.decoder.cfg.disable_memory
         lo = args.span_first or d.nspecial
         if not d.nspecial <= lo < len(d):
@@ -139,6 +155,7 @@ def main(argv=None) -> int:
             lp = score(model, docs, T, d.eos(), memory)
             loss1, loss2 = copy_losses(lp, first, second, args.span)
             row = {"path": path, "memory": memory, "distance": distance, "trials": args.trials,
+                   "training_free_memory": args.training_free_memory,
                    "span": args.span, "first_bits": loss1, "second_bits": loss2,
                    "recall_bits": loss1 - loss2}
             results.append(row)

@@ -41,7 +41,7 @@ _CHECKPOINT_MAGICS = (b"PK\x03\x04", b"\x80")
 def read_checkpoint(path: str, option: str) -> dict:
     """Load a checkpoint file that an option names, refusing an empty, foreign or damaged file in
     one line that names it (torch alone says ``EOFError`` or ``pop from empty list``)."""
-    fix = "point it at a complete gpt2_lm checkpoint (re-copy it, or re-run what wrote it)"
+    fix = "point it at a complete checkpoint (re-copy it, or re-run what wrote it)"
     size = os.path.getsize(path)
     if size == 0:
         raise ValueError(f"{option} {path} is empty (0 bytes; an interrupted copy or save?): {fix}")

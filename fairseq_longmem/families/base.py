@@ -9,8 +9,9 @@ position-free: as the memory stores them (GPT-2's keys carry no position; a rota
 keys when it attends, never in storage).
 """
 
+import importlib
 from dataclasses import dataclass
-from typing import List, Optional, Tuple, Type
+from typing import Callable, List, Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
@@ -138,3 +139,18 @@ class Family:
     attention: Type[nn.Module]  # the block's attention: project_qkv, local_attention, ...
     lm_model: str  # the registered fairseq model of the plain LM (backbone checkpoints)
     longmem_model: str  # the registered fairseq model of LongMem over it
+    # Hugging Face conversion (python -m fairseq_longmem.convert): the config.json model_types
+    # the family converts, the tensor whose rows give vocab_size when a config lacks it, and its
+    # converter as "module:function" (imported only when converting: it imports the converter's
+    # common part, which sits above the families); see hf_converter
+    hf_model_types: Tuple[str, ...] = ()
+    hf_embedding: str = ""
+    convert_hf: str = ""
+
+    def hf_converter(self) -> Callable:
+        """The family's converter, ``convert_hf(config, tensors, eos, out_dir, fingerprint_of)
+        -> (cfg, weights, summary)``: config.json and the tensors by Hugging Face name in,
+        a fairseq cfg, the ``decoder.backbone.*`` weights and a one-line description out;
+        ``fingerprint_of(V)`` writes dict.txt for V model ids and returns its fingerprint."""
+        module, _, name = self.convert_hf.partition(":")
+        return getattr(importlib.import_module(module), name)

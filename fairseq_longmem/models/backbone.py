@@ -62,3 +62,26 @@ def load_backbone(model_class, cfg, task):
     backbone = family.backbone(model_class.backbone_dims(cfg, len(dictionary)))
     backbone.load_state_dict(weights)
     return backbone, model_cfg
+
+
+def read_backbone_checkpoint(path: str):
+    """A plain LM checkpoint of any family (``gpt2_lm``, ``llama_lm``) as ``(backbone, model
+    config)``, outside fairseq's loading (benchmarks, notebooks): the family is the one whose
+    plain LM wrote it; no dictionary is checked."""
+    import argparse
+
+    state = read_checkpoint(path, "checkpoint")
+    model_cfg = (state.get("cfg") or {}).get("model") or {}
+    name = model_cfg.get("_name")
+    family = next((f for f in FAMILIES.values()
+                   if ARCH_MODEL_REGISTRY.get(name) is MODEL_REGISTRY[f.lm_model]), None)
+    if family is None:
+        raise ValueError(f"{path} is a {name!r} checkpoint; expected a plain LM of one of the "
+                         f"families ({', '.join(f.lm_model for f in FAMILIES.values())})")
+    weights = {k[len("decoder.backbone."):]: v for k, v in state["model"].items()
+               if k.startswith("decoder.backbone.")}
+    vocab = weights[family.backbone.token_embedding].shape[0]
+    dims = MODEL_REGISTRY[family.lm_model].dims_from_config(argparse.Namespace(**model_cfg), vocab)
+    backbone = family.backbone(dims)
+    backbone.load_state_dict(weights)
+    return backbone.eval(), model_cfg

@@ -1,15 +1,19 @@
 """Hugging Face's LlamaForCausalLM layout -> the Llama family: its config.json (``rope_theta`` or
 transformers 5's ``rope_parameters``) checked and turned into :class:`LlamaDims`, and its tensor
 names (``model.layers.N.self_attn.q_proj.weight`` ...) into our backbone's (the same without
-``model.``). Functions a model computes differently from ours are refused, never approximated."""
+``model.``), and :func:`convert_llama`, the family's converter of ``python -m
+fairseq_longmem.convert``. Functions a model computes differently from ours are refused, never
+approximated."""
 
 from typing import Dict, Tuple
 
 import torch
 
+from ...convert.common import NUM_FAIRSEQ_SPECIALS, ConversionError, lm_cfg, remap_rows
+from . import FAMILY
 from .modules import LlamaBackbone, LlamaDims
 
-MODEL_TYPES = ("llama", "mistral")
+MODEL_TYPES = FAMILY.hf_model_types  # ("llama", "mistral")
 
 
 class HFConfigError(ValueError):
@@ -111,3 +115,37 @@ def backbone_state(tensors: Dict[str, torch.Tensor], dims: LlamaDims, vocab_rows
                             "not a LlamaForCausalLM?")
     rest = {k: v for k, v in out.items() if k not in by_token}
     return rest, {k: out[k] for k in by_token}
+
+
+def llama_cfg(dims, out_dir: str, fingerprint: str) -> dict:
+    """A fairseq cfg (plain dicts) for model ``llama_lm`` and task ``language_modeling``."""
+    from .model import LlamaLMConfig
+
+    model = LlamaLMConfig(
+        embed_dim=dims.embed_dim, num_layers=dims.num_layers, num_heads=dims.num_heads,
+        num_kv_heads=dims.num_kv_heads, ffn_dim=dims.ffn_dim, max_positions=dims.max_positions,
+        rope_theta=dims.rope_theta, rms_norm_eps=dims.rms_norm_eps,
+        tie_embeddings=dims.tie_embeddings, mask_special_logits=True,
+        dictionary_fingerprint=fingerprint)
+    return lm_cfg(model, "llama_lm", out_dir, dims.max_positions)
+
+
+def convert_llama(config: dict, tensors: Dict[str, torch.Tensor], eos: int, out_dir: str,
+                  fingerprint_of):
+    """The family's converter for ``python -m fairseq_longmem.convert``: (cfg, weights, summary)
+    of a llama_lm checkpoint; ``fingerprint_of(V)`` writes dict.txt for V model ids and returns
+    its fingerprint."""
+    V = config["vocab_size"]
+    try:
+        dims = dims_from_hf(config, NUM_FAIRSEQ_SPECIALS + V - 1)
+        rest, by_token = backbone_state(tensors, dims, V)
+    except HFConfigError as e:
+        raise ConversionError(str(e)) from None
+    weights = {**rest, **{k: remap_rows(v, eos) for k, v in by_token.items()}}
+    weights = {f"decoder.backbone.{k}": v.float().contiguous().clone() for k, v in weights.items()}
+    cfg = llama_cfg(dims, out_dir, fingerprint_of(V))
+    summary = (f"llama_lm {dims.num_layers}x{dims.embed_dim}/{dims.num_heads} heads "
+               f"({dims.num_kv_heads} key-value), SwiGLU {dims.ffn_dim}, rope base "
+               f"{dims.rope_theta:g}, {dims.max_positions} positions, "
+               f"{'tied' if dims.tie_embeddings else 'untied'} output")
+    return cfg, weights, summary

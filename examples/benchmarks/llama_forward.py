@@ -1,0 +1,149 @@
+"""Our Llama forward against transformers' LlamaForCausalLM on the same weights (a converted
+SmolLM2-135M, or any llama_lm checkpoint): tokens/s of a no-gradient forward to the logits, fp32,
+timed alternately in one process (ratios, not absolute times: the machine is shared), and LongMem's
+evaluation step with its memory off over the same backbone.
+
+Run from the repository root (transformers installed, e.g. pip install -e '.[test]'):
+
+    python examples/get_smollm2.py --out SMOLLM2
+    python examples/benchmarks/llama_forward.py SMOLLM2/checkpoint.pt --threads 1,2 \\
+        --lengths 512,1024,2048 --batches 1,4 [--repeats 3] [--log-dir DIR]
+
+Both models get the same token ids (random, from the model's vocabulary) and the same thread
+count; transformers runs with its default attention (SDPA) and ``use_cache=False``. Their logits
+are compared once per shape (max |difference|), so that a fast but wrong forward cannot pass.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+from runlog import RunLog, cpu_model  # examples/benchmarks/runlog.py, beside this script
+
+
+def load_ours(path: str):
+    from fairseq_longmem.models.backbone import read_backbone_checkpoint
+
+    backbone, cfg = read_backbone_checkpoint(path)
+    if backbone.family != "llama":
+        raise SystemExit(f"error: {path} is a {cfg.get('_name')!r} checkpoint; expected a llama_lm "
+                         "(python -m fairseq_longmem.convert, examples/get_smollm2.py)")
+    return backbone, cfg
+
+
+def hf_twin(backbone, cfg):
+    """transformers' LlamaForCausalLM with our backbone's weights (the same parameter names)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    d = backbone.dims
+    config = LlamaConfig(
+        vocab_size=d.vocab_size, hidden_size=d.embed_dim, intermediate_size=d.ffn_dim,
+        num_hidden_layers=d.num_layers, num_attention_heads=d.num_heads,
+        num_key_value_heads=d.num_kv_heads, max_position_embeddings=d.max_positions,
+        rms_norm_eps=d.rms_norm_eps, rope_theta=d.rope_theta, tie_word_embeddings=d.tie_embeddings,
+        attention_bias=False, mlp_bias=False)
+    model = LlamaForCausalLM(config)
+    state = {("" if k.startswith("lm_head") else "model.") + k: v
+             for k, v in backbone.state_dict().items()}
+    if d.tie_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if "rotary_emb" not in k]
+    if missing or unexpected:
+        raise SystemExit(f"error: weights do not map onto transformers' Llama: missing {missing}, "
+                         f"unexpected {unexpected}")
+    return model.eval()
+
+
+def longmem_memory_off(backbone, T):
+    """LongMem over the backbone with its memory off, the SideNet at the paper's default ratio
+    (r = 2) and copied from the backbone: its evaluation step without reading."""
+    from fairseq.data import Dictionary
+
+    from fairseq_longmem.families.llama.model import LongMemLlamaConfig, LongMemLlamaModel
+
+    d = backbone.dims
+    dictionary = Dictionary()
+    for i in range(d.vocab_size - len(dictionary)):
+        dictionary.add_symbol(str(i))
+    cfg = LongMemLlamaConfig(
+        embed_dim=d.embed_dim, num_layers=d.num_layers, num_heads=d.num_heads,
+        num_kv_heads=d.num_kv_heads, ffn_dim=d.ffn_dim, max_positions=d.max_positions,
+        rope_theta=d.rope_theta, rms_norm_eps=d.rms_norm_eps, tie_embeddings=d.tie_embeddings,
+        memory_layer=(d.num_layers * 3 // 4 + 1) // 2 * 2 - 1, disable_memory=True, dropout=0.0,
+        max_target_positions=T)
+    return LongMemLlamaModel.from_backbone(cfg, dictionary, backbone).eval()
+
+
+def timed(fn, repeats: int):
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", help="a llama_lm checkpoint (e.g. SMOLLM2/checkpoint.pt)")
+    p.add_argument("--lengths", default="512,1024,2048")
+    p.add_argument("--batches", default="1,4")
+    p.add_argument("--threads", default="1,2")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--longmem", action="store_true",
+                   help="also time LongMem's evaluation step with its memory off (r = 2)")
+    p.add_argument("--log-dir")
+    args = p.parse_args(argv)
+    ours, cfg = load_ours(args.checkpoint)
+    hf = hf_twin(ours, cfg)
+    log = RunLog(args.log_dir)
+    log.print(f"# Llama forward, ours vs transformers: {os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint)))} "
+              f"({ours.dims.num_layers}x{ours.dims.embed_dim}, {ours.dims.num_heads}/"
+              f"{ours.dims.num_kv_heads} heads), fp32, {cpu_model()}")
+    log.print()
+    cols = ["threads", "B", "T", "ours tok/s", "transformers tok/s", "ours / transformers",
+            "max |logit diff|"]
+    if args.longmem:
+        cols += ["LongMem mem-off tok/s", "LongMem / ours"]
+    log.print("| " + " | ".join(cols) + " |")
+    log.print("|" + "---|" * len(cols))
+    g = torch.Generator().manual_seed(0)
+    for threads in [int(x) for x in args.threads.split(",")]:
+        torch.set_num_threads(threads)
+        for B in [int(x) for x in args.batches.split(",")]:
+            for T in [int(x) for x in args.lengths.split(",")]:
+                tokens = torch.randint(0, ours.dims.vocab_size, (B, T), generator=g)
+                with torch.no_grad():
+                    ours_fn = lambda: ours.output_layer(ours(tokens)[0][-1])  # noqa: E731
+                    hf_fn = lambda: hf(input_ids=tokens, use_cache=False).logits  # noqa: E731
+                    diff = float((ours_fn() - hf_fn()).abs().max())  # also the warm-up
+                    t_ours, t_hf, t_lm = [], [], []
+                    lm = longmem_memory_off(ours, T) if args.longmem else None
+                    for _ in range(args.repeats):  # alternated, so that load hits both alike
+                        t_ours += timed(ours_fn, 1)
+                        t_hf += timed(hf_fn, 1)
+                        if lm is not None:
+                            t_lm += timed(lambda: lm(tokens), 1)
+                key = f"threads{threads}_B{B}_T{T}"
+                log.times(key + "_ours", t_ours)
+                log.times(key + "_transformers", t_hf)
+                a, b = statistics.median(t_ours), statistics.median(t_hf)
+                row = [threads, B, T, f"{B * T / a:.0f}", f"{B * T / b:.0f}", f"{b / a:.2f}",
+                       f"{diff:.1e}"]
+                if lm is not None:
+                    log.times(key + "_longmem_off", t_lm)
+                    c = statistics.median(t_lm)
+                    row += [f"{B * T / c:.0f}", f"{a / c:.2f}"]
+                log.print("| " + " | ".join(map(str, row)) + " |")
+    log.print()
+    log.print(f"median of {args.repeats} alternated repeats per cell; tok/s = B*T / seconds")
+    log.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
