@@ -40,6 +40,28 @@ class CLIError(AssertionError):
     """A fairseq CLI exited non-zero (or timed out); the message holds the end of its log."""
 
 
+_EXAMPLES: Dict[str, object] = {}
+
+
+def load_example(relpath: str):
+    """The example script ``examples/<relpath>`` as a module, loaded once by its path and
+    registered under its name, so that a script importing it as a sibling gets the same module
+    (no ``sys.path`` entry from the tests; a script that imports a sibling adds its own folder)."""
+    if relpath not in _EXAMPLES:
+        import importlib.util
+
+        path = os.path.join(REPO, "examples", relpath)
+        name = os.path.basename(path)[:-3]
+        module = sys.modules.get(name)  # already imported by a sibling script
+        if module is None or os.path.abspath(getattr(module, "__file__", "")) != path:
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+        _EXAMPLES[relpath] = module
+    return _EXAMPLES[relpath]
+
+
 def _log_tail(log: str, lines: int = 60) -> str:
     return "\n".join(log.splitlines()[-lines:])
 

@@ -6,14 +6,13 @@ import json
 import os
 import random
 import struct
-import sys
 import zlib
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "examples"))
-import build_book_corpus as bbc  # noqa: E402
+from conftest import load_example
+
+bbc = load_example("build_book_corpus.py")
 
 WORDS = "the a cat dog sat ran on under mat log red blue big small and then it was very long day".split()
 
@@ -236,7 +235,7 @@ import io  # noqa: E402
 import tarfile  # noqa: E402
 import zipfile  # noqa: E402
 
-import pycode_corpus as pyc  # noqa: E402
+pyc = load_example("pycode_corpus.py")
 
 METADATA = "Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n{license}\n"
 

@@ -603,15 +603,9 @@ def test_run_icl_prints_the_three_conditions_from_its_logs(icl_setup, tmp_path):
 
 
 def test_vader_ratings_become_labels():
-    import sys
+    from conftest import load_example
 
-    from conftest import REPO
-
-    sys.path.insert(0, os.path.join(REPO, "examples"))
-    try:
-        import get_vader_sets
-    finally:
-        sys.path.remove(os.path.join(REPO, "examples"))
+    get_vader_sets = load_example("get_vader_sets.py")
     rows = get_vader_sets.read_rated("1\t2.5\tA fine\tfilm.\r\n2\t-0.1\tdull\r\n3\t0.0\tmeh\r\n")
     assert rows == [("A fine film.", "positive"), ("dull", "negative")]
     train, test = get_vader_sets.split(rows * 5, 3, seed=1)

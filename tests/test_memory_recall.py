@@ -14,16 +14,13 @@ with r = 1 the SideNet layer that reads memory starts as a copy of that layer, s
 matched to the keys in memory (docs/DESIGN.md, section 1, step 3).
 """
 
-import os
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import load_example
 
-sys.path.insert(0, os.path.join(REPO, "examples"))
-import recall_task  # noqa: E402  (examples/recall_task.py, shared with recall_distance.py)
+recall_task = load_example("recall_task.py")  # shared with examples/recall_distance.py
 
 pytestmark = pytest.mark.slow  # trains a LongMem model in-process for about 100 s
 

@@ -110,7 +110,7 @@ def test_block_layout():
 
 
 def test_auto_is_torch_on_cpu_and_every_backend_is_listed_once():
-    assert memory_search.resolve("auto", torch.device("cpu")) == "torch"
+    assert memory_search.resolve("auto") == "torch"
     assert len(set(ChunkedMemoryBank.BACKENDS)) == len(ChunkedMemoryBank.BACKENDS)
     assert ChunkedMemoryBank.BACKENDS[0] == "auto"
     from fairseq_longmem.models.longmem import SEARCH_BACKENDS

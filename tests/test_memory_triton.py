@@ -93,4 +93,4 @@ def test_triton_backend_without_triton_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
     with pytest.raises(ImportError, match=r"needs triton.*pip install triton"):
         ChunkedMemoryBank(1, 1, 4, 2, 8, backend="triton")
-    assert memory_search.resolve("auto", torch.device("cpu")) == "torch"
+    assert memory_search.resolve("auto") == "torch"

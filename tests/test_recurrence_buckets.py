@@ -16,7 +16,7 @@ import torch
 from fairseq.data import Dictionary
 from fairseq.logging import metrics
 
-from conftest import REPO, USER_DIR, document_tokens, run_cli, run_cli_cases, train_longmem
+from conftest import REPO, USER_DIR, document_tokens, load_example, run_cli, run_cli_cases, train_longmem
 from fairseq_longmem.criterions.longmem_cross_entropy import (
     LongMemCrossEntropyCriterion,
     reach_sums,
@@ -364,11 +364,7 @@ def test_sliding_window_scores_the_tokens_of_a_as_eval_lm_scores_each_document(
 
 
 def test_sliding_window_refuses_other_models_and_windows(corpus, backbone, longmem_checkpoint):
-    sys.path.insert(0, os.path.dirname(SCORE_POSITIONS))
-    try:
-        import score_positions
-    finally:
-        sys.path.pop(0)
+    score_positions = load_example(os.path.join("long_context_lm", "score_positions.py"))
     base = [corpus.data_dir, "--user-dir", USER_DIR, "--task", "longmem_lm", "--tokens-per-sample",
             str(T_EVAL), "--batch-size", "2", "--cpu", "--num-workers", "0", "--valid-subset",
             "valid", "--criterion", "longmem_cross_entropy"]

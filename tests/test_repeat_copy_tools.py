@@ -3,19 +3,16 @@ examples/long_context_lm/copy_probe.py (how well a model copies a span from d se
 
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 from fairseq.data import Dictionary, data_utils
 
-from conftest import REPO, TOKENS_PER_SAMPLE
+from conftest import TOKENS_PER_SAMPLE, load_example
 
-sys.path.insert(0, os.path.join(REPO, "examples"))
-sys.path.insert(0, os.path.join(REPO, "examples", "long_context_lm"))
-import copy_probe  # noqa: E402
-import repeat_augment  # noqa: E402
+copy_probe = load_example(os.path.join("long_context_lm", "copy_probe.py"))
+repeat_augment = load_example("repeat_augment.py")
 
 
 def test_augment_document_copies_only_from_earlier_text():

@@ -2,7 +2,6 @@
 against the committed logs (every table there is regenerated from docs/results/logs)."""
 
 import glob
-import importlib.util
 import json
 import os
 import random
@@ -12,24 +11,16 @@ import shutil
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, load_example
 
 RESULTS_MD = os.path.join(REPO, "docs", "RESULTS.md")
 LOGS = os.path.join(REPO, "docs", "results", "logs")
 
 
-def load(relpath):
-    path = os.path.join(REPO, "examples", relpath)
-    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-recall_distance = load("recall_distance.py")
-recall_task = load("recall_task.py")  # recall_distance.py's documents and scoring
-summarize = load(os.path.join("long_context_lm", "summarize.py"))
-run_icl = load(os.path.join("icl", "run_icl.py"))
+recall_distance = load_example("recall_distance.py")
+recall_task = load_example("recall_task.py")  # recall_distance.py's documents and scoring
+summarize = load_example(os.path.join("long_context_lm", "summarize.py"))
+run_icl = load_example(os.path.join("icl", "run_icl.py"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,7 +303,7 @@ def test_results_logs_are_committed():
 
 def test_plots_are_drawn_from_the_logs(tmp_path):
     pytest.importorskip("matplotlib")
-    plot_results = load("plot_results.py")
+    plot_results = load_example("plot_results.py")
     run = os.path.join(LOGS, "long_context_lm_cpu")  # the run with every step, suffix included
     log = sorted(glob.glob(os.path.join(LOGS, "recall_distance*", "*.jsonl")))[0]
     assert plot_results.main(["--long-context", run, "--recall", log, "--out", str(tmp_path)]) == 0
@@ -327,7 +318,7 @@ def test_plots_are_drawn_from_the_logs(tmp_path):
 
 def test_plots_include_the_recurrence_gain_when_the_run_has_it(tmp_path):
     pytest.importorskip("matplotlib")
-    plot_results = load("plot_results.py")
+    plot_results = load_example("plot_results.py")
     root = write_recurrence(write_run(str(tmp_path / "run")))
     out = tmp_path / "plots"
     out.mkdir()

@@ -413,7 +413,7 @@ class ChunkedMemoryBank(Memory):
             raise ValueError(f"k={k} asks for {k // S} chunks but a row holds at most "
                              f"capacity={C} (memory_size={self.memory_size}, chunk_size={S})")
         self._check_kv("queries", queries)
-        backend = memory_search.resolve(self.backend, self._device)
+        backend = memory_search.resolve(self.backend)
         slots = memory_search.search(backend, queries.detach().to(self._dtype), self._summaries,
                                      self._count, k // S, self.max_score_bytes)
         return self._expand(slots)

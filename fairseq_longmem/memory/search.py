@@ -51,12 +51,12 @@ CPU_MIN_TILE_QUERIES = 64
 _faiss_gpu_resources = None
 
 
-def resolve(backend: str, device: torch.device) -> str:
-    """The backend that ``backend`` stands for on ``device``: ``auto`` is ``torch`` on CPU (measured
-    fastest) and on CUDA (the module docstring says why)."""
-    if backend != "auto":
-        return backend
-    return "torch"
+def resolve(backend: str) -> str:
+    """The backend that ``backend`` stands for: ``auto`` is ``torch`` on every device (measured
+    fastest on CPU; on CUDA the module docstring says why)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown search backend {backend!r}; expected one of {BACKENDS}")
+    return "torch" if backend == "auto" else backend
 
 
 def search(backend, queries, summaries, count, nk, max_score_bytes):
