@@ -13,7 +13,8 @@
 # (paper shapes: B=8, H=16, T=1024, hd=64, csz=4, k=64, msz 65,536 and 262,144; fp16 and bf16;
 # every backend checked against matmul + topk) and the memory on/off step overheads of GPT-2
 # small and medium (bf16 autocast, B=8, T=1024, msz=65,536) for auto, matmul (the search before
-# the two-stage one) and triton. Not run yet: no GPU was lent to this project's sessions.
+# the two-stage one) and triton; and the same overheads for a Llama of SmolLM2-135M's sizes
+# (random weights, r = 5, msz 16,384 and 65,536). Not run yet: no GPU was lent to this project's sessions.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 WH=.cache/device/wh
@@ -62,6 +63,13 @@ EOF
                 --T 1024 --B 8 --msz 65536 --vocab 50260 --backend $backend 2>&1 \
                 | grep -v '^INFO' | tee "$OUT/speed_${size}_${backend}.md" || true
         done
+    done
+    # SmolLM2-135M's shape (random weights: the 538 MB checkpoint is over what a call carries):
+    # LongMem over it, r = 5 (6 side layers), the memory on/off step overheads at 16k and 64k
+    for msz in 16384 65536; do
+        python examples/benchmarks/longmem_speed.py --device cuda --dtype bf16 --size smollm2 \
+            --reduction-factor 5 --T 1024 --B 8 --msz $msz --K 32 2>&1 \
+            | grep -v '^INFO' | tee "$OUT/speed_smollm2_msz$msz.md" || true
     done
     ;;
 *)

@@ -28,6 +28,7 @@ from fairseq_longmem.families.gpt2.model import (
 )
 from fairseq_longmem.families.gpt2.modules import GPT2_SIZES, GPT2Backbone, GPT2Dims
 from fairseq_longmem.families import FAMILIES
+from fairseq_longmem.families.llama.modules import LlamaBackbone, LlamaDims
 from fairseq_longmem.memory.bank import ChunkedMemoryBank
 from fairseq_longmem.models.backbone import read_backbone_checkpoint
 from fairseq_longmem.modules.memory_attention import JointAttentionMixin
@@ -45,14 +46,29 @@ def make_dictionary(size: int) -> Dictionary:
     return d
 
 
+# SmolLM2-135M's shape (the converted checkpoint's config), for --size smollm2: random weights
+# of the real model's sizes, where the weights cannot be had (a GPU machine without a registry)
+SMOLLM2_135M = dict(embed_dim=576, num_layers=30, num_heads=9, num_kv_heads=3, ffn_dim=1536,
+                    max_positions=8192, rope_theta=100000.0, rms_norm_eps=1e-5, tie_embeddings=True)
+SMOLLM2_VOCAB = 49155  # its 49,152 ids + fairseq's 3 other specials (converted dict.txt)
+
+
+def random_smollm2(vocab: int):
+    """A Llama backbone of SmolLM2-135M's sizes with seeded random weights, and its config."""
+    torch.manual_seed(0)
+    return LlamaBackbone(LlamaDims(vocab_size=vocab, **SMOLLM2_135M)).eval(), \
+        dict(SMOLLM2_135M, _name="llama_lm")
+
+
 def build_models(args, dictionary):
     """The memory-on model and a memory-off copy with identical weights, over a random GPT-2 of
     ``--size`` or over the ``--backbone`` checkpoint (any family)."""
     T = args.T
     memory = dict(memory_size=args.msz, chunk_size=args.csz, retrieved_tokens=args.K,
                   search_backend=args.backend, max_target_positions=T)
-    if args.backbone:
-        backbone, model_cfg = read_backbone_checkpoint(args.backbone)
+    if args.backbone or args.size == "smollm2":
+        backbone, model_cfg = (read_backbone_checkpoint(args.backbone) if args.backbone
+                               else random_smollm2(len(dictionary)))
         family = FAMILIES[backbone.family]
         model_class = MODEL_REGISTRY[family.longmem_model]
         config_class = MODEL_DATACLASS_REGISTRY[family.longmem_model]
@@ -245,8 +261,9 @@ def profile_top(runner, batches, train: bool, rows: int):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", default="tiny", choices=sorted(GPT2_SIZES),
-                   help="backbone size (GPT-2 dims; tiny = 128-d, 4 layers, 4 heads)")
+    p.add_argument("--size", default="tiny", choices=sorted(GPT2_SIZES) + ["smollm2"],
+                   help="backbone size (GPT-2 dims; tiny = 128-d, 4 layers, 4 heads; smollm2: a Llama "
+                   "of SmolLM2-135M's sizes with random weights, where its weights are not at hand)")
     p.add_argument("--backbone", help="a plain LM checkpoint of any family (e.g. a converted "
                    "SmolLM2's checkpoint.pt) instead of a random GPT-2 of --size")
     p.add_argument("--reduction-factor", type=int, default=2, help="with --backbone: r")
@@ -293,7 +310,7 @@ def main():
         # the dictionary must have the backbone's rows: read them off the checkpoint
         args.vocab = read_backbone_checkpoint(args.backbone)[0].dims.vocab_size
     elif args.vocab is None:
-        args.vocab = 8000 if args.size == "tiny" else 50260
+        args.vocab = {"tiny": 8000, "smollm2": SMOLLM2_VOCAB}.get(args.size, 50260)
     if args.msz % args.T:
         p.error(f"--msz ({args.msz}) must be a multiple of --T ({args.T})")
     fill_segments = args.msz // args.T
@@ -310,10 +327,11 @@ def main():
     prof_b = rest[-1:]
     tokens = int(timed_b[0]["ntokens"])
     dims = on.model.decoder.backbone.dims
-    what = (os.path.basename(os.path.dirname(os.path.abspath(args.backbone))) + " "
+    what = ((os.path.basename(os.path.dirname(os.path.abspath(args.backbone))) if args.backbone
+             else "SmolLM2-135M's shape, random weights") + " "
             f"({on.model.decoder.backbone.family}, {dims.num_kv_heads} key-value heads, "
             f"r={args.reduction_factor}, {len(on.model.decoder.sidenet.h)} side layers)"
-            if args.backbone else args.size)
+            if args.backbone or args.size == "smollm2" else args.size)
 
     log.print(f"# {cpu_model()} ({os.cpu_count()} logical CPUs), "
           f"torch {torch.__version__}, torch threads = {torch.get_num_threads()}, device={device}"
