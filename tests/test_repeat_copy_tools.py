@@ -117,7 +117,7 @@ def test_copy_probe_end_to_end(corpus, backbone, longmem_run, tmp_path):
     out = tmp_path / "probe.json"
     assert copy_probe.main([corpus.data_dir, "--path", backbone, "--path", lm,
                             "--tokens-per-sample", str(TOKENS_PER_SAMPLE), "--span", "6",
-                            "--trials", "4", "--distances", "0,1,3",
+                            "--trials", "4", "--distances", "0,1,3", "--read-hits",
                             "--results-json", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert [(r["path"], r["memory"], r["distance"]) for r in rows] == [
@@ -125,8 +125,49 @@ def test_copy_probe_end_to_end(corpus, backbone, longmem_run, tmp_path):
         (lm, True, 0), (lm, True, 1), (lm, True, 3)]
     for r in rows:
         assert r["recall_bits"] == pytest.approx(r["first_bits"] - r["second_bits"])
+        # where the memory's reads land: LongMem's one memory layer, from d = 1 on
+        hits = r["memory"] and r["distance"] >= 1
+        assert ("read_hits" in r) == hits
+        if hits:
+            (share,) = r["read_hits"].values()
+            assert 0 <= share <= 1
+            assert 0 < r["read_hits_chance"] < 1
     # the first copy sits in segment 1 whatever the distance: what comes after it (the second
     # copy, more segments) cannot change its loss, with or without a memory (causality)
     for model in (backbone, lm):
         firsts = [r["first_bits"] for r in rows if r["path"] == model]
         assert max(firsts) - min(firsts) < 1e-5
+
+
+def test_copy_probe_table_has_a_row_per_file_and_a_column_per_distance(tmp_path, capsys):
+    def row(d, first, second):
+        return {"distance": d, "first_bits": first, "second_bits": second,
+                "recall_bits": first - second}
+
+    (tmp_path / "on.json").write_text(json.dumps([row(1, 20.0, 6.5), row(16, 20.0, 14.25)]))
+    (tmp_path / "off.json").write_text(json.dumps([row(4, 16.5, 16.625)]))
+    assert copy_probe.main(["--table", str(tmp_path / "on.json"), str(tmp_path / "off.json")]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "| run | d = 1 | d = 4 | d = 16 |",
+        "|---|---|---|---|",
+        "| on | +13.50 (6.50 of 20.00) |  | +5.75 (14.25 of 20.00) |",
+        "| off |  | -0.12 (16.62 of 16.50) |  |",
+    ]
+    with pytest.raises(ValueError, match="one model per file"):
+        copy_probe.table([("two", [row(1, 2.0, 1.0), row(1, 3.0, 1.0)])])
+
+
+def test_read_hits_counts_the_first_copys_chunks_against_chance():
+    T, csz, span = 16, 4, 4
+    first, second = [T + 5, T + 1], [2 * T + 5, 2 * T + 1]  # d = 1: memory holds 8 chunks
+    # trial 0's first copy is tokens 21-24 = source positions 22-25: chunks 5 and 6;
+    # trial 1's is tokens 17-20 = source positions 18-21: chunks 4 and 5
+    idx = torch.full((2, 3, T, 2), -1, dtype=torch.long)  # (B, H, T, nk)
+    idx[0, :, 6:9, 0] = 6  # trial 0's second-copy queries (positions 6-8): a hit each ...
+    idx[0, :, 6:9, 1] = 0  # ... and a miss each
+    idx[1, :, 2:5, 0] = 4  # trial 1: hits only
+    share, chance = copy_probe.read_hits(idx, first, second, T, span, csz)
+    assert share == pytest.approx((9 + 9) / (18 + 9)) and chance == pytest.approx(2 / 8)
+    idx[1, 0, 3, 1] = 8  # a chunk the document never wrote
+    with pytest.raises(ValueError, match="wrapped"):
+        copy_probe.read_hits(idx, first, second, T, span, csz)

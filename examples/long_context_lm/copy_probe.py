@@ -18,14 +18,20 @@ streams a document: a LongMem model writes each segment into its memory after re
 ``gpt2_lm`` backbone (or LongMem with memory off) scores each segment from an empty context.
 Prints, per model and distance, the loss in bits per token of the first and the second copy
 (the span's first token is left out: nothing predicts it) and the recall: their difference.
+
+``copy_probe.py --table A.json [B.json ...]`` prints the markdown table of saved
+``--results-json`` files: one row per file, one column per distance, each cell the recall and, in
+brackets, the second copy's loss of the first's.
 """
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import os
 import sys
+from typing import Optional
 
 import numpy as np
 import torch
@@ -70,19 +76,71 @@ def make_trials(text: np.ndarray, vocab: range, T: int, span: int, distance: int
     return torch.from_numpy(np.stack(docs)).long(), first, second
 
 
+@contextlib.contextmanager
+def recording_reads(reads: Optional[list]):
+    """While active, every memory read's chunk indices (B, H, T, nk; -1 = none) go to ``reads``."""
+    if reads is None:
+        yield
+        return
+    from fairseq_longmem.modules import memory_attention
+
+    read = memory_attention.read_memory
+
+    def recorded(memory, q, retrieved_tokens):
+        found = read(memory, q, retrieved_tokens)
+        reads.append(found.chunk_index.detach().cpu())
+        return found
+
+    memory_attention.read_memory = recorded
+    try:
+        yield
+    finally:
+        memory_attention.read_memory = read
+
+
 @torch.no_grad()
-def score(model, docs: torch.Tensor, T: int, eos: int, memory: bool) -> torch.Tensor:
-    """Log-probability (nats) of every document token, the documents read as streams."""
+def score(model, docs: torch.Tensor, T: int, eos: int, memory: bool,
+          reads_of_segment: Optional[int] = None, reads: Optional[list] = None) -> torch.Tensor:
+    """Log-probability (nats) of every document token, the documents read as streams; with
+    ``reads`` (a list), the chunk indices of every memory read while segment ``reads_of_segment``
+    is scored are appended to it, in the order of the reads (the reading layers, bottom up)."""
     B, n = docs.shape
     source = torch.cat([torch.full((B, 1), eos, dtype=docs.dtype), docs[:, :-1]], dim=1)
     out = torch.empty(B, n)
     for s in range(n // T):
         src, tgt = source[:, s * T:(s + 1) * T], docs[:, s * T:(s + 1) * T]
         kwargs = {"new_document": torch.full((B,), s == 0)} if memory else {}
-        logits, _ = model(src, **kwargs)
+        with recording_reads(reads if s == reads_of_segment else None):
+            logits, _ = model(src, **kwargs)
         lprobs = torch.log_softmax(logits.float(), dim=-1)
         out[:, s * T:(s + 1) * T] = lprobs.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
     return out
+
+
+def read_hits(chunk_index: torch.Tensor, first, second, T: int, span: int, csz: int):
+    """Where one memory read of segment ``1 + d`` lands for the queries of the second copy's
+    tokens (all but its first): the share of the chunks they retrieved (over heads, queries and
+    trials) that hold part of the first copy, and that share's chance level, the first copy's
+    chunks among all those in memory. Assumes what the probe guarantees: each stream's memory was
+    empty at the document's start and never wrapped, so slot ``g`` holds the document's ``g``-th
+    chunk, source positions ``csz*g .. csz*g + csz - 1`` (source position p holds token p - 1)."""
+    B = chunk_index.shape[0]
+    seg = second[0] // T
+    in_memory = seg * T // csz
+    hits = total = good_sum = 0
+    for i in range(B):
+        a = first[i]  # the first copy is tokens a .. a+span-1, source positions a+1 .. a+span
+        good = torch.zeros(in_memory + 1, dtype=torch.bool)  # index in_memory: -1 (no chunk)
+        good[(a + 1) // csz:(a + span) // csz + 1] = True
+        t0 = second[i] - seg * T
+        slots = chunk_index[i, :, t0 + 1:t0 + span].reshape(-1)
+        slots = slots[slots >= 0]
+        if slots.numel() and int(slots.max()) >= in_memory:
+            raise ValueError("a read named a chunk beyond what the document wrote (wrapped memory)")
+        hits += int(good[slots].sum())
+        total += slots.numel()
+        good_sum += int(good[:in_memory].sum())
+    return hits / max(total, 1), good_sum / (B * in_memory)
 
 
 def copy_losses(lprobs: torch.Tensor, first, second, span: int):
@@ -93,7 +151,34 @@ def copy_losses(lprobs: torch.Tensor, first, second, span: int):
     return float(a.mean() * bits), float(b.mean() * bits)
 
 
+def table(named_results) -> str:
+    """Markdown table of ``[(name, results-json rows)]``: a row per name, a column per distance."""
+    distances = sorted({r["distance"] for _, rows in named_results for r in rows})
+    lines = ["| run | " + " | ".join(f"d = {d}" for d in distances) + " |",
+             "|---|" + "---|" * len(distances)]
+    for name, rows in named_results:
+        by_d = {r["distance"]: r for r in rows}
+        if len(by_d) != len(rows):
+            raise ValueError(f"{name}: more than one result per distance (one model per file)")
+        cells = [f"{by_d[d]['recall_bits']:+.2f} ({by_d[d]['second_bits']:.2f} of "
+                 f"{by_d[d]['first_bits']:.2f})" if d in by_d else "" for d in distances]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def print_table(paths) -> int:
+    named = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            named.append((os.path.splitext(os.path.basename(path))[0], json.load(f)))
+    print(table(named))
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--table"]:
+        return print_table(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("data")
     p.add_argument("--path", action="append", required=True, help="a checkpoint; repeatable")
@@ -118,6 +203,13 @@ def main(argv=None) -> int:
     p.add_argument("--free-memory-size", type=int, default=8192)
     p.add_argument("--free-chunk-size", type=int, default=4)
     p.add_argument("--free-retrieved-tokens", type=int, default=32)
+    p.add_argument("--free-memory-distance", type=int, default=0,
+                   help="Llama: every retrieved token is read as if this many positions before its "
+                        "query (0: the segment length; docs/DESIGN.md, rotary positions)")
+    p.add_argument("--read-hits", action="store_true",
+                   help="also record where the memory's reads land (d >= 1): per reading layer, the "
+                        "share of the chunks retrieved for the second copy's queries that hold the "
+                        "first copy, against chance")
     p.add_argument("--results-json")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stdout)
@@ -136,7 +228,7 @@ def main(argv=None) -> int:
             model = TrainingFreeMemoryModel.around(model, FreeReadConfig(
                 layers=args.training_free_memory, memory_size=args.free_memory_size,
                 chunk_size=args.free_chunk_size, retrieved_tokens=args.free_retrieved_tokens,
-                max_target_positions=T)).eval()
+                memory_distance=args.free_memory_distance, max_target_positions=T)).eval()
         d = task.source_dictionary
         text = real_text(args.data, args.split, d)
         # a LongMem decoder (or the training-free read) keeps one memory per stream; a plain
@@ -152,15 +244,34 @@ def main(argv=None) -> int:
                                               distance, args.trials, args.seed)
             if memory:
                 model.decoder.reset_memory()
-            lp = score(model, docs, T, d.eos(), memory)
+            hits = args.read_hits and memory and distance >= 1
+            if hits and (distance + 1) * T > model.decoder.cfg.memory_size:
+                raise SystemExit(f"error: --read-hits at d = {distance} needs a memory of at least "
+                                 f"{(distance + 1) * T} tokens (it would wrap)")
+            reads = [] if hits else None
+            lp = score(model, docs, T, d.eos(), memory, 1 + distance, reads)
             loss1, loss2 = copy_losses(lp, first, second, args.span)
             row = {"path": path, "memory": memory, "distance": distance, "trials": args.trials,
                    "training_free_memory": args.training_free_memory,
+                   "free_memory_distance": (args.free_memory_distance or T)
+                   if args.training_free_memory else None,
                    "span": args.span, "first_bits": loss1, "second_bits": loss2,
                    "recall_bits": loss1 - loss2}
+            if hits:
+                cfg = model.decoder.cfg
+                layers = list(getattr(cfg, "layers", None) or [cfg.memory_layer])
+                if len(layers) != len(reads):
+                    layers = list(range(len(reads)))  # cannot name them: number the reads
+                shares = [read_hits(r, first, second, T, args.span, cfg.chunk_size) for r in reads]
+                row["read_hits"] = {str(layer): share for layer, (share, _) in zip(layers, shares)}
+                row["read_hits_chance"] = shares[0][1]
             results.append(row)
             print(f"{path} memory={memory} d={distance}: first {loss1:.3f} second {loss2:.3f} "
                   f"recall {loss1 - loss2:+.3f} bits/token", flush=True)
+            if hits:
+                print("  reads landing on the first copy (layer: share; chance "
+                      f"{row['read_hits_chance']:.3f}): " + ", ".join(
+                          f"{k}: {v:.3f}" for k, v in row["read_hits"].items()), flush=True)
     if args.results_json:
         with open(args.results_json, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=1)
