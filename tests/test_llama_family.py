@@ -213,3 +213,21 @@ def test_llama_token_by_token_equals_the_full_forward_across_segments():
     assert (step.log_softmax(-1) - full).abs().max() < 1e-4
     off = stream(make_model(family="llama", disable_memory=True), tokens).log_softmax(-1)
     assert (off[:, T:] - full[:, T:]).abs().max() > 1e-3
+
+
+def test_rotary_tables_are_shared_grown_and_equal_the_direct_angles():
+    from fairseq_longmem.families.llama import modules as llama_modules
+
+    theta, hd = 12345.0, 8
+    x = torch.randn(2, 3, 4, hd)
+    positions = torch.tensor([0, 7, 1500, 5000])  # past the first table's 1,024 rows: it grows
+    inv_freq = 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+    direct = x * angles.cos() + torch.cat([-x2, x1], dim=-1) * angles.sin()
+    torch.testing.assert_close(llama_modules.rotate(x, positions, theta), direct,
+                               rtol=0, atol=1e-5)
+    cos, _ = llama_modules.rotary_tables(theta, hd, 10, x.device)
+    assert cos.shape == (8192, hd)  # grown to a power of two >= 5001, and kept for shorter calls
+    assert llama_modules.rotary_tables(theta, hd, 10, x.device)[0] is cos

@@ -8,7 +8,7 @@ that the memory stores what the layer computed and a reader chooses the position
 """
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -60,15 +60,34 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def rotate(x, positions, theta: float):
-    """Rotary position embedding of x (B, H, n, hd) at ``positions`` (n,), computed in fp32:
-    pairs (i, i + hd/2) turn by position * theta^(-2i/hd) (Hugging Face's ``rotate_half``
-    layout)."""
+_ROTARY_TABLES: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def rotary_tables(theta: float, hd: int, length: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos and sin (L, hd), L >= ``length``, of position p's angles p * theta^(-2i/hd) (each
+    repeated for the pair's two halves), computed once per (theta, hd, device) and grown by
+    doubling: every layer of every forward reuses them (each entry is the same product as if
+    computed alone)."""
+    key = (float(theta), hd, str(device))
+    tables = _ROTARY_TABLES.get(key)
+    if tables is None or tables[0].size(0) < length:
+        size = max(1024, 1 << max(0, length - 1).bit_length())
+        inv_freq = 1.0 / theta ** (torch.arange(0, hd, 2, device=device, dtype=torch.float32) / hd)
+        angles = torch.arange(size, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        angles = torch.cat([angles, angles], dim=-1)  # (size, hd)
+        tables = _ROTARY_TABLES[key] = (angles.cos(), angles.sin())
+    return tables
+
+
+def rotate(x, positions, theta: float, bound: Optional[int] = None):
+    """Rotary position embedding of x (B, H, n, hd) at ``positions`` (n,), non-negative and below
+    ``bound`` (default: read off ``positions``), with fp32 angles: pairs (i, i + hd/2) turn by
+    position * theta^(-2i/hd) (Hugging Face's ``rotate_half`` layout)."""
     hd = x.size(-1)
-    inv_freq = 1.0 / theta ** (torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd)
-    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # (n, hd/2)
-    angles = torch.cat([angles, angles], dim=-1)  # (n, hd)
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    if bound is None:
+        bound = int(positions.max()) + 1 if positions.numel() else 1
+    cos, sin = rotary_tables(theta, hd, bound, x.device)
+    cos, sin = cos[positions].to(x.dtype), sin[positions].to(x.dtype)
     x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
@@ -106,8 +125,8 @@ class LlamaAttention(nn.Module):
             k, v = cache.append(k, v)  # (B, Hkv, past + n, hd)
         n = q.size(2)
         positions = torch.arange(past + n, device=q.device)
-        q = rotate(q, positions[past:], self.theta)
-        k = rotate(k, positions, self.theta)
+        q = rotate(q, positions[past:], self.theta, past + n)
+        k = rotate(k, positions, self.theta, past + n)
         groups = self.num_heads // self.num_kv_heads
         return q, expand_kv(k, groups), expand_kv(v, groups), past
 
@@ -122,7 +141,7 @@ class LlamaAttention(nn.Module):
         ``memory_distance`` positions before them (the keys stay unrotated):
         <R(p) q, R(p - D) k> = <R(D) q, k>."""
         D = torch.tensor([self.memory_distance], device=q.device)
-        return rotate(q, D, self.theta)
+        return rotate(q, D, self.theta, self.memory_distance + 1)
 
     def merge_heads(self, a):
         B, H, T, hd = a.shape
