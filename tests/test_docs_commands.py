@@ -112,7 +112,7 @@ def script_options(path):
     """The option strings an argparse script defines, read from its add_argument calls."""
     source = open(path, encoding="utf-8").read()
     found = set()
-    for call in re.findall(r"add_argument\(\s*((?:[\"'][^\"']*[\"']\s*,\s*)+)", source):
+    for call in re.findall(r"add_argument\(\s*((?:[\"'][^\"']*[\"']\s*(?:,\s*|\)))+)", source):
         found.update(o for o in re.findall(r"[\"']([^\"']*)[\"']", call) if o.startswith("-"))
     return found | {"-h", "--help"}
 

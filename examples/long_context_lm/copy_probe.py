@@ -176,14 +176,13 @@ def print_table(paths) -> int:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["--table"]:
-        return print_table(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("data")
-    p.add_argument("--path", action="append", required=True, help="a checkpoint; repeatable")
+    p.add_argument("data", nargs="?")
+    p.add_argument("--path", action="append", help="a checkpoint; repeatable")
+    p.add_argument("--table", nargs="+", metavar="RESULTS_JSON",
+                   help="only print the markdown table of saved --results-json files")
     p.add_argument("--split", default="valid")
-    p.add_argument("--tokens-per-sample", type=int, required=True)
+    p.add_argument("--tokens-per-sample", type=int)
     p.add_argument("--span", type=int, default=32)
     p.add_argument("--trials", type=int, default=64)
     p.add_argument("--distances", default="0,1,2,4,8,16", help="segments between the copies")
@@ -212,6 +211,10 @@ def main(argv=None) -> int:
                         "first copy, against chance")
     p.add_argument("--results-json")
     args = p.parse_args(argv)
+    if args.table:
+        return print_table(args.table)
+    if not args.data or not args.path or not args.tokens_per_sample:
+        p.error("DATA, --path and --tokens-per-sample are required (or --table FILE ...)")
     logging.basicConfig(level=logging.WARNING, stream=sys.stdout)
     utils.import_user_module(argparse.Namespace(user_dir=user_dir.path()))
     distances = [int(d) for d in args.distances.split(",")]
