@@ -50,17 +50,20 @@ class KVCache:
 
 
 def causal_attention(q, k, v, past: int, dropout: float):
-    """Causal attention of q (B, H, n, hd) over k, v (B, H, past + n, hd), the first ``past``
-    of them cached: query i sees keys up to past + i. Without a past it takes SDPA's causal path,
-    so a segment's first forward is bit-identical with and without a cache."""
+    """Causal attention of q (B, H, n, hd) over k, v (B, Hkv, past + n, hd), the first ``past``
+    of them cached: query i sees keys up to past + i. Hkv may divide H (grouped-query attention:
+    key-value head j serves query heads j * H/Hkv .. (j + 1) * H/Hkv - 1, read in place by SDPA,
+    not copied). Without a past it takes SDPA's causal path, so a segment's first forward is
+    bit-identical with and without a cache."""
+    gqa = {"enable_gqa": True} if k.size(1) != q.size(1) else {}
     if past == 0:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, **gqa)
     n = q.size(2)
     if n == 1:  # one new token sees every cached one
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # (B, H, 1, hd)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, **gqa)  # (B, H, 1, hd)
     allowed = (torch.arange(n, device=q.device)[:, None] + past
                >= torch.arange(past + n, device=q.device)[None, :])  # (n, past + n)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout, **gqa)
 
 
 def expand_kv(t: torch.Tensor, groups: int) -> torch.Tensor:

@@ -116,10 +116,9 @@ class LlamaAttention(nn.Module):
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return q, k, v
 
-    def positioned(self, q, k, v, cache: Optional[KVCache] = None):
+    def rotated(self, q, k, v, cache: Optional[KVCache] = None):
         """(q, k, v, past): q (B, H, n, hd) at positions past..past+n-1 and the cached and new
-        keys and values (B, H, past + n, hd), rotated here (stored unrotated) and expanded from
-        the key-value heads to the query heads: what causal attention reads."""
+        keys and values (B, Hkv, past + n, hd), rotated here (stored unrotated)."""
         past = cache.len if cache is not None else 0
         if cache is not None:
             k, v = cache.append(k, v)  # (B, Hkv, past + n, hd)
@@ -127,14 +126,20 @@ class LlamaAttention(nn.Module):
         positions = torch.arange(past + n, device=q.device)
         q = rotate(q, positions[past:], self.theta, past + n)
         k = rotate(k, positions, self.theta, past + n)
+        return q, k, v, past
+
+    def positioned(self, q, k, v, cache: Optional[KVCache] = None):
+        """:meth:`rotated` with the keys and values expanded from the key-value heads to the
+        query heads (B, H, past + n, hd): what an attention over them with memory reads."""
+        q, k, v, past = self.rotated(q, k, v, cache)
         groups = self.num_heads // self.num_kv_heads
         return q, expand_kv(k, groups), expand_kv(v, groups), past
 
     def local_attention(self, q, k, v, cache: Optional[KVCache] = None):
         """Causal attention of q (B, H, n, hd) at positions past..past+n-1 over the cached and
-        new keys (:meth:`positioned`)."""
+        new keys, the key-value heads read in place (grouped-query SDPA)."""
         p = self.attention_dropout if self.training else 0.0
-        return causal_attention(*self.positioned(q, k, v, cache), p)
+        return causal_attention(*self.rotated(q, k, v, cache), p)
 
     def memory_queries(self, q):
         """The queries that search and read LongMem's memory: rotated as if every memory key sat
