@@ -394,3 +394,19 @@ def test_benchmark_logs_hold_every_repeat_and_the_machine():
         assert len(machine["load_average_1_5_15_min"]) == 3 and len(machine["load_average_at_end"]) == 3
         raw = json.load(open(os.path.join(os.path.dirname(log), "raw.json"), encoding="utf-8"))
         assert raw and all(isinstance(v, list) and v and min(v) > 0 for v in raw.values())
+
+
+def test_results_md_smollm2_copy_tables_come_from_the_logs():
+    """Each copy-probe table of the SmolLM2 section: its rows are copy_probe.py --table's rows for
+    the results files its `Logs:` line names."""
+    copy_probe = load_example(os.path.join("long_context_lm", "copy_probe.py"))
+    text = results_md()
+    tables = re.findall(r"^Logs: `copy_probe.py --table (.+?)`$", text, re.M)
+    assert len(tables) >= 2, "the SmolLM2 section's copy-probe tables name their logs"
+    for names in tables:
+        named = []
+        for name in names.split():
+            with open(os.path.join(LOGS, "smollm2", name), encoding="utf-8") as f:
+                named.append((os.path.splitext(os.path.basename(name))[0], json.load(f)))
+        for line in copy_probe.table(named).splitlines():
+            assert line in text, f"docs/RESULTS.md lacks this line of the table of {names}: {line}"
