@@ -9,6 +9,9 @@ prints a table (median ms per token per range of tokens already generated, and t
 first segment); with --log-dir it also writes ``table.md``, ``raw.json`` (every token's time),
 ``machine.json`` and ``command.txt`` there (``runlog.py``, like the other benchmarks).
 The weights are random (the cost does not depend on them); the defaults are a tiny model.
+``--backbone CK`` decodes LongMem over a plain LM checkpoint of any family instead (e.g. a
+converted SmolLM2, with ``--reduction-factor`` and ``--memory-layer``; its SideNet copies the
+backbone's blocks), the backbone alone up to its own maximum positions.
 """
 
 import argparse
@@ -39,6 +42,22 @@ def build(args):
     return LongMemGPT2Model.from_backbone(cfg, d, GPT2Backbone(dims)).eval(), d
 
 
+def build_from_checkpoint(args):
+    """LongMem over ``--backbone`` (any family), through longmem_speed.py's builder."""
+    import argparse as _argparse
+
+    from fairseq_longmem.models.backbone import read_backbone_checkpoint
+    from longmem_speed import build_models, make_dictionary  # beside this script
+
+    d = make_dictionary(read_backbone_checkpoint(args.backbone)[0].dims.vocab_size)
+    spec = _argparse.Namespace(
+        backbone=args.backbone, T=args.segment, msz=args.memory_size, csz=args.chunk_size,
+        K=args.retrieved_tokens, backend=args.backend, reduction_factor=args.reduction_factor,
+        sidenet_copy="first", memory_layer=args.memory_layer)
+    model, _ = build_models(spec, d)
+    return model.eval(), d
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -47,7 +66,8 @@ def sync(device):
 @torch.no_grad()
 def time_longmem(model, tokens, device):
     dec = model.decoder
-    state = dec.start_decoding(1, dec.backbone.wte.weight, segment_len=dec.cfg.max_target_positions)
+    template = next(dec.backbone.parameters())
+    state = dec.start_decoding(1, template, segment_len=dec.cfg.max_target_positions)
     out = []
     for i in range(tokens.size(1)):
         sync(device)
@@ -63,7 +83,7 @@ def time_backbone(model, tokens, device):
     """Stock incremental decoding of the backbone alone: one cache over the whole context."""
     backbone = model.decoder.backbone
     P = backbone.dims.max_positions
-    caches = backbone.new_caches(1, P, backbone.wte.weight)
+    caches = backbone.new_caches(1, P, next(backbone.parameters()))
     out = []
     for i in range(min(P, tokens.size(1))):
         sync(device)
@@ -96,6 +116,11 @@ def main():
     p.add_argument("--chunk-size", type=int, default=4)
     p.add_argument("--retrieved-tokens", type=int, default=64)
     p.add_argument("--backend", default="torch")
+    p.add_argument("--backbone", help="a plain LM checkpoint (any family) instead of a random "
+                   "tiny GPT-2; --dim/--layers/--heads/--vocab/--max-positions then come from it")
+    p.add_argument("--reduction-factor", type=int, default=2, help="with --backbone: r")
+    p.add_argument("--memory-layer", type=int, default=-1,
+                   help="with --backbone: the memory layer (-1: the family's default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--log-dir", default=None,
@@ -106,7 +131,7 @@ def main():
         torch.set_num_threads(args.threads)
     log = RunLog(args.log_dir)
     device = torch.device(args.device)
-    model, d = build(args)
+    model, d = build_from_checkpoint(args) if args.backbone else build(args)
     model.to(device)
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(d.nspecial, len(d), (1, args.tokens), generator=g).to(device)
@@ -123,7 +148,10 @@ def main():
                     f"{'%.2f' % bb if bb else 'stops at %d positions' % len(backbone)} | "
                     f"{'%.2f' % (lm / bb) if bb else '-'} |")
     state_bytes = sum(t.numel() * t.element_size() for t in state.tensors())
-    head = (f"LongMem {args.layers} layers x {args.dim} ({args.heads} heads), T={args.segment}, "
+    dims = model.decoder.backbone.dims
+    head = (f"LongMem over {dims.num_layers} layers x {dims.embed_dim} ({dims.num_heads} heads"
+            f"{', ' + args.backbone if args.backbone else ''}, "
+            f"{len(model.decoder.sidenet.h)} side layers), T={args.segment}, "
             f"msz={args.memory_size}, csz={args.chunk_size}, K={args.retrieved_tokens}, "
             f"{args.backend} search, {device}; {args.tokens} tokens generated one at a time; "
             f"decoding state {state_bytes / 2**20:.1f} MiB (fixed: caches + memory), "
