@@ -17,7 +17,7 @@ from fairseq.data import Dictionary
 
 from fairseq_longmem.families.gpt2.model import LongMemGPT2Config, LongMemGPT2Model
 from fairseq_longmem.families.gpt2.modules import GPT2Backbone, GPT2Dims
-from fairseq_longmem.tasks.longmem_lm import DocumentStreamDataset
+from fairseq_longmem.tasks.document_stream import DocumentStreamDataset
 
 NK, NV, NF, T, FACTS, ROWS = 8, 8, 32, 32, 4, 8
 D, LAYERS, HEADS = 128, 4, 4
@@ -106,7 +106,7 @@ def train_backbone(v: Vocab, epochs, steps, rounds=1, target=1.0, seed=0):
         for (i, j), t in v.fact.items():
             bb.wte.weight[t] = (k[i] + val[j]) / 2 ** 0.5
     bb.wte.weight.requires_grad_(False)
-    logits_of = lambda s: bb.output_layer(bb(s["net_input"]["src_tokens"])[0][-1])  # noqa: E731
+    logits_of = lambda s: bb.logits(bb(s["net_input"]["src_tokens"])[0][-1])  # noqa: E731
     for done in range(1, rounds + 1):
         opt = torch.optim.Adam([p for p in bb.parameters() if p.requires_grad],
                                lr=3e-3 if done == 1 else 1e-3)

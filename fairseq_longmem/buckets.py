@@ -2,7 +2,9 @@
 ``--position-buckets``) and the model (``--memory-reach-buckets``)."""
 
 import math
-from typing import List, Tuple
+from typing import List, Sequence, Tuple
+
+import torch
 
 
 def bucket_label(lo, hi) -> str:
@@ -48,3 +50,12 @@ def parse_segment_buckets(spec: str, option: str = "--recurrence-buckets") -> Li
 def segment_label(lo, hi) -> str:
     """``(1, 1)`` -> ``"1"``, ``(2, 4)`` -> ``"2_4"``, ``(17, inf)`` -> ``"17_end"``."""
     return str(lo) if lo == hi else bucket_label(lo, hi)
+
+
+def segments_back_bucket(segments_back: torch.Tensor, buckets: Sequence[Tuple[int, float]]
+                         ) -> torch.Tensor:
+    """Index of each value's bucket among ``buckets`` (from :func:`parse_segment_buckets`; the
+    one place their edges are computed): ``(1, 1), (2, 4), (5, 16), (17, inf)`` put 1 in 0, 2-4
+    in 1, 5-16 in 2 and 17 or more in 3. Values must be >= 1 (a caller masks the others)."""
+    edges = torch.tensor([hi for _, hi in buckets[:-1]], device=segments_back.device)
+    return torch.bucketize(segments_back, edges)  # edges[i-1] < x <= edges[i]

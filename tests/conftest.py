@@ -229,7 +229,7 @@ def stream_dataset(corpus: Corpus, split: str, bsz_per_shard: int, shard_id: int
     zeros: for tests of the batch layout, not of the contents)."""
     import torch
 
-    from fairseq_longmem.tasks.longmem_lm import DocumentStreamDataset
+    from fairseq_longmem.tasks.document_stream import DocumentStreamDataset
 
     docs = [torch.zeros(n, dtype=torch.int32) for n in document_tokens(corpus.docs[split])]
     return DocumentStreamDataset(docs, pad=1, eos=2, segment_len=TOKENS_PER_SAMPLE,

@@ -103,7 +103,7 @@ def test_build_hf_tokenizer_corpus_one_book_per_line(tmp_path):
 
     from fairseq.data import Dictionary, data_utils, encoders
 
-    from fairseq_longmem.tasks.longmem_lm import split_documents
+    from fairseq_longmem.tasks.document_stream import split_documents
     from fairseq_longmem.tokenizer_files import tokenizer_json_from_gguf
     from test_hf_tokenizer import TINY_TOKENS, tiny_metadata, write_dict
 

@@ -48,7 +48,7 @@ def test_logits_equal_transformers_llama(kv_heads, tie, theta):
     tokens = torch.randint(0, 50, (2, 40), generator=torch.Generator().manual_seed(1))
     reference = model(tokens).logits
     hiddens, _ = backbone(tokens)
-    ours = backbone.output_layer(hiddens[-1])
+    ours = backbone.logits(hiddens[-1])
     assert reference.abs().max() > 1.0  # logits of a visible size
     assert (ours - reference).abs().max() < 1e-5
 
@@ -59,12 +59,12 @@ def test_incremental_decoding_equals_the_full_forward():
     backbone = ours_from(config, model)
     tokens = torch.randint(0, 50, (2, 24), generator=torch.Generator().manual_seed(2))
     hiddens, _ = backbone(tokens)
-    full = backbone.output_layer(hiddens[-1])
+    full = backbone.logits(hiddens[-1])
     caches = backbone.new_caches(2, 24, backbone.output_weight)
     steps = []
     for start, n in ((0, 5), (5, 1), (6, 10), (16, 8)):  # a prompt, then steps of 1 and more
         h, _ = backbone(tokens[:, start:start + n], caches=caches)
-        steps.append(backbone.output_layer(h[-1]))
+        steps.append(backbone.logits(h[-1]))
     assert (torch.cat(steps, 1) - full).abs().max() < 1e-5
     # caches hold key-value heads only, unrotated: what the memory stores
     assert caches[0].k.shape == (2, 2, 24, 16)
@@ -198,7 +198,7 @@ def test_zero_out_starts_equal_to_the_llama_backbone():
     for s in range(3):
         src = tokens[:, s * T:(s + 1) * T]
         hiddens, _ = backbone(src)
-        ref = backbone.output_layer(hiddens[-1])
+        ref = backbone.logits(hiddens[-1])
         assert (out[:, s * T:(s + 1) * T] - ref).abs().max() < 1e-4
 
 

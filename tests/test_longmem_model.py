@@ -183,12 +183,23 @@ def test_padding_never_enters_memory():
         (dict(memory_layer=-5), "--memory-layer -5 is not a layer of the 4-layer backbone: "
                                 "expected 0 to 3"),
         (dict(reduction_factor=3), "--reduction-factor (3)"),
+        (dict(max_target_positions=65), "--tokens-per-sample (65) exceeds the backbone's 64 "
+                                        "positions"),
     ],
 )
 def test_bad_configuration_is_refused_clearly(overrides, message):
     with pytest.raises(ValueError) as e:
         make_model(**overrides)
     assert message in str(e.value)
+
+
+def test_segments_longer_than_the_backbones_positions_are_refused_clearly():
+    model = make_model()
+    template = next(model.parameters())
+    with pytest.raises(ValueError, match=r"--tokens-per-sample \(65\) exceeds the backbone's 64"):
+        model.decoder.start_decoding(2, template, segment_len=65)
+    with pytest.raises(ValueError, match="segment of 65 tokens is longer than the model's 64"):
+        model.decoder.backbone(random_tokens(1, 65, seed=0))
 
 
 def test_a_changed_batch_size_resets_the_memory():

@@ -21,9 +21,10 @@ from fairseq_longmem.criterions.longmem_cross_entropy import (
     LongMemCrossEntropyCriterion,
     reach_sums,
 )
+from fairseq_longmem.buckets import parse_segment_buckets, segments_back_bucket
 from fairseq_longmem.memory.bank import ChunkedMemoryBank
 from fairseq_longmem.modules.memory_attention import reach_of_read
-from fairseq_longmem.tasks.longmem_lm import DocumentStreamDataset, previous_bigram_distance
+from fairseq_longmem.tasks.document_stream import DocumentStreamDataset, previous_bigram_distance
 
 SCORE_POSITIONS = os.path.join(REPO, "examples", "long_context_lm", "score_positions.py")
 LABELS = ["none", "local", "1", "2_4", "5_16", "17_end"]
@@ -126,6 +127,15 @@ def test_recurrence_bucket_errors():
         criterion().recurrence_sums(torch.zeros(4), {"target": torch.zeros(1, 4).long()})
 
 
+def test_segment_buckets_put_each_distance_in_its_inclusive_range():
+    # the criterion's recurrence buckets and the memory's reach share this one rule
+    buckets = parse_segment_buckets("1,4,16")
+    assert buckets == [(1, 1), (2, 4), (5, 16), (17, math.inf)]
+    back = torch.tensor([1, 2, 4, 5, 16, 17, 1000])
+    assert segments_back_bucket(back, buckets).tolist() == [0, 1, 1, 2, 2, 3, 3]
+    assert segments_back_bucket(back, parse_segment_buckets("2")).tolist() == [0, 0, 1, 1, 1, 1, 1]
+
+
 def test_write_times_follow_their_rows_when_beams_reorder_them():
     # row 0 written 3 times, row 1 once; select_rows (a beam reorder) must carry each row's
     # clock and per-chunk write times with it, as it carries its keys
@@ -149,7 +159,8 @@ def test_reach_shares_of_a_hand_made_memory_sum_to_one():
     assert bank.segments_back(slots).flatten().tolist() == [1, 2, 3, 5, 20]
     probs = torch.tensor([0.4, 0.1, 0.1, 0.25, 0.15]).view(1, 1, 1, 5)
     found = SimpleNamespace(chunk_index=slots)
-    reach = reach_of_read(probs, found, torch.ones(1, 1, 1, 1, dtype=torch.bool), bank, [1, 4, 16])
+    reach = reach_of_read(probs, found, torch.ones(1, 1, 1, 1, dtype=torch.bool), bank,
+                          parse_segment_buckets("1,4,16"))
     assert reach["mass"].flatten().tolist() == pytest.approx([0.4, 0.2, 0.25, 0.15])
     assert reach["chunks"].flatten().tolist() == [1, 2, 1, 1]
     # chance: the 20 stored chunks were written 1, 2-4 (3), 5-16 (12), 17-20 (4) adds back
@@ -167,7 +178,7 @@ def test_reach_shares_of_a_hand_made_memory_sum_to_one():
     probs4 = torch.full((4, 2, 3, 1), 1.0)
     slots4 = torch.zeros(4, 2, 3, 1, dtype=torch.long)
     stored = reach_of_read(probs4, SimpleNamespace(chunk_index=slots4), has_mem, two,
-                           [1, 4, 16])["stored"]
+                           parse_segment_buckets("1,4,16"))["stored"]
     row0 = torch.tensor([1, 3, 12, 5]) / 21
     want = 6 * row0 + 12 * torch.tensor([1.0, 0, 0, 0])  # batch row 0 (6 pairs); rows 2, 3
     assert stored.tolist() == pytest.approx(want.tolist())

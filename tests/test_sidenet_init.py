@@ -1,6 +1,7 @@
 """``--sidenet-init zero-out``: the SideNet starts equal to its backbone (every side block adds
 nothing, the cross-network residual telescopes to the backbone's last hidden state), and the
-first step's gradients reach the zeroed output projections."""
+first step's gradients reach the zeroed output projections. ``read-delta``: the same, except that
+the memory block adds what the memory changes in its copied attention, g * (A_mem - A_local)."""
 
 import pytest
 import torch
@@ -41,7 +42,7 @@ def telescoped(backbone, src, r=2):
     s = hiddens[0]
     for i in range(1, LAYERS // r + 1):
         s = s + (hiddens[r * i] - hiddens[r * (i - 1)])
-    return backbone.output_layer(s)
+    return backbone.logits(s)
 
 
 @torch.no_grad()
@@ -61,7 +62,7 @@ def test_zero_out_starts_equal_to_the_backbone_with_memory_off_and_on():
         assert torch.equal(logits_on, reference) and torch.equal(logits_off, reference)
         # and the backbone's own logits up to the rounding of h_0 + (h_2 - h_0) + ... vs h_L
         hiddens, _ = backbone(src)
-        own = backbone.output_layer(hiddens[-1])
+        own = backbone.logits(hiddens[-1])
         assert (logits_on - own).abs().max() < 1e-5
 
 
@@ -71,7 +72,7 @@ def test_paper_init_does_not_start_equal_to_the_backbone():
     src = tokens(0)
     logits, _ = model(src_tokens=src, new_document=torch.tensor([True, True]))
     hiddens, _ = model.decoder.backbone(src)
-    assert (logits - model.decoder.backbone.output_layer(hiddens[-1])).abs().max() > 1e-2
+    assert (logits - model.decoder.backbone.logits(hiddens[-1])).abs().max() > 1e-2
     block = model.decoder.sidenet.h[0]
     assert torch.equal(block.mlp.c_proj.weight, model.decoder.backbone.h[1].mlp.c_proj.weight)
 
@@ -94,10 +95,77 @@ def test_zero_out_gradients_reach_the_output_projections_at_the_first_step():
     assert model.decoder.sidenet.memory_attention.gate.grad.abs().sum() == 0
 
 
+@torch.no_grad()
+def test_read_delta_equals_the_backbone_until_the_memory_holds_something():
+    on = make_model("read-delta").eval()
+    off = make_model("read-delta", disable_memory=True).eval()
+    backbone, side = on.decoder.backbone, on.decoder.sidenet
+    for j, block in enumerate(side.h):
+        attn_proj, mlp_proj = block.output_projections()
+        assert not mlp_proj.weight.any() and not mlp_proj.bias.any() and not attn_proj.bias.any()
+        if j == side.side_memory_layer:  # memory layer 3, r 2, copy last: backbone block 3
+            assert torch.equal(attn_proj.weight, backbone.h[3].attn.c_proj.weight)
+        else:
+            assert not attn_proj.weight.any(), j
+    for seg in range(3):
+        src = tokens(seg)
+        flags = torch.tensor([seg == 0, seg == 0])
+        logits_on, _ = on(src_tokens=src, new_document=flags)
+        logits_off, _ = off(src_tokens=src, new_document=flags)
+        reference = telescoped(backbone, src)
+        assert torch.equal(logits_off, reference)
+        if seg == 0:  # an empty memory: nothing read, the backbone exactly
+            assert torch.equal(logits_on, reference)
+        else:
+            assert (logits_on - reference).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_read_delta_adds_the_joint_attention_minus_the_local_one():
+    model = make_model("read-delta", gate_init=0.7).eval()
+    model(src_tokens=tokens(0), new_document=torch.tensor([True, True]))  # fill the memory
+    dec = model.decoder
+    attn = dec.sidenet.memory_attention
+    x = torch.randn(2, T, D)
+    captured = {}  # the memory the block reads in the model's own forward
+
+    def keep(module, args, kwargs, out):
+        captured.setdefault("memory", kwargs.get("memory"))
+    handle = attn.register_forward_hook(keep, with_kwargs=True)
+    model(src_tokens=tokens(1), new_document=torch.tensor([False, False]))
+    handle.remove()
+    memory = captured["memory"]
+    assert memory is not None
+    delta, _ = attn(x, memory=memory, retrieved_tokens=8)
+    attn.delta = False
+    joint, _ = attn(x, memory=memory, retrieved_tokens=8)
+    local, _ = attn(x)
+    attn.delta = True
+    torch.testing.assert_close(delta, joint - local, rtol=0, atol=1e-5)
+    # the paper's mix with the same gate: joint - local = g * (A_mem - A_local), through o
+    assert delta.abs().max() > 1e-3
+    off, _ = attn(x)
+    assert not off.any()  # memory off: the delta block's attention adds nothing
+
+
+def test_read_delta_gradients_reach_the_memory_read_at_the_first_step():
+    model = make_model("read-delta").train()
+    with torch.no_grad():
+        model(src_tokens=tokens(0), new_document=torch.tensor([True, True]))
+    logits, _ = model(src_tokens=tokens(1), new_document=torch.tensor([False, False]))
+    F.cross_entropy(logits.flatten(0, 1), tokens(2).flatten()).backward()
+    side = model.decoder.sidenet
+    attn = side.memory_attention
+    # unlike zero-out, the read's queries and the gate learn from the first step
+    assert attn.c_attn.weight.grad.abs().sum() > 0 and attn.gate.grad.abs().sum() > 0
+    other = side.h[0] if side.side_memory_layer else side.h[1]
+    assert other.attn.c_attn.weight.grad.abs().sum() == 0
+
+
 def test_sidenet_init_rejects_an_unknown_choice():
     backbone = GPT2Backbone(GPT2Dims(vocab_size=40, embed_dim=D, num_layers=LAYERS,
                                      num_heads=HEADS, max_positions=64))
-    with pytest.raises(ValueError, match=r"--sidenet-init 'zero': expected one of paper, zero-out"):
+    with pytest.raises(ValueError, match=r"--sidenet-init 'zero': expected one of paper, zero-out, read-delta"):
         SideNet(backbone, 2, 3, 0.0, 0.0, init="zero")
 
 

@@ -68,7 +68,7 @@ def test_reading_everything_at_every_layer_equals_attention_over_both_segments()
     caches = ref.new_caches(2, 2 * T, ref.wpe.weight)
     ref(tokens[:, :T], caches=caches)  # segment 0 alone fills every layer's cache
     hiddens, _ = ref(tokens[:, T:], caches=caches)
-    expected = ref.output_layer(hiddens[-1])
+    expected = ref.logits(hiddens[-1])
     torch.testing.assert_close(out[:, T:], expected, rtol=0, atol=2e-5)
 
 

@@ -89,7 +89,7 @@ def time_backbone(model, tokens, device):
         sync(device)
         start = time.perf_counter()
         hiddens, _ = backbone(tokens[:, i:i + 1], caches=caches)
-        int(backbone.output_layer(hiddens[-1])[0, -1].argmax())
+        int(backbone.logits(hiddens[-1])[0, -1].argmax())
         out.append((time.perf_counter() - start) * 1e3)
     return out
 

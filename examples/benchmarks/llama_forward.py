@@ -118,7 +118,7 @@ def main(argv=None) -> int:
             for T in [int(x) for x in args.lengths.split(",")]:
                 tokens = torch.randint(0, ours.dims.vocab_size, (B, T), generator=g)
                 with torch.no_grad():
-                    ours_fn = lambda: ours.output_layer(ours(tokens)[0][-1])  # noqa: E731
+                    ours_fn = lambda: ours.logits(ours(tokens)[0][-1])  # noqa: E731
                     hf_fn = lambda: hf(input_ids=tokens, use_cache=False).logits  # noqa: E731
                     diff = float((ours_fn() - hf_fn()).abs().max())  # also the warm-up
                     t_ours, t_hf, t_lm = [], [], []

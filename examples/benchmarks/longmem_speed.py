@@ -32,7 +32,7 @@ from fairseq_longmem.families.llama.modules import LlamaBackbone, LlamaDims
 from fairseq_longmem.memory.bank import ChunkedMemoryBank
 from fairseq_longmem.models.backbone import read_backbone_checkpoint
 from fairseq_longmem.modules.memory_attention import JointAttentionMixin
-from fairseq_longmem.tasks.longmem_lm import DocumentStreamDataset
+from fairseq_longmem.tasks.document_stream import DocumentStreamDataset
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

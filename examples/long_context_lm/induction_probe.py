@@ -25,7 +25,7 @@ from fairseq import checkpoint_utils, tasks, utils
 
 import fairseq_longmem.modules.sidenet as sidenet
 from fairseq_longmem import user_dir
-from fairseq_longmem.tasks.longmem_lm import previous_bigram_distance
+from fairseq_longmem.tasks.document_stream import previous_bigram_distance
 
 logger = logging.getLogger("induction_probe")
 

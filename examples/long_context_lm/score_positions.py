@@ -129,7 +129,7 @@ class SlidingWindow(torch.nn.Module):
     def __init__(self, model, dataset, context_window: int):
         super().__init__()
         from fairseq_longmem.families.gpt2.model import GPT2LanguageModel
-        from fairseq_longmem.tasks.longmem_lm import DocumentStreamDataset
+        from fairseq_longmem.tasks.document_stream import DocumentStreamDataset
 
         C = context_window
         if not isinstance(model, GPT2LanguageModel):

@@ -37,7 +37,8 @@ from fairseq.criterions import register_criterion
 from fairseq.criterions.cross_entropy import CrossEntropyCriterion, CrossEntropyCriterionConfig
 from omegaconf import II
 
-from ..buckets import bucket_label, parse_position_buckets, parse_segment_buckets, segment_label
+from ..buckets import (bucket_label, parse_position_buckets, parse_segment_buckets, segment_label,
+                       segments_back_bucket)
 
 MEMORY_STATS = {"fill": "mem_fill", "gate": "mem_gate", "memory_share": "mem_share"}
 POS_COUNT = "ntokens_pos"  # logging-output prefix of a position bucket's token count
@@ -72,13 +73,6 @@ class LongMemCrossEntropyConfig(CrossEntropyCriterionConfig):
 
 def recurrence_labels(buckets) -> List[str]:
     return ["none", "local"] + [segment_label(lo, hi) for lo, hi in buckets]
-
-
-def segments_back_bucket(segments_back: torch.Tensor, buckets) -> torch.Tensor:
-    """Index of each value's bucket among ``buckets`` (from :func:`parse_segment_buckets`);
-    values must be >= 1."""
-    edges = torch.tensor([hi for _, hi in buckets[:-1]], device=segments_back.device)
-    return torch.bucketize(segments_back, edges)  # edges[i-1] < x <= edges[i]
 
 
 @register_criterion("longmem_cross_entropy", dataclass=LongMemCrossEntropyConfig)

@@ -129,8 +129,16 @@ class Backbone(nn.Module):
                     break
         return hiddens, kv_out
 
-    def output_layer(self, x):
-        return F.linear(self.final_norm(x), self.output_weight)  # (B, T, V)
+    def project(self, features):
+        """Normed features (the final norm's output) -> logits (..., V): the output embedding,
+        tied or not. The one place logits are made (``BackboneDecoder.output_layer`` masks
+        special tokens on top)."""
+        return F.linear(features, self.output_weight)
+
+    def logits(self, hidden):
+        """A block's output (e.g. ``hiddens[-1]``) -> logits: the final norm, then :meth:`project`;
+        the raw model's, with no special-token mask."""
+        return self.project(self.final_norm(hidden))  # (B, T, V)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ frozen backbone of LongMem. Each family registers its own subclass with its size
 from fairseq.models import FairseqLanguageModel
 
 from ..families import FAMILIES
-from .common import BackboneDecoder, bind_dictionary, check_vocab
+from .common import BackboneDecoder, bind_dictionary, check_segment_length, check_vocab
 
 
 class BackboneLMDecoder(BackboneDecoder):
@@ -27,11 +27,8 @@ class BackboneLanguageModel(FairseqLanguageModel):
     @classmethod
     def build_model(cls, cfg, task):
         family = FAMILIES[cls.family]
-        if (cfg.max_target_positions or 0) > cfg.max_positions:
-            raise ValueError(
-                f"--tokens-per-sample ({cfg.max_target_positions}) exceeds the model's "
-                f"--max-positions ({cfg.max_positions})"
-            )
+        check_segment_length(cfg.max_target_positions, cfg.max_positions,
+                             "the model's --max-positions,")
         bind_dictionary(cfg, task, f"the {family.lm_model} checkpoint")
         dictionary = task.target_dictionary
         backbone = family.backbone(cls.dims_from_config(cfg, len(dictionary)))

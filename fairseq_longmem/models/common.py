@@ -9,7 +9,6 @@ from dataclasses import field
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from fairseq import utils
 from fairseq.models import FairseqDecoder
 from omegaconf import OmegaConf
@@ -105,6 +104,15 @@ def record_in_config(cfg, key: str, value):
         setattr(node, key, value)
 
 
+def check_segment_length(tokens_per_sample: Optional[int], max_positions: int, whose: str):
+    """The one check of a segment length against a model's positions when a model is built or a
+    decoding state made (the forward checks each segment again: ``Backbone.check_positions``).
+    A config built outside fairseq may still hold the unresolved "${task.tokens_per_sample}"."""
+    if isinstance(tokens_per_sample, int) and tokens_per_sample > max_positions:
+        raise ValueError(f"--tokens-per-sample ({tokens_per_sample}) exceeds {whose} "
+                         f"{max_positions} positions")
+
+
 def bind_dictionary(cfg, task, source: str):
     """In ``build_model``: check the fingerprint that a loaded checkpoint's model config recorded
     against the task's dictionary (none: written before fingerprints), or record it in a new
@@ -134,7 +142,7 @@ class BackboneDecoder(FairseqDecoder):
         self.register_buffer("special_mask", mask, persistent=False)
 
     def output_layer(self, features):
-        logits = F.linear(features, self.backbone.output_weight)  # (..., V)
+        logits = self.backbone.project(features)  # (..., V)
         if self.special_mask is not None:
             logits = logits.masked_fill(self.special_mask, float("-inf"))
         return logits

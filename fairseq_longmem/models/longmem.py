@@ -28,6 +28,7 @@ from .backbone import load_backbone
 from .common import (
     BackboneDecoder,
     bind_dictionary,
+    check_segment_length,
     check_vocab,
     fingerprint_field,
     record_in_config,
@@ -85,8 +86,11 @@ class LongMemOptions(FairseqDataclass):
     sidenet_init: SIDENET_INIT_CHOICES = field(
         default="paper",
         metadata={"help": "SideNet initialisation: paper (side block j copies backbone block "
-                  "r*(j+1)-1) or zero-out (the same, with every side block's attention and MLP "
-                  "output projection zeroed, so that the SideNet starts equal to the backbone)"},
+                  "r*(j+1)-1), zero-out (the same, with every side block's attention and MLP "
+                  "output projection zeroed, so that the SideNet starts equal to the backbone) or "
+                  "read-delta (zero-out, but the memory block's attention keeps its projection and "
+                  "adds only what the memory changes, g*(A_mem - A_local): the SideNet starts as the "
+                  "backbone whose block m reads the memory)"},
     )
     sidenet_copy: SIDENET_COPY_CHOICES = field(
         default="last",
@@ -139,7 +143,7 @@ class LongMemDecoder(StreamMemoryMixin, BackboneDecoder, FairseqIncrementalDecod
         spec = getattr(cfg, "memory_reach_buckets", "")
         if spec:
             buckets = parse_segment_buckets(spec, "--memory-reach-buckets")
-            self.sidenet.memory_attention.reach_edges = [hi for _, hi in buckets[:-1]]
+            self.sidenet.memory_attention.reach_buckets = buckets
             self.reach_labels = [segment_label(lo, hi) for lo, hi in buckets]
         if cfg.disable_memory:
             # an unused parameter would stall data-parallel gradient reduction
@@ -179,9 +183,7 @@ class LongMemDecoder(StreamMemoryMixin, BackboneDecoder, FairseqIncrementalDecod
         the --tokens-per-sample the model was built with) tokens and ``memory`` (``batch`` rows;
         a new empty one if None; none at all with ``disable_memory``), which decoding extends."""
         T = segment_len or self.cfg.max_target_positions or self.backbone.dims.max_positions
-        if T > self.backbone.dims.max_positions:
-            raise ValueError(f"--tokens-per-sample {T} exceeds the backbone's "
-                             f"{self.backbone.dims.max_positions} positions")
+        check_segment_length(T, self.backbone.dims.max_positions, "the backbone's")
         if self.cfg.disable_memory:
             memory = None
         elif memory is None:
@@ -330,11 +332,7 @@ class LongMemModel(FairseqLanguageModel):
             record_in_config(cfg, "mask_special_logits",
                              bool(backbone_cfg.get("mask_special_logits", False)))
         dims = backbone.dims
-        if (cfg.max_target_positions or 0) > dims.max_positions:
-            raise ValueError(
-                f"--tokens-per-sample ({cfg.max_target_positions}) exceeds the backbone's "
-                f"{dims.max_positions} positions"
-            )
+        check_segment_length(cfg.max_target_positions, dims.max_positions, "the backbone's")
         bind_dictionary(cfg, task, f"the {family.longmem_model} checkpoint")
         check_memory_fits(cfg, dims, task)
         return cls(LongMemDecoder(cfg, task.target_dictionary, backbone))
@@ -349,6 +347,7 @@ class LongMemModel(FairseqLanguageModel):
     def from_backbone(cls, cfg, dictionary, backbone: Backbone):
         """Build around an in-memory backbone (tests, notebooks)."""
         validate_config(cfg, num_layers=backbone.dims.num_layers)
+        check_segment_length(cfg.max_target_positions, backbone.dims.max_positions, "the backbone's")
         return cls(LongMemDecoder(cfg, dictionary, backbone))
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):

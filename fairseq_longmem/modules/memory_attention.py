@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..buckets import segments_back_bucket
 from ..families.base import KVCache
 from ..memory.interface import Memory, MemoryRetrieval
 
@@ -31,15 +32,14 @@ class MemoryReadStats:
     reach: Optional[Dict[str, torch.Tensor]] = None
 
 
-def reach_of_read(probs, found, has_mem, memory: Memory, reach_edges: Sequence[int]):
+def reach_of_read(probs, found, has_mem, memory: Memory, buckets: Sequence[Tuple[int, float]]):
     """Memory-attention mass and retrieved chunks per head by how many segments back their chunk
-    was written, bucketed at ``reach_edges`` (e.g. (1, 4, 16): 1, 2-4, 5-16, 17+)."""
+    was written, in ``buckets`` (from ``parse_segment_buckets``, e.g. "1,4,16": 1, 2-4, 5-16, 17+)."""
     B, H, T, K = probs.shape
     nk = found.chunk_index.shape[-1]
-    nb = len(reach_edges) + 1
+    nb = len(buckets)
     back = memory.segments_back(found.chunk_index)  # (B, H, T, nk)
-    edges = torch.tensor(list(reach_edges), device=back.device)
-    bucket = torch.bucketize(back, edges)  # (B, H, T, nk) in [0, nb)
+    bucket = segments_back_bucket(back, buckets)  # (B, H, T, nk) in [0, nb)
     valid = (found.chunk_index >= 0) & has_mem  # (B, H, T, nk)
     mass = probs.float().view(B, H, T, nk, K // nk).sum(-1) * valid  # (B, H, T, nk)
     index = (torch.arange(H, device=back.device).view(1, H, 1, 1) * nb + bucket).flatten()
@@ -49,7 +49,7 @@ def reach_of_read(probs, found, has_mem, memory: Memory, reach_edges: Sequence[i
     # chance: the memory's contents by bucket, per memory row, weighted by the (query, head)
     # pairs of the batch rows that read that row and found something
     contents = memory.contents_segments_back()  # (R, C), -1 for empty slots
-    in_bucket = F.one_hot(torch.bucketize(contents, edges), nb) * (contents > 0)[..., None]
+    in_bucket = F.one_hot(segments_back_bucket(contents, buckets), nb) * (contents > 0)[..., None]
     counts = in_bucket.sum(1).float()  # (R, nb)
     shares = counts / counts.sum(-1, keepdim=True).clamp_min(1)
     readers = has_mem.expand(B, H, T, 1).float().sum(dim=(1, 2, 3))  # (B,)
@@ -99,6 +99,9 @@ class JointAttentionMixin:
     ``A = (1 - sigmoid(g_h)) * A_local + sigmoid(g_h) * A_mem`` for a query that retrieved at
     least one memory token, and ``A = A_local`` for one that retrieved none (an empty memory, or
     the first segment of a document): an empty memory then gives exactly the memory-off output.
+    With ``delta`` (``--sidenet-init read-delta``) the layer adds only what the memory changes,
+    ``A = sigmoid(g_h) * (A_mem - A_local)`` where the query retrieved something and 0 elsewhere,
+    memory off included.
     Returns the output and, beside it, the :class:`MemoryReadStats` of the read (None without a
     memory), where the family's attention returns its keys and values.
     """
@@ -109,7 +112,8 @@ class JointAttentionMixin:
         # the gate's logit is gate * gate_scale: Adam moves a parameter by about lr per update
         # whatever its gradient's size, so the scale multiplies the gate's learning rate
         self.gate_scale = 1.0
-        self.reach_edges: Sequence[int] = ()  # set to log where reads reach (reach_of_read)
+        self.delta = False  # A = g * (A_mem - A_local) (see the class docstring)
+        self.reach_buckets: Sequence[Tuple[int, float]] = ()  # where reads reach (reach_of_read)
 
     def forward(self, x, memory: Optional[Memory] = None, retrieved_tokens: int = 0,
                 cache: Optional[KVCache] = None
@@ -117,7 +121,7 @@ class JointAttentionMixin:
         q, k, v = self.project_qkv(x)  # (B, H, T, hd), (B, Hkv, T, hd) x 2
         local = self.local_attention(q, k, v, cache)  # (B, H, T, hd)
         if memory is None:
-            return self.merge_heads(local), None
+            return self.merge_heads(torch.zeros_like(local) if self.delta else local), None
 
         q = self.memory_queries(q)
         found = read_memory(memory, q, retrieved_tokens)  # detached, in the memory's dtype
@@ -135,12 +139,15 @@ class JointAttentionMixin:
         g = torch.sigmoid(self.gate * self.gate_scale).to(q.dtype).view(1, -1, 1, 1)  # (1, H, 1, 1)
         # torch.where keeps the gate in the graph even when nothing was found, so data-parallel
         # training sees a (zero) gradient for it on every step
-        out = torch.where(has_mem, (1 - g) * local + g * mem_out, local)
+        if self.delta:
+            out = torch.where(has_mem, g * (mem_out - local), torch.zeros_like(local))
+        else:
+            out = torch.where(has_mem, (1 - g) * local + g * mem_out, local)
         with torch.no_grad():
             share = (g * has_mem).float()  # (B, H, T, 1)
             stats = MemoryReadStats(gate=g.float().mean(), memory_share=share.mean())
-            if self.reach_edges:
-                stats.reach = reach_of_read(read_probs, found, has_mem, memory, self.reach_edges)
+            if self.reach_buckets:
+                stats.reach = reach_of_read(read_probs, found, has_mem, memory, self.reach_buckets)
         return self.merge_heads(out), stats
 
 

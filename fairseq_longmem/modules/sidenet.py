@@ -19,8 +19,11 @@ from .memory_attention import MemoryReadStats, joint_attention_class
 # SideNet initialisations (--sidenet-init): "paper" copies backbone blocks as they are;
 # "zero-out" also zeroes every side block's output projections (the attention's and the MLP's),
 # so that each block adds nothing and, through the cross-network residual, the SideNet's output
-# is the backbone's at the start (up to the rounding of h_0 + (h_2 - h_0) + ...)
-SIDENET_INITS = ("paper", "zero-out")
+# is the backbone's at the start (up to the rounding of h_0 + (h_2 - h_0) + ...); "read-delta" is
+# zero-out except the memory block's attention, which keeps its copied output projection and adds
+# only what the memory changes in it, o(g * (A_mem - A_local)) (JointAttentionMixin.delta): the
+# SideNet starts as the backbone whose block m reads the memory, and equals it on an empty memory
+SIDENET_INITS = ("paper", "zero-out", "read-delta")
 # which backbone block side block j copies (--sidenet-copy): "last", the paper's r*(j+1)-1, or
 # "first", r*j: the block whose input h_{rj} the side block is fed at the start with zero-out
 SIDENET_COPIES = ("last", "first")
@@ -55,6 +58,7 @@ class SideNet(nn.Module):
         self.copy_offset = reduction_factor - 1 if copy_from == "last" else 0
         self.memory_layer = memory_layer
         self.side_memory_layer = memory_layer // reduction_factor
+        self.memory_layer_source = self.r * self.side_memory_layer + self.copy_offset
         dims = dataclasses.replace(backbone_dims, dropout=dropout,
                                    attention_dropout=attention_dropout)
         self.dims = dims
@@ -65,7 +69,13 @@ class SideNet(nn.Module):
             for j in range(num_layers)
         )
         self.ln_f = copy.deepcopy(backbone.final_norm).requires_grad_(True)
-        self.init_from_backbone(backbone, zero_out=init == "zero-out")
+        self.init_from_backbone(backbone, zero_out=init in ("zero-out", "read-delta"))
+        if init == "read-delta":
+            self.memory_attention.delta = True
+            with torch.no_grad():  # the copied projection is kept; a bias would add to every token
+                proj = self.h[self.side_memory_layer].output_projections()[0]
+                proj.weight.copy_(backbone.blocks[self.memory_layer_source].output_projections()[0]
+                                  .weight)
         if gate_lr_scale <= 0:
             raise ValueError(f"--gate-lr-scale must be > 0, got {gate_lr_scale}")
         reader = self.memory_attention
