@@ -7,6 +7,7 @@ import random
 import re
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -344,6 +345,7 @@ BAD_INPUT = [
     (["--demos-in-context", "61"], "--demos-in-context 61: expected 0 to 60"),
     (["--demos-in-memory", "100"], "--demos-in-memory 100: expected 0 to 60"),
     (["--gen-subset", "valid"], "--gen-subset valid: longmem_icl scores the set's evaluation"),
+    (["--icl-test-examples", "-1"], "--icl-test-examples must be >= 0, got -1"),
 ]
 
 
@@ -369,6 +371,7 @@ def runs(icl_setup, tmp_path_factory):
         "memory_other_layer": generate_argv(s, "--memory-file", folders.memory,
                                             "--model-overrides", "{'memory_layer': 2}"),
         "batch1": generate_argv(s, "--batch-size", "1"),
+        "subset": generate_argv(s, "--icl-test-examples", "5"),
         # condition (e): the backbone reads the demonstrations' memory itself, no training
         "free": generate_argv(s, "--training-free-memory", "--free-read-layers", "2-3",
                               path=s.backbone),
@@ -508,6 +511,24 @@ def test_batch_size_does_not_change_predictions(runs):
             assert a == pytest.approx(b, abs=1e-4)
 
 
+def test_a_subset_of_the_evaluation_set_scores_as_in_the_full_run(runs):
+    def queries(log):
+        return {int(m.group(1)): m.group(2) for m in re.finditer(r"^S-(\d+)\t(.*)$", log, re.M)}
+
+    full_log, sub_log = log_of(runs, "default"), log_of(runs, "subset")
+    full, _ = parse(full_log)
+    sub, (_, _, total) = parse(sub_log)
+    assert total == 5 and "5 test examples" in sub_log
+    # the fixed draw (seed 0, whatever --icl-seed), kept in file order
+    want = sorted(np.random.RandomState(0).permutation(12)[:5].tolist())
+    full_q, sub_q = queries(full_log), queries(sub_log)
+    assert [sub_q[i] for i in range(5)] == [full_q[j] for j in want]
+    for i, j in enumerate(want):  # the same prompts: the same scores
+        assert sub[i][0] == full[j][0]
+        for (la, a), (lb, b) in zip(sorted(sub[i][1]), sorted(full[j][1])):
+            assert la == lb and a == pytest.approx(b, abs=1e-4)
+
+
 # five more fairseq-generate runs (each pays fairseq's config composition, seconds); the quick
 # loop runs longmem_icl end to end in test_generate_prints_every_candidate_and_the_accuracy, and
 # the label and vocab decisions in-process in
@@ -600,6 +621,35 @@ def test_run_icl_prints_the_three_conditions_from_its_logs(icl_setup, tmp_path):
     # a second call reads the finished logs instead of running again
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert again.stdout.splitlines()[:6] == res.stdout.splitlines()[:6]
+
+
+def test_run_icl_passes_a_converted_tokenizer_the_subset_and_no_file_for_a_free_read(tmp_path,
+                                                                                     monkeypatch):
+    from conftest import load_example
+
+    run_icl = load_example("icl/run_icl.py")
+    seen = []
+
+    def fake_run(cmd, **kwargs):
+        seen.append(cmd)
+        line = "Generate test with beam=1: Accuracy 50.00 (1/2)\n"
+        return SimpleNamespace(returncode=0, stdout=line)
+
+    monkeypatch.setattr(run_icl.subprocess, "run", fake_run)
+    base = ["--path", "m.pt", "--dict-dir", "d", "--dataset", "sst2", "--data-dir", "x",
+            "--out", str(tmp_path), "--seeds", "1", "--conditions", "memory",
+            "--tokenizer-file", "tok.json", "--test-examples", "7"]
+    assert run_icl.main(base + ["--", "--cpu"]) in (0, None)
+    cmd = seen[-1]
+    assert cmd[cmd.index("--bpe") + 1] == "hf_tokenizer"
+    assert cmd[cmd.index("--tokenizer-file") + 1] == "tok.json"
+    assert cmd[cmd.index("--icl-test-examples") + 1] == "7"
+    assert "--memory-file" in cmd
+    # the training-free read's per-layer memories have no file: none is passed
+    free = tmp_path / "free"
+    base[base.index("--out") + 1] = str(free)
+    run_icl.main(base + ["--", "--cpu", "--training-free-memory", "--free-read-layers", "2-3"])
+    assert "--memory-file" not in seen[-1] and "--training-free-memory" in seen[-1]
 
 
 def test_vader_ratings_become_labels():

