@@ -21,7 +21,8 @@ import sys
 import tarfile
 import tempfile
 
-from get_gpt2_bpe import EXIT_REGISTRY, pip_download
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also when loaded by its path
+from get_gpt2_bpe import EXIT_REGISTRY, pip_download  # noqa: E402
 
 SDIST = "vaderSentiment==3.3.2"
 ARCHIVE = "additional_resources/hutto_ICWSM_2014.tar.gz"

@@ -378,6 +378,9 @@ def runs(icl_setup, tmp_path_factory):
         "free_none": generate_argv(s, "--training-free-memory", "--free-read-layers", "2-3",
                                    "--demos-in-memory", "0", path=s.backbone),
         "backbone_context": generate_argv(s, "--demos-in-memory", "0", path=s.backbone),
+        "free_file": generate_argv(s, "--training-free-memory", "--free-read-layers", "2-3",
+                                   "--memory-file", str(tmp / "free.safetensors"),
+                                   path=s.backbone),
         **{f"bad{i}": generate_argv(s, "--memory-file", str(tmp / f"bad{i}.safetensors"), *args)
            for i, (args, _) in enumerate(BAD_INPUT)},
     }
@@ -509,6 +512,13 @@ def test_batch_size_does_not_change_predictions(runs):
         assert [lbl for lbl, _ in one[i][1]] == [lbl for lbl, _ in four[i][1]]
         for (_, a), (_, b) in zip(one[i][1], four[i][1]):
             assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_a_training_free_memory_refuses_a_memory_file_before_writing(runs):
+    case = runs[0]["free_file"]
+    assert case.failed and "a training-free memory (one bank per reading layer) has no memory " \
+        "file" in case.log, case.log[-2000:]
+    assert "written in" not in case.log and not (runs[1].tmp / "free.safetensors").exists()
 
 
 def test_a_subset_of_the_evaluation_set_scores_as_in_the_full_run(runs):

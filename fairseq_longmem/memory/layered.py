@@ -74,6 +74,8 @@ class LayeredMemory:
         for n, i in enumerate(self.layers):
             self.banks[i].add(keys[n], values[n], lengths=lengths)
 
+    has_files = False
+
     def save(self, path, rows=None, overwrite: bool = False):
         raise ValueError(self.NO_FILES)
 

@@ -167,12 +167,12 @@ class LongMemICLTask(CandidateScoringTask):
         demos = [self.encode(template.demonstration(x.text, self.icl.labels[x.label]))
                  for x in context]
         limit = cfg.tokens_per_sample - (max(len(c) for c in candidates) - 1)
-        test = self.icl.test
-        if cfg.icl_test_examples < 0:
-            raise ValueError(f"--icl-test-examples must be >= 0, got {cfg.icl_test_examples}")
-        if 0 < cfg.icl_test_examples < len(test):
+        test, wanted = self.icl.test, getattr(cfg, "icl_test_examples", 0)  # absent: older configs
+        if wanted < 0:
+            raise ValueError(f"--icl-test-examples must be >= 0, got {wanted}")
+        if 0 < wanted < len(test):
             # seed 0, whatever --icl-seed: every condition and seed scores the same examples
-            keep = np.sort(np.random.RandomState(0).permutation(len(test))[:cfg.icl_test_examples])
+            keep = np.sort(np.random.RandomState(0).permutation(len(test))[:wanted])
             test = [test[i] for i in keep]
         prompts, queries, dropped, shortened, cut = [], [], 0, 0, 0
         for x in test:
@@ -263,6 +263,9 @@ class ICLScorer(CandidateScorer):
         size = memory_scoring.memory_size_for(len(task.memory_stream), decoder.cfg.chunk_size,
                                               decoder.cfg.retrieved_tokens)
         path = cfg.memory_file
+        memory = decoder.new_memory(1, size, self.model_parameter, fingerprint=fingerprint)
+        if path and not memory.has_files:  # refused before the demonstrations are written
+            raise ValueError(f"--memory-file {path}: {memory.NO_FILES}")
         if path and os.path.exists(path):
             try:
                 saved = read_identity(path, MEMORY_FILE_KIND)
@@ -277,12 +280,10 @@ class ICLScorer(CandidateScorer):
                     f"--memory-file {path} holds another memory; it differs in: {diff}. Pass "
                     "another --memory-file, or delete this one to rebuild it"
                 )
-            memory = decoder.new_memory(1, size, self.model_parameter, fingerprint=fingerprint)
             memory.load(path)
             logger.info("memory: %d demonstrations (%d tokens) loaded from %s",
                         len(task.memory_demos), len(task.memory_stream), path)
             return memory
-        memory = decoder.new_memory(1, size, self.model_parameter, fingerprint=fingerprint)
         start = time.perf_counter()
         memory_scoring.write_stream(self.model, memory, task.memory_stream,
                                     cfg.tokens_per_sample, self.pad)
