@@ -72,6 +72,28 @@ def reduced(logging_outputs):
         return agg.get_smoothed_values()
 
 
+def test_memory_statistics_a_model_does_not_report_are_not_logged():
+    """The training-free read reports its memory's fill but has no gate: mem_fill is logged,
+    mem_gate and mem_share are not (and nothing fails)."""
+    class Model(torch.nn.Module):
+        def forward(self, src_tokens, **kwargs):
+            logits = torch.zeros(*src_tokens.shape, 8, requires_grad=True)
+            return logits, {"memory_stats": {"fill": torch.tensor(12.0)}}
+
+        def get_normalized_probs(self, net_output, log_probs, sample=None):
+            return torch.log_softmax(net_output[0], dim=-1)
+
+        def get_targets(self, sample, net_output):
+            return sample["target"]
+
+    sample = {"net_input": {"src_tokens": torch.full((1, 2), 5)}, "target": torch.full((1, 2), 5),
+              "ntokens": 2, "nsentences": 1}
+    _, _, log = criterion("")(Model(), sample)
+    assert log["mem_fill"] == 12.0 and "mem_gate" not in log and "mem_share" not in log
+    values = reduced([log, log])
+    assert values["mem_fill"] == 12.0 and "mem_gate" not in values
+
+
 def test_previous_bigram_distance_of_a_hand_made_document():
     dist = previous_bigram_distance(hand_made_document(), EOS)
     expected = [0] * 56
@@ -379,8 +401,8 @@ def test_sliding_window_refuses_other_models_and_windows(corpus, backbone, longm
     base = [corpus.data_dir, "--user-dir", USER_DIR, "--task", "longmem_lm", "--tokens-per-sample",
             str(T_EVAL), "--batch-size", "2", "--cpu", "--num-workers", "0", "--valid-subset",
             "valid", "--criterion", "longmem_cross_entropy"]
-    with pytest.raises(ValueError, match=r"--context-window 4 is for a gpt2_lm backbone; --path "
-                                         r"holds a LongMemGPT2Model"):
+    with pytest.raises(ValueError, match=r"--context-window 4 is for a backbone LM \(gpt2_lm, "
+                                         r"llama_lm\); --path holds a LongMemGPT2Model"):
         score_positions.main(base + ["--path", longmem_checkpoint, "--context-window", "4"])
     with pytest.raises(ValueError, match=r"--context-window 8: expected 0 < C < "
                                          r"--tokens-per-sample \(8\), e.g. 4"):

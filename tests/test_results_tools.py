@@ -84,7 +84,7 @@ def write_run(root, tokens=(1000, 1000, 1000), buckets=(400, 600)):
 def test_summarize_checks_token_counts(tmp_path):
     good = summarize.summarize(write_run(str(tmp_path / "good")))
     assert good["problems"] == []
-    assert good["settings"] == {"T": 256, "C": 128, "S": 128}
+    assert good["settings"] == {"T": 256, "C": 128, "S": 128, "L": ""}
     assert good["main"] == "memory_16384_csz4"
     assert good["sweeps"] == {"memory_size": {16384: 111.43}, "chunk_size": {4: 111.43}}
     table = summarize.markdown(good)
@@ -118,6 +118,30 @@ def test_summarize_reads_suffix_identification(tmp_path):
         f.write("INFO | s.json: 41 examples, 6 candidates each\n"
                 "Generate test with beam=1: Accuracy 10.00 (4/41)\n")
     assert "different numbers of examples" in summarize.summarize(root)["problems"][0]
+
+
+def test_summarize_reads_the_training_free_condition(tmp_path):
+    root = write_run(str(tmp_path / "run"))
+    logs = os.path.join(root, "logs")
+    with open(os.path.join(logs, "eval_free.log"), "w") as f:
+        f.write("Evaluated 1,000 tokens in 5.0s\nLoss (base 2): 6.8500, Perplexity: 115.36\n")
+    with open(os.path.join(logs, "eval_free.cmd"), "w") as f:
+        f.write("fairseq-eval-lm data --training-free-memory --free-read-layers 15-29 --cpu\n")
+    with open(os.path.join(logs, "suffix_free_4096.log"), "w") as f:
+        f.write("INFO | s.json: 43 examples, 6 candidates each (chance 16.7%), ...\n"
+                "Generate test with beam=1: Accuracy 25.58 (11/43)\n")
+    r = summarize.summarize(root)
+    assert r["problems"] == [] and r["settings"]["L"] == "15-29"
+    rows = [line for line in summarize.markdown(r).splitlines() if line.startswith("| (")]
+    # (e) after (c), before (d); its perplexity compared with (c)'s like every row
+    assert [row.split(" |")[0] for row in rows[:5]] == [
+        "| (a) backbone alone, 256-token segments",
+        "| (b) backbone, sliding window (context 128 + 128 new tokens)",
+        "| (c) LongMem, memory off (same weights)",
+        "| (e) backbone reading the memory itself (training-free, blocks 15-29)",
+        "| (d) LongMem with memory, msz 16,384, csz 4"]
+    assert rows[3].endswith("| 6.8500 | 115.36 | -3.4% |")  # 115.36 / 119.43 - 1
+    assert "| backbone reading the memory (e) | 25.58 (11/43) |" in summarize.markdown(r)
 
 
 REC_TOKENS = {"none": 500, "local": 300, "1": 100, "2_4": 60, "5_16": 40, "17_end": 0}

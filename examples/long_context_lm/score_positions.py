@@ -118,7 +118,7 @@ def main(argv=None) -> int:
 
 
 class SlidingWindow(torch.nn.Module):
-    """A ``gpt2_lm`` model that scores the rows of a longmem_lm batch as fairseq-eval-lm's
+    """A plain backbone LM (``gpt2_lm``, ``llama_lm``) that scores the rows of a longmem_lm batch as fairseq-eval-lm's
     ``--context-window C`` scores each document alone (``LMContextWindowDataset`` over blocks of
     ``S = T - C`` tokens): the token at document position ``p`` is predicted in block
     ``k = p // S``, whose input is the document's source (``</s>`` then the document shifted
@@ -128,13 +128,14 @@ class SlidingWindow(torch.nn.Module):
 
     def __init__(self, model, dataset, context_window: int):
         super().__init__()
-        from fairseq_longmem.families.gpt2.model import GPT2LanguageModel
+        from fairseq_longmem.models.backbone_lm import BackboneLanguageModel
         from fairseq_longmem.tasks.document_stream import DocumentStreamDataset
 
         C = context_window
-        if not isinstance(model, GPT2LanguageModel):
-            raise ValueError(f"--context-window {C} is for a gpt2_lm backbone; --path holds a "
-                             f"{type(model).__name__}, which reads the past from its memory")
+        if not isinstance(model, BackboneLanguageModel):
+            raise ValueError(f"--context-window {C} is for a backbone LM (gpt2_lm, llama_lm); "
+                             f"--path holds a {type(model).__name__}, which reads the past from "
+                             "its memory")
         if not isinstance(dataset, DocumentStreamDataset):
             raise ValueError(f"--context-window {C} scores longmem_lm's document streams: pass "
                              "--task longmem_lm")

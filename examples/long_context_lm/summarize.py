@@ -24,13 +24,16 @@ CONDITIONS = {  # name: (label, short label for plots)
     "backbone_window": ("(b) backbone, sliding window (context {C} + {S} new tokens)",
                         "(b) sliding window"),
     "memory_off": ("(c) LongMem, memory off (same weights)", "(c) memory off"),
+    # run.sh with FREE_READ_LAYERS: the backbone's own blocks read a memory, no SideNet
+    "free": ("(e) backbone reading the memory itself (training-free, blocks {L})",
+             "(e) training-free"),
 }
 MEMORY = re.compile(r"memory_(\d+)_csz(\d+)$")
 # longmem_cross_entropy's recurrence buckets (none, local, 1, 2_4, ..., 17_end) and reach shares
 REC_TOKENS = re.compile(r"ntokens_rec(none|local|\d+(?:_(?:\d+|end))?)$")
 REACH = re.compile(r"mem_(reach|chunks|stored)(\d+(?:_(?:\d+|end))?)(?:_h(\d+))?$")
 REACH_KINDS = {"reach": "mass", "chunks": "chunks", "stored": "stored"}
-REC_CONDITIONS = ("backbone", "backbone_window", "memory_off")  # the rows before (d)
+REC_CONDITIONS = ("backbone", "backbone_window", "memory_off", "free")  # the rows before (d)
 
 
 def read_eval_lm(path):
@@ -43,9 +46,9 @@ def read_eval_lm(path):
             "loss": float(loss.group(1)), "ppl": float(loss.group(2))}
 
 
-SUFFIX = re.compile(r"suffix_(backbone|memory_off|memory)_(\d+)$")
+SUFFIX = re.compile(r"suffix_(backbone|memory_off|memory|free)_(\d+)$")
 SUFFIX_LABELS = {"backbone": "backbone alone", "memory_off": "LongMem, memory off",
-                 "memory": "LongMem with memory"}
+                 "memory": "LongMem with memory", "free": "backbone reading the memory (e)"}
 
 
 def read_suffix(path):
@@ -64,7 +67,12 @@ def read_settings(logs):
     cmd = open(os.path.join(logs, "eval_backbone_window.cmd"), encoding="utf-8").read().split()
     T = int(cmd[cmd.index("--tokens-per-sample") + 1])
     C = int(cmd[cmd.index("--context-window") + 1])
-    return {"T": T, "C": C, "S": T - C}
+    L = ""  # the reading blocks of (e), where it ran
+    free = os.path.join(logs, "eval_free.cmd")
+    if os.path.isfile(free):
+        cmd = open(free, encoding="utf-8").read().split()
+        L = cmd[cmd.index("--free-read-layers") + 1]
+    return {"T": T, "C": C, "S": T - C, "L": L}
 
 
 def labels(name, settings, main):
@@ -213,7 +221,7 @@ def rec_name(label):
 
 
 def order(names, main):
-    fixed = [n for n in ("backbone", "backbone_window", "memory_off") if n in names]
+    fixed = [n for n in REC_CONDITIONS if n in names]
     rest = sorted((n for n in names if MEMORY.match(n)), key=lambda n: tuple(map(int, MEMORY.match(n).groups())))
     return fixed + ([main] if main in rest else []) + [n for n in rest if n != main]
 
@@ -256,6 +264,8 @@ def markdown(r):
                 "| condition | " + " | ".join(f"prefix {p:,}" for p in prefixes) + " |",
                 "|---|" + "---|" * len(prefixes)]
         for name, label in SUFFIX_LABELS.items():
+            if not any(name in r["suffix"][p] for p in prefixes):
+                continue  # a condition this run did not score (e.g. (e) before it existed)
             cells = [f"{r['suffix'][p][name]['accuracy']:.2f} ({r['suffix'][p][name]['right']}/"
                      f"{r['suffix'][p][name]['total']})" if name in r["suffix"][p] else "-"
                      for p in prefixes]

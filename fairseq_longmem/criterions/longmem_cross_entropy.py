@@ -116,7 +116,8 @@ class LongMemCrossEntropyCriterion(CrossEntropyCriterion):
             # workers (whose logging outputs are summed) average correctly too
             logging_output["mem_batches"] = 1
             for key, name in MEMORY_STATS.items():
-                logging_output[name] = float(stats[key])
+                if key in stats:  # the training-free read has a fill, no gate
+                    logging_output[name] = float(stats[key])
             reach = stats.get("reach")
             if reach is not None:
                 logging_output.update(reach_sums(reach))
@@ -190,8 +191,9 @@ class LongMemCrossEntropyCriterion(CrossEntropyCriterion):
         n = sum(log.get("mem_batches", 0) for log in logging_outputs)
         if n:
             for name in MEMORY_STATS.values():
-                total = sum(log.get(name, 0.0) for log in logging_outputs)
-                metrics.log_scalar(name, total / n, n, round=3)
+                if any(name in log for log in logging_outputs):
+                    total = sum(log.get(name, 0.0) for log in logging_outputs)
+                    metrics.log_scalar(name, total / n, n, round=3)
         log_bucket_losses(logging_outputs, "pos", POS_COUNT, POS_LOSS)
         log_bucket_losses(logging_outputs, "rec", REC_COUNT, REC_LOSS)
         log_reach_shares(logging_outputs)
