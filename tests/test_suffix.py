@@ -221,6 +221,9 @@ def test_builder_finds_chapters_and_writes_the_format(tmp_path):
     for c in range(1, 9):
         chapters += [f"CHAPTER {c}", f"Chapter {c} opens here with words.",
                      " ".join(f"w{c}_{j}" for j in range(20))]
+        if c == 2:  # a title under the heading, a part heading at the chapter's end: dropped
+            chapters[-2:-2] = ["THE TITLE OF TWO"]
+            chapters += ["BOOK TWO", "THE SECOND PART"]
     book = "\n".join(chapters)
     (corpus / "raw" / "test.txt").write_text("Intro line only\n\n" + book + "\n")
     (corpus / "manifest.json").write_text(json.dumps({"books": [
@@ -239,6 +242,8 @@ def test_builder_finds_chapters_and_writes_the_format(tmp_path):
     assert first["pos"] == "Chapter 3 opens here"
     assert first["ctx"].endswith(" ".join(f"w2_{j}" for j in range(20)))
     assert "CHAPTER" not in first["ctx"].split("\n")[-1]
+    assert "BOOK" not in first["ctx"] and "SECOND PART" not in first["ctx"]  # never end a prefix
+    assert not any("TITLE" in n for e in data["Novel"] for n in [e["pos"]] + e["negs"])
     assert len(first["negs"]) == 2 and all(n.startswith("Chapter ") for n in first["negs"])
     assert all(int(n.split()[1]) > 3 for n in first["negs"])  # from later chapters
     assert len(data["Novel"]) == 6  # boundaries before chapters 3..8

@@ -50,11 +50,28 @@ def books_of(corpus: str, splits: List[str]) -> Dict[str, List[str]]:
     return out
 
 
+def is_caps_line(p: str) -> bool:
+    """A short line in capitals: a chapter's title under its heading ("THE EVE OF THE WAR"), a
+    part heading ("BOOK TWO") or "THE END", which no prefix or candidate should hold."""
+    p = p.strip()
+    return 0 < len(p) <= 80 and any(ch.isalpha() for ch in p) and p == p.upper()
+
+
 def chapters_of(paragraphs: List[str]):
-    """[(heading line index, [paragraph indices of the chapter's text])]."""
+    """[(heading line index, [paragraph indices of the chapter's text])]: the lines between a
+    heading and the next, without capital-letter lines at either end (titles, part headings)."""
     heads = [i for i, p in enumerate(paragraphs) if len(p) <= 80 and HEADING.match(p.strip())]
     bounds = heads + [len(paragraphs)]
-    return [(h, list(range(h + 1, nxt))) for h, nxt in zip(heads, bounds[1:]) if nxt > h + 1]
+    out = []
+    for h, nxt in zip(heads, bounds[1:]):
+        body = list(range(h + 1, nxt))
+        while body and is_caps_line(paragraphs[body[0]]):
+            body.pop(0)
+        while body and is_caps_line(paragraphs[body[-1]]):
+            body.pop()
+        if body:
+            out.append((h, body))
+    return out
 
 
 def first_words(paragraphs: List[str], n: int) -> str:
@@ -92,8 +109,8 @@ def build(books: Dict[str, List[str]], ctx_words: int, suffix_words: int, negati
                       for _, body in chapters]
         examples = []
         for c in range(1, len(chapters)):
-            heading = chapters[c][0]
-            before = paragraphs[:heading]
+            # up to the previous chapter's last line of text: no heading or title ends a prefix
+            before = paragraphs[:chapters[c - 1][1][-1] + 1]
             if sum(len(p.split()) for p in before) < ctx_words:
                 continue
             ctx = last_words(before, ctx_words)
