@@ -1,0 +1,1 @@
+fairseq-eval-lm /work/runs/lclm_smol_smoke/data/bin-stream --user-dir /work/main/fairseq_longmem --task language_modeling --path /work/runs/lclm_smol_smoke/smollm2/checkpoint.pt --gen-subset test --sample-break-mode none --tokens-per-sample 128 --context-window 64 --batch-size 16 --num-workers 0 --cpu 
