@@ -161,6 +161,15 @@ def test_read_delta_gradients_reach_the_memory_read_at_the_first_step():
     other = side.h[0] if side.side_memory_layer else side.h[1]
     assert other.attn.c_attn.weight.grad.abs().sum() == 0
 
+    # memory off: the read-delta block adds nothing, yet every parameter of it is in the graph
+    # (data-parallel training fails on a parameter without a gradient)
+    off = make_model("read-delta", disable_memory=True).train()
+    logits, _ = off(src_tokens=tokens(1), new_document=torch.tensor([True, True]))
+    F.cross_entropy(logits.flatten(0, 1), tokens(2).flatten()).backward()
+    block = off.decoder.sidenet.h[off.decoder.sidenet.side_memory_layer]
+    assert all(p.grad is not None for n, p in block.named_parameters() if p.requires_grad), [
+        n for n, p in block.named_parameters() if p.requires_grad and p.grad is None]
+
 
 def test_sidenet_init_rejects_an_unknown_choice():
     backbone = GPT2Backbone(GPT2Dims(vocab_size=40, embed_dim=D, num_layers=LAYERS,

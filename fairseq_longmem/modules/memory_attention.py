@@ -121,7 +121,9 @@ class JointAttentionMixin:
         q, k, v = self.project_qkv(x)  # (B, H, T, hd), (B, Hkv, T, hd) x 2
         local = self.local_attention(q, k, v, cache)  # (B, H, T, hd)
         if memory is None:
-            return self.merge_heads(torch.zeros_like(local) if self.delta else local), None
+            # delta: nothing to add; "local * 0" keeps the block's parameters in the graph, so that
+            # data-parallel training with memory off still sees a (zero) gradient for each
+            return self.merge_heads(local * 0 if self.delta else local), None
 
         q = self.memory_queries(q)
         found = read_memory(memory, q, retrieved_tokens)  # detached, in the memory's dtype
