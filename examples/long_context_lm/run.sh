@@ -21,7 +21,8 @@
 #                                                        # with (e), the training-free read (hours)
 #   PRESET=smollm2_smoke                                 # the same pipeline on generated books
 # OUT=DIR chooses the output folder (default runs/long_context_lm/$PRESET); a step whose output
-# and complete log are already there is skipped (a rerun resumes); all logs go to $OUT/logs.
+# and complete log are already there is skipped (a rerun resumes; trainings save checkpoint_last.pt
+# every 100 updates and resume from it); all logs go to $OUT/logs.
 # Settings: $PRESET.env, each overridable from the environment. See this folder's README.md.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
@@ -103,7 +104,8 @@ if [ -z "$BACKBONE" ]; then
   step train_backbone "$BACKBONE" fairseq-train "$DATA/bin" --user-dir "$UD" --task language_modeling \
     --arch "$BACKBONE_ARCH" --tokens-per-sample "$T" $BACKBONE_ARGS --optimizer adam \
     --adam-betas '(0.9,0.98)' --max-update "$BACKBONE_UPDATES" --num-workers 0 --disable-validation \
-    --no-epoch-checkpoints --save-dir "$OUT/backbone" --log-interval 50 --seed 1 $DEVICE_ARGS
+    --no-epoch-checkpoints --save-interval-updates 100 --keep-interval-updates 1 \
+    --save-dir "$OUT/backbone" --log-interval 50 --seed 1 $DEVICE_ARGS
 fi
 
 # 3. LongMem ----------------------------------------------------------------------------------
@@ -114,6 +116,7 @@ step train_longmem "$LONGMEM" fairseq-train "$DATA/bin" --user-dir "$UD" --task 
   --tokens-per-sample "$T" --memory-size "$MEMORY_SIZE" --chunk-size "$CHUNK_SIZE" \
   --retrieved-tokens "$RETRIEVED" $LONGMEM_ARGS --optimizer adam --adam-betas '(0.9,0.98)' \
   --max-update "$LONGMEM_UPDATES" --num-workers 0 --disable-validation --no-epoch-checkpoints \
+  --save-interval-updates 100 --keep-interval-updates 1 \
   --save-dir "$OUT/longmem" --log-interval 50 --seed 1 $DEVICE_ARGS
 
 # STOP_AFTER=train: only the corpus and the two models (e.g. for examples/icl/paper_table.sh)
