@@ -58,7 +58,6 @@ class SideNet(nn.Module):
         self.copy_offset = reduction_factor - 1 if copy_from == "last" else 0
         self.memory_layer = memory_layer
         self.side_memory_layer = memory_layer // reduction_factor
-        self.memory_layer_source = self.r * self.side_memory_layer + self.copy_offset
         dims = dataclasses.replace(backbone_dims, dropout=dropout,
                                    attention_dropout=attention_dropout)
         self.dims = dims
@@ -69,13 +68,9 @@ class SideNet(nn.Module):
             for j in range(num_layers)
         )
         self.ln_f = copy.deepcopy(backbone.final_norm).requires_grad_(True)
-        self.init_from_backbone(backbone, zero_out=init in ("zero-out", "read-delta"))
-        if init == "read-delta":
-            self.memory_attention.delta = True
-            with torch.no_grad():  # the copied projection is kept; a bias would add to every token
-                proj = self.h[self.side_memory_layer].output_projections()[0]
-                proj.weight.copy_(backbone.blocks[self.memory_layer_source].output_projections()[0]
-                                  .weight)
+        self.init_from_backbone(backbone, zero_out=init in ("zero-out", "read-delta"),
+                                keep_read=init == "read-delta")
+        self.memory_attention.delta = init == "read-delta"
         if gate_lr_scale <= 0:
             raise ValueError(f"--gate-lr-scale must be > 0, got {gate_lr_scale}")
         reader = self.memory_attention
@@ -85,7 +80,11 @@ class SideNet(nn.Module):
             reader.gate.fill_(gate_init / gate_lr_scale)  # the logit starts at gate_init
 
     @torch.no_grad()
-    def init_from_backbone(self, backbone: Backbone, zero_out: bool = False):
+    def init_from_backbone(self, backbone: Backbone, zero_out: bool = False,
+                           keep_read: bool = False):
+        """Copy backbone blocks into the side blocks; ``zero_out`` zeroes their output projections,
+        except, with ``keep_read``, the memory block's attention projection weight (read-delta;
+        its bias is zeroed: it would add to every token)."""
         for j, block in enumerate(self.h):
             source = backbone.blocks[self.r * j + self.copy_offset].state_dict()
             # the memory block's gate is ours alone (initialised 0); all else is copied
@@ -93,8 +92,9 @@ class SideNet(nn.Module):
             assert not unexpected and all(k.endswith("attn.gate") for k in missing), (
                 missing, unexpected)
             if zero_out:
-                for proj in block.output_projections():
-                    proj.weight.zero_()
+                for i, proj in enumerate(block.output_projections()):
+                    if not (keep_read and i == 0 and j == self.side_memory_layer):
+                        proj.weight.zero_()
                     if proj.bias is not None:
                         proj.bias.zero_()
         self.ln_f.load_state_dict(backbone.final_norm.state_dict())
