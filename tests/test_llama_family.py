@@ -231,3 +231,26 @@ def test_rotary_tables_are_shared_grown_and_equal_the_direct_angles():
     cos, _ = llama_modules.rotary_tables(theta, hd, 10, x.device)
     assert cos.shape == (8192, hd)  # grown to a power of two >= 5001, and kept for shorter calls
     assert llama_modules.rotary_tables(theta, hd, 10, x.device)[0] is cos
+
+
+def test_mlp_in_place_without_autograd_equals_the_graph_path_and_keeps_gradients():
+    """Without autograd the MLP computes SiLU(gate) * up in place: bit-identical to the
+    out-of-place path, which is kept wherever a gradient is needed (the SideNet's blocks)."""
+    from fairseq_longmem.families.llama.modules import LlamaMLP
+
+    mlp = LlamaMLP(make_backbone(family="llama").dims)
+    x = torch.randn(2, 5, mlp.gate_proj.in_features)
+    with torch.no_grad():
+        in_place = mlp(x)
+    graph = mlp(x)
+    assert graph.requires_grad and torch.equal(in_place, graph)
+    expected = mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+    assert torch.equal(graph, expected)
+    graph.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in mlp.parameters())
+    # a frozen MLP fed a tensor that needs a gradient (a frozen block under a trained one) keeps
+    # the graph too, so the gradient reaches its input
+    mlp.requires_grad_(False)
+    x.requires_grad_(True)
+    mlp(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0

@@ -167,7 +167,14 @@ class LlamaMLP(nn.Module):
         self.dropout = nn.Dropout(dims.dropout)
 
     def forward(self, x):
-        return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+            hidden = F.silu(gate) * up
+        else:
+            # no autograd graph to keep: in place, the same values with two fewer (B, T, ffn)
+            # buffers per block (fresh CPU buffers of this size cost page faults)
+            hidden = F.silu(gate, inplace=True).mul_(up)
+        return self.dropout(self.down_proj(hidden))
 
 
 class LlamaBlock(nn.Module):
