@@ -5,6 +5,11 @@
 #                                                     # Python 3.12 GPU machine -> .cache/device/wh
 #   bash examples/benchmarks/gpu_device.sh run       # on the GPU machine, from the repository root:
 #                                                     # offline install, tests, benchmarks -> $OUT
+#   bash examples/benchmarks/gpu_device.sh prepare-smollm2  # the wheels of the smollm2 set ->
+#                                                     # .cache/device/wh-smollm2 (carry that one)
+#   bash examples/benchmarks/gpu_device.sh smollm2   # on the GPU machine: the SmolLM2-135M-shape
+#                                                     # set alone (forward against transformers',
+#                                                     # step overheads, generation to 16k) -> $OUT
 #
 # The GPU machine is assumed to have Python 3.12 with a CUDA build of torch (which ships triton),
 # numpy and pytest, and no package registry: `prepare` downloads fairseq (ve-fairseq, --no-deps)
@@ -14,22 +19,42 @@
 # every backend checked against matmul + topk) and the memory on/off step overheads of GPT-2
 # small and medium (bf16 autocast, B=8, T=1024, msz=65,536) for auto, matmul (the search before
 # the two-stage one) and triton; and the same overheads for a Llama of SmolLM2-135M's sizes
-# (random weights, r = 5, msz 16,384 and 65,536). Not run yet: no GPU was lent to this project's sessions.
+# (random weights, r = 5, msz 16,384 and 65,536). `smollm2` runs, for that shape: our Llama forward
+# against transformers' (bf16, B 1 and 8, T 512-4096), the step overheads at msz 4k/16k/64k, and
+# ms per generated token to 16k tokens against transformers' generate (about 6 minutes of device
+# time in all, estimated from the CPU runs; give it a call of its own). It needs transformers and
+# its dependencies, which with the first set's wheels exceed what a call carries (64 MiB), so it
+# has a wheelhouse of its own (`prepare-smollm2`: fairseq's runtime wheels + transformers', numpy
+# and torch being the machine's own).
+# Not run yet: no GPU was lent to this project's sessions.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 WH=.cache/device/wh
+# wheels for the GPU machine's Python 3.12 on x86_64 Linux
+where=(--python-version 3.12 --only-binary=:all: --platform manylinux2014_x86_64
+       --platform manylinux_2_17_x86_64 --platform manylinux_2_27_x86_64
+       --platform manylinux_2_28_x86_64 --platform any)
 
 case "${1:-}" in
 prepare)
     mkdir -p "$WH"
-    plat=(--python-version 3.12 --only-binary=:all: --no-deps --platform manylinux2014_x86_64
-          --platform manylinux_2_17_x86_64 --platform manylinux_2_27_x86_64
-          --platform manylinux_2_28_x86_64 --platform any)
-    pip download -q "${plat[@]}" -d "$WH" ve-fairseq==0.12.3 bitarray cffi pycparser \
+    pip download -q "${where[@]}" --no-deps -d "$WH" ve-fairseq==0.12.3 bitarray cffi pycparser \
         hydra-core==1.3.8 omegaconf==2.3.1 PyYAML regex sacrebleu portalocker tabulate colorama \
         lxml sentencepiece tqdm safetensors pygments hypothesis sortedcontainers attrs
     # antlr4-python3-runtime 4.9.3 (hydra's pin) is an sdist only: build its pure-Python wheel
     pip wheel -q --no-deps -w "$WH" antlr4-python3-runtime==4.9.3
+    du -sh "$WH"
+    ;;
+prepare-smollm2)
+    WH=$WH-smollm2
+    mkdir -p "$WH"
+    pip download -q "${where[@]}" --no-deps -d "$WH" ve-fairseq==0.12.3 bitarray cffi pycparser \
+        hydra-core==1.3.8 omegaconf==2.3.1 PyYAML regex sacrebleu portalocker tabulate colorama \
+        lxml sentencepiece tqdm safetensors
+    pip wheel -q --no-deps -w "$WH" antlr4-python3-runtime==4.9.3
+    # transformers (the baseline) with its dependencies; numpy is the machine's own
+    pip download -q "${where[@]}" -d "$WH" transformers==5.25.0
+    rm -f "$WH"/numpy-*.whl
     du -sh "$WH"
     ;;
 run)
@@ -72,8 +97,31 @@ EOF
             | grep -v '^INFO' | tee "$OUT/speed_smollm2_msz$msz.md" || true
     done
     ;;
+smollm2)
+    WH=$WH-smollm2
+    OUT=${OUT:-gpu_results}
+    mkdir -p "$OUT"
+    python -m pip install -q --no-index --find-links "$WH" hydra-core omegaconf bitarray regex \
+        sacrebleu sentencepiece tqdm safetensors cffi transformers
+    python -m pip install -q --no-index --no-deps "$WH"/ve_fairseq-*.whl
+    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+    B=examples/benchmarks
+    python $B/llama_forward.py --random-smollm2 --device cuda --dtype bf16 --threads 1 \
+        --lengths 512,1024,2048,4096 --batches 1,8 --repeats 10 --longmem \
+        --log-dir "$OUT/llama_forward_smollm2" 2>&1 | grep -v '^INFO' || true
+    for msz in 4096 16384 65536; do
+        python $B/longmem_speed.py --device cuda --dtype bf16 --size smollm2 --reduction-factor 5 \
+            --memory-layer 20 --T 256 --B 8 --msz $msz --K 32 --csz 4 --steps 10 \
+            --breakdown-steps 2 --log-dir "$OUT/longmem_speed_smollm2_msz$msz" 2>&1 \
+            | grep -v '^INFO' || true
+    done
+    python $B/generation_speed.py --random-smollm2 --device cuda --reduction-factor 5 \
+        --memory-layer 20 --segment 256 --memory-size 16384 --retrieved-tokens 32 \
+        --tokens 16384 --transformers --no-backbone --log-dir "$OUT/generation_smollm2" 2>&1 \
+        | grep -v '^INFO' || true
+    ;;
 *)
-    echo "usage: bash $0 prepare|run" >&2
+    echo "usage: bash $0 prepare|run|smollm2" >&2
     exit 2
     ;;
 esac
