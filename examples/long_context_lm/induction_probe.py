@@ -23,7 +23,7 @@ import sys
 import torch
 from fairseq import checkpoint_utils, tasks, utils
 
-import fairseq_longmem.modules.sidenet as sidenet
+import fairseq_longmem.modules.memory_attention as memory_attention
 from fairseq_longmem import user_dir
 from fairseq_longmem.tasks.document_stream import previous_bigram_distance
 
@@ -54,62 +54,64 @@ def main(argv=None) -> int:
     csz, capacity = mcfg.chunk_size, mcfg.memory_size // mcfg.chunk_size
 
     captured = {}
-    real_read = sidenet.read_memory
+    real_read = memory_attention.read_memory
 
     def read_and_keep(memory, q, k):
         found = real_read(memory, q, k)
         captured["slots"] = found.chunk_index[0]  # (H, T, nk)
         return found
 
-    sidenet.read_memory = read_and_keep
+    memory_attention.read_memory = read_and_keep
     hits = {"continuation": 0, "same_token": 0}
     chance, probes, heads = 0.0, 0, None
     aligned = retrieved = 0
     dist_cache = {}
-    with torch.no_grad():
-        for t in range(len(ds)):
-            if args.max_segments and t >= args.max_segments:
-                break
-            (_, rows) = ds[t]
-            source, target, new_doc, doc, seg = rows[0]
-            if source is None:
-                break
-            sample = ds.collater([ds[t]])
-            model(**sample["net_input"])
-            slots = captured.get("slots")
-            if slots is None or seg == 0:
-                continue
-            if doc not in dist_cache:
-                dist_cache = {doc: previous_bigram_distance(ds.documents[doc].numpy(), ds.eos)}
-            dist = dist_cache[doc]
-            H, W, nk = slots.shape
-            heads = H
-            # memory entry e of a document is its source token e (entry 0: the </s> before it),
-            # i.e. document token e - 1; chunk n holds entries [n*csz, (n+1)*csz). Slot s holds
-            # the newest chunk n < written with n = s (mod capacity).
-            written = (seg * T) // csz  # whole chunks written before this segment
-            for k in range(len(target)):
-                i = seg * T + k  # the target's document position
-                d = int(dist[i])
-                if d == 0 or i // T == (i - d) // T:
-                    continue  # first occurrence, or in the segment the local attention sees
-                j = i - d  # earlier occurrence of the bigram: tokens j-1, j
-                want = {"continuation": (j + 1) // csz, "same_token": j // csz}
-                oldest = max(0, written - capacity)
-                if want["same_token"] < oldest or want["continuation"] >= written:
-                    continue  # evicted, or not searchable yet
-                probes += 1
-                found = slots[:, k]  # (H, nk) ring slots
-                got = [set(((written - 1) - ((written - 1 - s) % capacity))
-                           for s in found[h].tolist() if s >= 0) for h in range(H)]
-                for name, n in want.items():
-                    hits[name] += sum(n in g for g in got)
-                # the learned positions restart every segment: a chunk at the query's own offset
-                # in its segment (chance: csz / T of the retrieved chunks)
-                aligned += sum(sum(((n * csz) % T) // csz == k // csz for n in g) for g in got)
-                retrieved += sum(len(g) for g in got)
-                chance += H * min(1.0, nk / (written - oldest))
-    sidenet.read_memory = real_read
+    try:
+        with torch.no_grad():
+            for t in range(len(ds)):
+                if args.max_segments and t >= args.max_segments:
+                    break
+                (_, rows) = ds[t]
+                source, target, new_doc, doc, seg = rows[0]
+                if source is None:
+                    break
+                sample = ds.collater([ds[t]])
+                model(**sample["net_input"])
+                slots = captured.get("slots")
+                if slots is None or seg == 0:
+                    continue
+                if doc not in dist_cache:
+                    dist_cache = {doc: previous_bigram_distance(ds.documents[doc].numpy(), ds.eos)}
+                dist = dist_cache[doc]
+                H, W, nk = slots.shape
+                heads = H
+                # memory entry e of a document is its source token e (entry 0: the </s> before it),
+                # i.e. document token e - 1; chunk n holds entries [n*csz, (n+1)*csz). Slot s holds
+                # the newest chunk n < written with n = s (mod capacity).
+                written = (seg * T) // csz  # whole chunks written before this segment
+                for k in range(len(target)):
+                    i = seg * T + k  # the target's document position
+                    d = int(dist[i])
+                    if d == 0 or i // T == (i - d) // T:
+                        continue  # first occurrence, or in the segment the local attention sees
+                    j = i - d  # earlier occurrence of the bigram: tokens j-1, j
+                    want = {"continuation": (j + 1) // csz, "same_token": j // csz}
+                    oldest = max(0, written - capacity)
+                    if want["same_token"] < oldest or want["continuation"] >= written:
+                        continue  # evicted, or not searchable yet
+                    probes += 1
+                    found = slots[:, k]  # (H, nk) ring slots
+                    got = [set(((written - 1) - ((written - 1 - s) % capacity))
+                               for s in found[h].tolist() if s >= 0) for h in range(H)]
+                    for name, n in want.items():
+                        hits[name] += sum(n in g for g in got)
+                    # the learned positions restart every segment: a chunk at the query's own offset
+                    # in its segment (chance: csz / T of the retrieved chunks)
+                    aligned += sum(sum(((n * csz) % T) // csz == k // csz for n in g) for g in got)
+                    retrieved += sum(len(g) for g in got)
+                    chance += H * min(1.0, nk / (written - oldest))
+    finally:
+        memory_attention.read_memory = real_read
     if not probes:
         print("no token whose bigram recurred in an earlier segment inside the memory")
         return 1
