@@ -56,9 +56,10 @@ def build_from_checkpoint(args):
     d = make_dictionary(read_backbone_checkpoint(args.backbone)[0].dims.vocab_size
                         if args.backbone else SMOLLM2_VOCAB)
     spec = _argparse.Namespace(
-        backbone=args.backbone, size="smollm2" if args.random_smollm2 else None, T=args.segment, msz=args.memory_size, csz=args.chunk_size,
-        K=args.retrieved_tokens, backend=args.backend, reduction_factor=args.reduction_factor,
-        sidenet_copy="first", memory_layer=args.memory_layer)
+        backbone=args.backbone, size="smollm2" if args.random_smollm2 else None, T=args.segment,
+        msz=args.memory_size, csz=args.chunk_size, K=args.retrieved_tokens, backend=args.backend,
+        reduction_factor=args.reduction_factor, sidenet_copy="first",
+        memory_layer=args.memory_layer)
     model, _ = build_models(spec, d)
     return model.eval(), d
 

@@ -154,7 +154,8 @@ def main(argv=None) -> int:
                 with torch.no_grad():
                     ours_fn = lambda: ours.logits(ours(tokens)[0][-1])  # noqa: E731
                     hf_fn = lambda: hf(input_ids=tokens, use_cache=False).logits  # noqa: E731
-                    diff = float((ours_fn().float() - hf_fn().float()).abs().max())  # also the warm-up
+                    # also the warm-up
+                    diff = float((ours_fn().float() - hf_fn().float()).abs().max())
                     t_ours, t_hf, t_lm = [], [], []
                     lm = (longmem_memory_off(ours, T).to(device, dtype) if args.longmem
                           else None)
