@@ -110,7 +110,7 @@ def time_transformers(model, tokens, device):
     from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
     backbone = model.decoder.backbone
-    hf = hf_twin(backbone, {}).to(device)
+    hf = hf_twin(backbone).to(device)
     n = min(tokens.size(1), backbone.dims.max_positions - 1)
     stamps = []
 

@@ -34,24 +34,34 @@ WH=.cache/device/wh
 where=(--python-version 3.12 --only-binary=:all: --platform manylinux2014_x86_64
        --platform manylinux_2_17_x86_64 --platform manylinux_2_27_x86_64
        --platform manylinux_2_28_x86_64 --platform any)
+# fairseq's runtime wheels (fairseq itself without its dependencies), what both sets need
+RUNTIME=(ve-fairseq==0.12.3 bitarray cffi pycparser hydra-core==1.3.8 omegaconf==2.3.1 PyYAML regex
+         sacrebleu portalocker tabulate colorama lxml sentencepiece tqdm safetensors)
+RUNTIME_INSTALL=(hydra-core omegaconf bitarray regex sacrebleu sentencepiece tqdm safetensors cffi)
+
+download_runtime() {  # $1: the wheelhouse; further arguments: more wheels without dependencies
+    local wh=$1
+    shift
+    mkdir -p "$wh"
+    pip download -q "${where[@]}" --no-deps -d "$wh" "${RUNTIME[@]}" "$@"
+    # antlr4-python3-runtime 4.9.3 (hydra's pin) is an sdist only: build its pure-Python wheel
+    pip wheel -q --no-deps -w "$wh" antlr4-python3-runtime==4.9.3
+}
+
+install_runtime() {  # on the GPU machine, offline; arguments: more packages from the wheelhouse
+    python -m pip install -q --no-index --find-links "$WH" "${RUNTIME_INSTALL[@]}" "$@"
+    python -m pip install -q --no-index --no-deps "$WH"/ve_fairseq-*.whl
+    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+}
 
 case "${1:-}" in
 prepare)
-    mkdir -p "$WH"
-    pip download -q "${where[@]}" --no-deps -d "$WH" ve-fairseq==0.12.3 bitarray cffi pycparser \
-        hydra-core==1.3.8 omegaconf==2.3.1 PyYAML regex sacrebleu portalocker tabulate colorama \
-        lxml sentencepiece tqdm safetensors pygments hypothesis sortedcontainers attrs
-    # antlr4-python3-runtime 4.9.3 (hydra's pin) is an sdist only: build its pure-Python wheel
-    pip wheel -q --no-deps -w "$WH" antlr4-python3-runtime==4.9.3
+    download_runtime "$WH" pygments hypothesis sortedcontainers attrs  # + the tests' own
     du -sh "$WH"
     ;;
 prepare-smollm2)
     WH=$WH-smollm2
-    mkdir -p "$WH"
-    pip download -q "${where[@]}" --no-deps -d "$WH" ve-fairseq==0.12.3 bitarray cffi pycparser \
-        hydra-core==1.3.8 omegaconf==2.3.1 PyYAML regex sacrebleu portalocker tabulate colorama \
-        lxml sentencepiece tqdm safetensors
-    pip wheel -q --no-deps -w "$WH" antlr4-python3-runtime==4.9.3
+    download_runtime "$WH"
     # transformers (the baseline) with its dependencies; numpy is the machine's own
     pip download -q "${where[@]}" -d "$WH" transformers==5.25.0
     rm -f "$WH"/numpy-*.whl
@@ -60,10 +70,7 @@ prepare-smollm2)
 run)
     OUT=${OUT:-gpu_results}
     mkdir -p "$OUT"
-    python -m pip install -q --no-index --find-links "$WH" hydra-core omegaconf bitarray regex \
-        sacrebleu sentencepiece tqdm safetensors cffi pygments hypothesis
-    python -m pip install -q --no-index --no-deps "$WH"/ve_fairseq-*.whl
-    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+    install_runtime pygments hypothesis
     python - <<'EOF' 2>&1 | tee "$OUT/machine.txt"
 import torch, fairseq
 try:
@@ -101,10 +108,7 @@ smollm2)
     WH=$WH-smollm2
     OUT=${OUT:-gpu_results}
     mkdir -p "$OUT"
-    python -m pip install -q --no-index --find-links "$WH" hydra-core omegaconf bitarray regex \
-        sacrebleu sentencepiece tqdm safetensors cffi transformers
-    python -m pip install -q --no-index --no-deps "$WH"/ve_fairseq-*.whl
-    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+    install_runtime transformers
     B=examples/benchmarks
     python $B/llama_forward.py --random-smollm2 --device cuda --dtype bf16 --threads 1 \
         --lengths 512,1024,2048,4096 --batches 1,8 --repeats 10 --longmem \

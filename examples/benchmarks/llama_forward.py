@@ -43,7 +43,7 @@ def load_ours(path):
     return backbone, cfg
 
 
-def hf_twin(backbone, cfg):
+def hf_twin(backbone):
     """transformers' LlamaForCausalLM with our backbone's weights (the same parameter names)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -127,8 +127,8 @@ def main(argv=None) -> int:
         p.error("give a llama_lm checkpoint or --random-smollm2 (one of them)")
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    ours, cfg = load_ours(args.checkpoint)
-    hf = hf_twin(ours, cfg).to(device, dtype)
+    ours, _ = load_ours(args.checkpoint)
+    hf = hf_twin(ours).to(device, dtype)
     ours = ours.to(device, dtype)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     log = RunLog(args.log_dir)

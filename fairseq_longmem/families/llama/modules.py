@@ -168,11 +168,12 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x):
         gate, up = self.gate_proj(x), self.up_proj(x)
-        if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        if gate.requires_grad or up.requires_grad:
             hidden = F.silu(gate) * up
         else:
-            # no autograd graph to keep: in place, the same values with two fewer (B, T, ffn)
-            # buffers per block (fresh CPU buffers of this size cost page faults)
+            # no autograd graph to keep (no_grad, or nothing upstream needs a gradient): in place,
+            # the same values with two fewer (B, T, ffn) buffers per block (fresh CPU buffers of
+            # this size cost page faults)
             hidden = F.silu(gate, inplace=True).mul_(up)
         return self.dropout(self.down_proj(hidden))
 

@@ -5,7 +5,7 @@ import sys, resource, torch
 sys.path.insert(0, "examples/benchmarks")
 from llama_forward import load_ours, hf_twin
 torch.set_num_threads(2)
-ours, cfg = load_ours(sys.argv[1]); hf = hf_twin(ours, cfg)
+ours, _ = load_ours(sys.argv[1]); hf = hf_twin(ours)
 def faults(fn, n=3):
     fn(); out = []
     for _ in range(n):
