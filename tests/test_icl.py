@@ -516,8 +516,9 @@ def test_batch_size_does_not_change_predictions(runs):
 
 def test_a_training_free_memory_refuses_a_memory_file_before_writing(runs):
     case = runs[0]["free_file"]
-    assert case.failed and "a training-free memory (one bank per reading layer) has no memory " \
-        "file" in case.log, case.log[-2000:]
+    assert case.failed and "a memory of several reading layers (one bank per layer: the " \
+        "training-free read, LongMem with --read-layers) has no memory file" in case.log, \
+        case.log[-2000:]
     assert "written in" not in case.log and not (runs[1].tmp / "free.safetensors").exists()
 
 

@@ -14,9 +14,8 @@ from fairseq_longmem.models.backbone_lm import BackboneLMDecoder
 from fairseq_longmem.models.training_free import (
     FreeReadConfig,
     TrainingFreeDecoder,
-    format_layers,
-    parse_layers,
 )
+from fairseq_longmem.models.common import format_layers, parse_layers
 from tiny_longmem import DICT, LAYERS, T, make_backbone, random_tokens
 
 FAMILIES = ("gpt2", "llama")
@@ -129,14 +128,14 @@ def test_causal_rows_apart_and_a_new_document_starts_from_an_empty_memory(family
 
 
 def test_read_layers_and_memory_options_are_checked_in_one_line():
-    assert parse_layers("15-29", 30) == tuple(range(15, 30))
-    assert parse_layers("8,12, 16", 30) == (8, 12, 16)
-    assert parse_layers("", 30) == tuple(range(15, 30))
-    assert format_layers(parse_layers("2,4-6,9", 30)) == "2,4-6,9"
+    assert parse_layers("15-29", 30, "--free-read-layers") == tuple(range(15, 30))
+    assert parse_layers("8,12, 16", 30, "--free-read-layers") == (8, 12, 16)
+    assert parse_layers("", 30, "--free-read-layers") == tuple(range(15, 30))
+    assert format_layers(parse_layers("2,4-6,9", 30, "--free-read-layers")) == "2,4-6,9"
     for spec, message in [("3-40", "layer 30 is not a block of the 30-layer backbone"),
                           ("late", "expected 0-based layers"), ("9-2", "expected 0-based")]:
         with pytest.raises(ValueError, match=message):
-            parse_layers(spec, 30)
+            parse_layers(spec, 30, "--free-read-layers")
     with pytest.raises(ValueError, match=r"--free-retrieved-tokens \(6\) must be a positive "
                                          r"multiple of --free-chunk-size \(4\)"):
         free_decoder("llama", retrieved=6)

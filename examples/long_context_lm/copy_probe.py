@@ -262,7 +262,8 @@ def main(argv=None) -> int:
                    "recall_bits": loss1 - loss2}
             if hits:
                 cfg = model.decoder.cfg
-                layers = list(getattr(cfg, "layers", None) or [cfg.memory_layer])
+                layers = list(getattr(model.decoder, "read_layers", None)
+                              or getattr(cfg, "layers", None) or [cfg.memory_layer])
                 if len(layers) != len(reads):
                     layers = list(range(len(reads)))  # cannot name them: number the reads
                 shares = [read_hits(r, first, second, T, args.span, cfg.chunk_size) for r in reads]

@@ -109,25 +109,32 @@ class Backbone(nn.Module):
         return [KVCache(batch, d.num_kv_heads, capacity, d.head_dim, template) for _ in self.blocks]
 
     def forward(
-        self, tokens, kv_layer: Optional[int] = None, stop_at_kv_layer: bool = False,
+        self, tokens, kv_layer=None, stop_at_kv_layer: bool = False,
         caches: Optional[List[KVCache]] = None,
     ) -> Tuple[List[torch.Tensor], Optional[Tuple[torch.Tensor, torch.Tensor]]]:
         """Return all hidden states ``[h_0 .. h_L]`` (each B x T x C, before the final norm) and
         the keys/values (B, Hkv, T, hd, position-free) of block ``kv_layer`` (0-based) if asked
-        for. ``stop_at_kv_layer`` skips the blocks after ``kv_layer`` (when only its K/V are
+        for; ``kv_layer`` a tuple of blocks: theirs stacked, (layers, B, Hkv, T, hd) each.
+        ``stop_at_kv_layer`` skips the blocks after the (last) ``kv_layer`` (when only its K/V are
         needed). With ``caches`` (one per block), ``tokens`` continue the cached ones: positions
         start after them and each block attends to them too (incremental decoding)."""
         start = caches[0].len if caches is not None else 0
+        several = isinstance(kv_layer, (tuple, list))
+        wanted = tuple(kv_layer) if several else (() if kv_layer is None else (kv_layer,))
         x = self.embed(tokens, start)
-        hiddens, kv_out = [x], None
+        hiddens, kvs = [x], []
         for i, block in enumerate(self.blocks):
             x, kv = block(x) if caches is None else block(x, cache=caches[i])
             hiddens.append(x)
-            if i == kv_layer:
-                kv_out = kv
-                if stop_at_kv_layer:
+            if i in wanted:
+                kvs.append(kv)
+                if stop_at_kv_layer and len(kvs) == len(wanted):
                     break
-        return hiddens, kv_out
+        if not kvs:
+            return hiddens, None
+        if several:
+            return hiddens, (torch.stack([k for k, _ in kvs]), torch.stack([v for _, v in kvs]))
+        return hiddens, kvs[0]
 
     def project(self, features):
         """Normed features (the final norm's output) -> logits (..., V): the output embedding,

@@ -1,5 +1,6 @@
 """One memory bank per reading layer, for the training-free read (the frozen backbone's own layers
-read the memory; :mod:`fairseq_longmem.models.training_free`).
+read the memory; :mod:`fairseq_longmem.models.training_free`) and for LongMem with several memory
+layers (``--read-layers``).
 
 Each reading layer stores its own keys and values (position-free, per key-value head) and searches
 them with its own queries, as InfLLM does; the banks are written together, one segment at a time,
@@ -13,6 +14,7 @@ from typing import Dict, Sequence
 import torch
 
 from .bank import ChunkedMemoryBank
+from .interface import Memory
 
 
 class LayeredMemory:
@@ -24,6 +26,19 @@ class LayeredMemory:
         self.layers = tuple(layers)
         self.banks: Dict[int, ChunkedMemoryBank] = {
             i: ChunkedMemoryBank(**bank_options) for i in self.layers}
+
+    @classmethod
+    def from_banks(cls, banks: Dict[int, "Memory"]) -> "LayeredMemory":
+        """A layered memory of the given memories (layer -> memory with the same rows), e.g. a
+        beam search's shared prompt memories, one per layer."""
+        memory = cls.__new__(cls)
+        memory.layers = tuple(sorted(banks))
+        memory.banks = dict(banks)
+        return memory
+
+    def tensors(self):
+        """Every tensor the memory holds (for checks that it does not grow)."""
+        return [t for i in self.layers for t in self.banks[i].tensors()]
 
     def layer(self, i: int) -> ChunkedMemoryBank:
         return self.banks[i]
@@ -47,6 +62,22 @@ class LayeredMemory:
     @property
     def nbytes(self) -> int:
         return sum(b.nbytes for b in self.banks.values())
+
+    @property
+    def num_heads(self) -> int:
+        return self._first.num_heads
+
+    @property
+    def chunk_size(self) -> int:
+        return self._first.chunk_size
+
+    @property
+    def memory_size(self) -> int:
+        return self._first.memory_size
+
+    def staged(self) -> torch.LongTensor:
+        """(B,) tokens held back until their chunk is complete (the same in every layer's bank)."""
+        return self._first.staged()
 
     def fill(self) -> torch.LongTensor:
         """(B,) searchable tokens per row (the same in every layer's bank)."""
@@ -82,5 +113,6 @@ class LayeredMemory:
     def load(self, path, rows=None):
         raise ValueError(self.NO_FILES)
 
-    NO_FILES = ("a training-free memory (one bank per reading layer) has no memory file: "
-                "--memory-file and --save-memory work with LongMem models")
+    NO_FILES = ("a memory of several reading layers (one bank per layer: the training-free "
+                "read, LongMem with --read-layers) has no memory file: --memory-file and "
+                "--save-memory work with LongMem models of one memory layer")

@@ -6,7 +6,7 @@ import hashlib
 import logging
 import os
 from dataclasses import field
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from fairseq import utils
@@ -149,3 +149,38 @@ class BackboneDecoder(FairseqDecoder):
 
     def max_positions(self):
         return self.backbone.dims.max_positions
+
+
+def parse_layers(spec: str, num_layers: int, option: str) -> Tuple[int, ...]:
+    """'15-29', '8,12,16' or '20' (0-based blocks) -> sorted layers; '' -> the second half.
+    ``option`` names the option in errors."""
+    if not spec:
+        return tuple(range(num_layers // 2, num_layers))
+    layers = set()
+    try:
+        for part in spec.split(","):
+            lo, _, hi = part.strip().partition("-")
+            lo, hi = int(lo), int(hi) if hi else int(lo)
+            if lo > hi:
+                raise ValueError
+            layers.update(range(lo, hi + 1))
+    except ValueError:
+        raise ValueError(f"{option} {spec!r}: expected 0-based layers such as '15-29' "
+                         "or '8,12,16'") from None
+    bad = sorted(i for i in layers if not 0 <= i < num_layers)
+    if bad:
+        raise ValueError(f"{option} {spec!r}: layer {bad[0]} is not a block of the "
+                         f"{num_layers}-layer backbone (0 to {num_layers - 1})")
+    return tuple(sorted(layers))
+
+
+def format_layers(layers: Tuple[int, ...]) -> str:
+    """(15, 16, ..., 29) -> '15-29'; (8, 12, 16) -> '8,12,16'."""
+    runs, start = [], None
+    for n, i in enumerate(layers):
+        if start is None:
+            start = i
+        if n + 1 == len(layers) or layers[n + 1] != i + 1:
+            runs.append(f"{start}-{i}" if i > start else f"{i}")
+            start = None
+    return ",".join(runs)

@@ -23,7 +23,8 @@ from ..families import FAMILIES
 from ..families.base import Backbone
 from ..memory.bank import ChunkedMemoryBank
 from ..modules.decoding_state import DecodingState
-from ..modules.sidenet import SIDENET_COPIES, SIDENET_INITS, SideNet
+from ..memory.layered import LayeredMemory
+from ..modules.sidenet import MEMORY_READS, SIDENET_COPIES, SIDENET_INITS, SIDENET_RESIDUALS, SideNet
 from .backbone import load_backbone
 from .common import (
     BackboneDecoder,
@@ -31,6 +32,8 @@ from .common import (
     check_segment_length,
     check_vocab,
     fingerprint_field,
+    format_layers,
+    parse_layers,
     record_in_config,
 )
 from .memory_fit import check_memory_fits
@@ -41,6 +44,8 @@ logger = logging.getLogger(__name__)
 SEARCH_BACKENDS = ChoiceEnum(list(ChunkedMemoryBank.BACKENDS))
 SIDENET_INIT_CHOICES = ChoiceEnum(list(SIDENET_INITS))
 SIDENET_COPY_CHOICES = ChoiceEnum(list(SIDENET_COPIES))
+SIDENET_RESIDUAL_CHOICES = ChoiceEnum(list(SIDENET_RESIDUALS))
+MEMORY_READ_CHOICES = ChoiceEnum(list(MEMORY_READS))
 
 
 @dataclass
@@ -66,6 +71,31 @@ class LongMemOptions(FairseqDataclass):
         default=-1,
         metadata={"help": "0-based backbone layer m whose keys/values fill the memory; SideNet "
                   "layer m//r reads it (-1: the arch's default, about 3/4 deep and odd)"},
+    )
+    read_layers: str = field(
+        default="",
+        metadata={"help": "several memory layers, e.g. '15-29' or '16,20,24' (0-based backbone "
+                  "layers): each fills a memory of its own, read by the side block beside it "
+                  "(one per side block; overrides --memory-layer); empty: --memory-layer alone"},
+    )
+    sidenet_from: int = field(
+        default=0,
+        metadata={"help": "S: the SideNet stands beside backbone layers S..L-1 and starts from "
+                  "their input h_S ((L-S)/r side layers; 0: the paper's, from the embeddings)"},
+    )
+    sidenet_residual: SIDENET_RESIDUAL_CHOICES = field(
+        default="cross",
+        metadata={"help": "cross: the paper's cross-network residual, side layer j adds the "
+                  "backbone's change over its r layers; none: side layers continue the side state "
+                  "alone (with r = 1 and --sidenet-init paper the SideNet starts as the backbone's "
+                  "layers S..L-1 themselves)"},
+    )
+    memory_read: MEMORY_READ_CHOICES = field(
+        default="gated",
+        metadata={"help": "gated: the paper's per-head mix of local and memory attention, "
+                  "sigmoid(g_h); joint: one softmax over the retrieved tokens and the local "
+                  "context, the memory tokens' scores plus g_h (0 at the start: the layer's own "
+                  "attention extended to the memory, as --training-free-memory reads it)"},
     )
     memory_size: int = field(default=65536, metadata={"help": "msz: memory tokens per stream (FIFO)"})
     chunk_size: int = field(default=4, metadata={"help": "csz: tokens per memory chunk"})
@@ -138,16 +168,26 @@ class LongMemDecoder(StreamMemoryMixin, BackboneDecoder, FairseqIncrementalDecod
             gate_init=getattr(cfg, "gate_init", 0.0),
             gate_lr_scale=getattr(cfg, "gate_lr_scale", 1.0),
             memory_distance=memory_distance(cfg),
+            start=getattr(cfg, "sidenet_from", 0),
+            read_layers=read_layers(cfg, backbone.dims.num_layers),
+            residual=str(getattr(cfg, "sidenet_residual", "cross")),
+            read_mode=str(getattr(cfg, "memory_read", "gated")),
         )
+        self.read_layers = self.sidenet.read_layers
+        # the blocks whose keys/values fill the memory: one (a ChunkedMemoryBank) or several
+        # (a LayeredMemory, one bank each; keys and values stacked on a leading axis)
+        self.kv_layers = self.read_layers if len(self.read_layers) > 1 else self.read_layers[0]
         self.reach_labels = []
         spec = getattr(cfg, "memory_reach_buckets", "")
         if spec:
             buckets = parse_segment_buckets(spec, "--memory-reach-buckets")
-            self.sidenet.memory_attention.reach_buckets = buckets
+            for reader in self.sidenet.memory_attentions:
+                reader.reach_buckets = buckets
             self.reach_labels = [segment_label(lo, hi) for lo, hi in buckets]
         if cfg.disable_memory:
             # an unused parameter would stall data-parallel gradient reduction
-            self.sidenet.memory_attention.gate.requires_grad_(False)
+            for reader in self.sidenet.memory_attentions:
+                reader.gate.requires_grad_(False)
         self.init_stream_memories()
 
     def train(self, mode: bool = True):
@@ -155,23 +195,50 @@ class LongMemDecoder(StreamMemoryMixin, BackboneDecoder, FairseqIncrementalDecod
         self.backbone.eval()  # frozen: no dropout, ever
         return self
 
+    @property
+    def memory_label(self):
+        """The memory layer (an int), or the memory layers as '15-29': what saved memories
+        record."""
+        if len(self.read_layers) == 1:
+            return self.read_layers[0]
+        return format_layers(self.read_layers)
+
     def new_memory(self, num_rows: int, memory_size: int, template: torch.Tensor,
-                   fingerprint: str = "") -> ChunkedMemoryBank:
+                   fingerprint: str = ""):
         """An empty memory shaped for this model (heads, head size, chunk size, search backend),
-        with ``template``'s device and dtype, that the caller owns and passes to :meth:`forward`."""
+        with ``template``'s device and dtype, that the caller owns and passes to :meth:`forward`:
+        a :class:`ChunkedMemoryBank`, or with several memory layers a :class:`LayeredMemory`
+        of one bank per layer."""
         dims = self.backbone.dims
-        return ChunkedMemoryBank(
-            num_rows, dims.num_kv_heads, dims.head_dim, self.cfg.chunk_size, memory_size,
-            dtype=template.dtype, device=template.device, backend=self.cfg.search_backend,
-            fingerprint=fingerprint,
-        )
+        options = dict(num_rows=num_rows, num_heads=dims.num_kv_heads, head_dim=dims.head_dim,
+                       chunk_size=self.cfg.chunk_size, memory_size=memory_size,
+                       dtype=template.dtype, device=template.device,
+                       backend=self.cfg.search_backend, fingerprint=fingerprint)
+        if len(self.read_layers) > 1:
+            return LayeredMemory(self.read_layers, **options)
+        return ChunkedMemoryBank(**options)
 
     @torch.no_grad()
     def memory_keys_values(self, src_tokens):
-        """The frozen backbone's layer-m keys and values (B, Hkv, T, hd) of ``src_tokens``: what
-        the forward pass writes into memory, computed without the SideNet or later layers."""
-        _, kv = self.backbone(src_tokens, kv_layer=self.cfg.memory_layer, stop_at_kv_layer=True)
+        """The frozen backbone's layer-m keys and values (B, Hkv, T, hd) of ``src_tokens`` (with
+        several memory layers, theirs stacked: (layers, B, Hkv, T, hd)): what the forward pass
+        writes into memory, computed without the SideNet or later layers."""
+        _, kv = self.backbone(src_tokens, kv_layer=self.kv_layers, stop_at_kv_layer=True)
         return kv
+
+    def memory_from_caches(self, caches, rows=slice(None), length: Optional[int] = None):
+        """The memory layers' keys and values in the backbone's decoding ``caches`` (rows
+        ``rows``, the first ``length`` tokens; all valid ones by default), as :meth:`forward`
+        writes them: (B, Hkv, n, hd) each, or stacked (layers, ...) for several layers."""
+        def one(layer):
+            cache = caches[layer]
+            n = cache.len if length is None else length
+            return cache.k[rows, :, :n], cache.v[rows, :, :n]
+
+        if len(self.read_layers) == 1:
+            return one(self.read_layers[0])
+        pairs = [one(layer) for layer in self.read_layers]
+        return torch.stack([k for k, _ in pairs]), torch.stack([v for _, v in pairs])
 
     # ------------------------------------------------------------------ incremental decoding
 
@@ -204,8 +271,7 @@ class LongMemDecoder(StreamMemoryMixin, BackboneDecoder, FairseqIncrementalDecod
                             retrieved_tokens=self.cfg.retrieved_tokens, caches=state.side)
         if state.pos == T:
             if state.memory is not None:
-                cache = state.backbone[self.cfg.memory_layer]
-                state.memory.add(cache.k, cache.v)  # (B, Hkv, T, hd) each
+                state.memory.add(*self.memory_from_caches(state.backbone))  # (B, Hkv, T, hd) each
             state.restart_segment()
         return x if features_only else self.output_layer(x)
 
@@ -259,7 +325,7 @@ class LongMemDecoder(StreamMemoryMixin, BackboneDecoder, FairseqIncrementalDecod
         B, T = src_tokens.shape
         cfg = self.cfg
         with torch.no_grad():
-            hiddens, (mem_k, mem_v) = self.backbone(src_tokens, kv_layer=cfg.memory_layer)
+            hiddens, (mem_k, mem_v) = self.backbone(src_tokens, kv_layer=self.kv_layers)
         bank = None
         if memory is not None:
             if cfg.disable_memory:
@@ -326,7 +392,9 @@ class LongMemModel(FairseqLanguageModel):
             )
         else:
             backbone, backbone_cfg = load_backbone(cls, cfg, task)
-            cfg.memory_layer = cls.default_memory_layer(cfg)
+            layers = read_layers(cfg, backbone.dims.num_layers)
+            # with --read-layers, the first of them stands for the memory layer
+            cfg.memory_layer = layers[0] if layers else cls.default_memory_layer(cfg)
             record_in_config(cfg, "memory_layer", cfg.memory_layer)
             validate_config(cfg)
             record_in_config(cfg, "mask_special_logits",
@@ -369,6 +437,12 @@ def memory_distance(cfg) -> int:
     return distance
 
 
+def read_layers(cfg, num_layers: int):
+    """The memory layers of --read-layers, sorted (() when it is unset: --memory-layer alone)."""
+    spec = str(getattr(cfg, "read_layers", "") or "")
+    return parse_layers(spec, num_layers, "--read-layers") if spec.strip() else ()
+
+
 def check_memory_sizes(memory_size: int, chunk_size: int, retrieved_tokens: int, prefix: str = ""):
     """msz, csz and K as a memory can hold them, or a one-line error naming the options
     (``prefix``: "free-" for the training-free read's --free-memory-size ...)."""
@@ -394,7 +468,14 @@ def validate_config(cfg, num_layers: Optional[int] = None):
 
     layers = cfg.num_layers if num_layers is None else num_layers
     check_memory_sizes(cfg.memory_size, cfg.chunk_size, cfg.retrieved_tokens)
-    need(0 <= cfg.memory_layer < layers,
+    layers_read = read_layers(cfg, layers)  # set: they override --memory-layer
+    need(layers_read or 0 <= cfg.memory_layer < layers,
          f"--memory-layer {cfg.memory_layer} is not a layer of the {layers}-layer backbone: "
          f"expected 0 to {layers - 1} (0-based), or leave it unset with an arch that picks one "
          "about 3/4 deep (longmem_gpt2_tiny ... _xl, longmem_llama)")
+    start = getattr(cfg, "sidenet_from", 0)
+    need(0 <= start < layers, f"--sidenet-from {start} is not a layer of the {layers}-layer "
+         f"backbone: expected 0 to {layers - 1}")
+    need(all(m >= start for m in layers_read or (cfg.memory_layer,)),
+         f"--sidenet-from {start}: the SideNet must stand beside its memory layers "
+         f"({format_layers(layers_read or (cfg.memory_layer,))})")

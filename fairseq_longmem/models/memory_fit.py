@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from ..memory.bank import ChunkedMemoryBank
+from .common import parse_layers
 
 logger = logging.getLogger(__name__)
 
@@ -45,14 +46,17 @@ def check_memory_fits(cfg, dims, task):
     # training keeps a second memory for validation, which never reads training text
     banks = 1 if getattr(task, "building_from_checkpoint", False) else 2
     dtype = torch.float16 if half else torch.float32
-    per_bank = ChunkedMemoryBank.bytes_for(rows, dims.num_kv_heads, dims.head_dim, cfg.chunk_size,
-                                           cfg.memory_size, dtype)
+    spec = str(getattr(cfg, "read_layers", "") or "").strip()
+    layers = len(parse_layers(spec, dims.num_layers, "--read-layers")) if spec else 1
+    per_bank = layers * ChunkedMemoryBank.bytes_for(
+        rows, dims.num_kv_heads, dims.head_dim, cfg.chunk_size, cfg.memory_size, dtype)
     free = free_bytes(device)
     if free is not None and banks * per_bank > free:
         what = "a training and a validation memory" if banks == 2 else "the memory"
         raise ValueError(
             f"--memory-size {cfg.memory_size} needs {banks * per_bank / _GIB:,.1f} GiB for {what} "
-            f"({rows} streams (--batch-size) x {dims.num_kv_heads} key-value heads x {cfg.memory_size} tokens "
+            f"({rows} streams (--batch-size) x {layers} memory layer(s) x {dims.num_kv_heads} "
+            f"key-value heads x {cfg.memory_size} tokens "
             f"x {dims.head_dim} dims x keys and values, plus chunk means, in "
             f"{'16' if half else '32'}-bit floats, and chunk write times), more than the "
             f"{free / _GIB:,.1f} GiB free on {device}: lower --memory-size or --batch-size"

@@ -28,7 +28,7 @@ from ..families import family_of
 from ..families.base import Backbone
 from ..memory.layered import LayeredMemory
 from ..modules.memory_attention import free_read_attention_class
-from .common import BackboneDecoder, check_vocab
+from .common import BackboneDecoder, check_vocab, format_layers, parse_layers
 from .longmem import check_memory_sizes
 from .stream_memory import StreamMemoryMixin
 
@@ -53,40 +53,6 @@ class FreeReadConfig:
     def memory_layer(self) -> str:
         """The reading layers, e.g. '15-29' (what a saved in-context memory records)."""
         return format_layers(self.layers)
-
-
-def parse_layers(spec: str, num_layers: int) -> Tuple[int, ...]:
-    """'15-29', '8,12,16' or '20' (0-based blocks) -> sorted layers; '' -> the second half."""
-    if not spec:
-        return tuple(range(num_layers // 2, num_layers))
-    layers = set()
-    try:
-        for part in spec.split(","):
-            lo, _, hi = part.strip().partition("-")
-            lo, hi = int(lo), int(hi) if hi else int(lo)
-            if lo > hi:
-                raise ValueError
-            layers.update(range(lo, hi + 1))
-    except ValueError:
-        raise ValueError(f"--free-read-layers {spec!r}: expected 0-based layers such as '15-29' "
-                         "or '8,12,16'") from None
-    bad = sorted(i for i in layers if not 0 <= i < num_layers)
-    if bad:
-        raise ValueError(f"--free-read-layers {spec!r}: layer {bad[0]} is not a block of the "
-                         f"{num_layers}-layer backbone (0 to {num_layers - 1})")
-    return tuple(sorted(layers))
-
-
-def format_layers(layers: Tuple[int, ...]) -> str:
-    """(15, 16, ..., 29) -> '15-29'; (8, 12, 16) -> '8,12,16'."""
-    runs, start = [], None
-    for n, i in enumerate(layers):
-        if start is None:
-            start = i
-        if n + 1 == len(layers) or layers[n + 1] != i + 1:
-            runs.append(f"{start}-{i}" if i > start else f"{i}")
-            start = None
-    return ",".join(runs)
 
 
 def validate(cfg: FreeReadConfig):
@@ -114,6 +80,11 @@ class TrainingFreeDecoder(StreamMemoryMixin, BackboneDecoder):
             backbone.blocks[i] = block.to(backbone.output_weight)
         self.backbone.requires_grad_(False)
         self.init_stream_memories()
+
+    @property
+    def memory_label(self) -> str:
+        """The reading layers as '15-29' (what saved memories record)."""
+        return self.cfg.memory_layer
 
     def new_memory(self, num_rows: int, memory_size: int, template: torch.Tensor,
                    fingerprint: str = "") -> LayeredMemory:
@@ -190,7 +161,8 @@ class TrainingFreeMemoryModel(FairseqLanguageModel):
                 f"a {type(model).__name__}: score a LongMem checkpoint without it")
         if isinstance(cfg.layers, str):  # e.g. "15-29" from the command line
             cfg = dataclasses.replace(
-                cfg, layers=parse_layers(cfg.layers, decoder.backbone.dims.num_layers))
+                cfg, layers=parse_layers(cfg.layers, decoder.backbone.dims.num_layers,
+                                    "--free-read-layers"))
         model = cls(TrainingFreeDecoder(decoder.dictionary, decoder.backbone,
                                         decoder.special_mask is not None, cfg))
         c = model.decoder.cfg

@@ -24,6 +24,7 @@ import torch
 from ..families.base import KVCache
 from ..memory.bank import ChunkedMemoryBank
 from ..memory.interface import Memory, MemoryRetrieval, chunk_means
+from ..memory.layered import LayeredMemory
 from .memory_attention import read_memory
 
 
@@ -122,7 +123,7 @@ class DecodingState:
 
     backbone: List[KVCache]
     side: List[KVCache]
-    memory: Optional[Memory]  # ChunkedMemoryBank or SharedPromptMemory
+    memory: Optional[Memory]  # ChunkedMemoryBank, SharedPromptMemory or a LayeredMemory of them
 
     @property
     def pos(self) -> int:
@@ -163,7 +164,12 @@ class DecodingState:
         for cache in self.backbone + self.side:
             cache.reorder(order.to(cache.k.device))
         if self.memory is not None:
-            if share:
+            if share and isinstance(self.memory, LayeredMemory):  # one shared memory per layer
+                generated = new_bank(R * beam)
+                self.memory = LayeredMemory.from_banks({
+                    i: SharedPromptMemory(self.memory.layer(i), beam, generated.layer(i))
+                    for i in self.memory.layers})
+            elif share:
                 self.memory = SharedPromptMemory(self.memory, beam, new_bank(R * beam))
             else:
                 self.memory.select_rows(order)

@@ -114,11 +114,16 @@ class JointAttentionMixin:
         self.gate_scale = 1.0
         self.delta = False  # A = g * (A_mem - A_local) (see the class docstring)
         self.reach_buckets: Sequence[Tuple[int, float]] = ()  # where reads reach (reach_of_read)
+        # "gated": the paper's mixture above; "joint": one softmax over the retrieved tokens and
+        # the local context (joint_read), the gate's logit added to the memory tokens' scores
+        self.read_mode = "gated"
 
     def forward(self, x, memory: Optional[Memory] = None, retrieved_tokens: int = 0,
                 cache: Optional[KVCache] = None
                 ) -> Tuple[torch.Tensor, Optional[MemoryReadStats]]:
         q, k, v = self.project_qkv(x)  # (B, H, T, hd), (B, Hkv, T, hd) x 2
+        if self.read_mode == "joint":
+            return self.joint_forward(q, k, v, cache, memory, retrieved_tokens)
         local = self.local_attention(q, k, v, cache)  # (B, H, T, hd)
         if memory is None:
             # delta: nothing to add; "local * 0" keeps the block's parameters in the graph, so that
@@ -152,36 +157,73 @@ class JointAttentionMixin:
                 stats.reach = reach_of_read(read_probs, found, has_mem, memory, self.reach_buckets)
         return self.merge_heads(out), stats
 
+    def joint_forward(self, q, k, v, cache, memory: Optional[Memory], retrieved_tokens: int):
+        """``read_mode == "joint"``: :func:`joint_read` with the gate's logit as the memory
+        tokens' log-weight (0: the frozen layer's own attention over memory and context, as the
+        training-free read); with no memory, or an empty one, the layer's own attention."""
+        bias = self.gate * self.gate_scale  # (H,)
+        if memory is None or not bool(memory.fill().any()):
+            # "+ 0 * bias" keeps the gate in the graph (data-parallel training sees its gradient)
+            out = self.local_attention(q, k, v, cache) + 0 * bias.sum()
+            stats = None if memory is None else MemoryReadStats(
+                gate=torch.sigmoid(bias.detach()).float().mean(),
+                memory_share=torch.zeros((), device=q.device))
+            return self.merge_heads(out), stats
+        out, probs, found, has_mem = joint_read(self, q, k, v, cache, memory, retrieved_tokens,
+                                                memory_bias=bias)
+        with torch.no_grad():
+            stats = MemoryReadStats(gate=torch.sigmoid(bias.detach()).float().mean(),
+                                    memory_share=probs.float().sum(-1).mean())
+            if self.reach_buckets:
+                stats.reach = reach_of_read(probs, found, has_mem, memory, self.reach_buckets)
+        return self.merge_heads(out), stats
+
+
+def joint_read(attn, q, k, v, cache: Optional[KVCache], memory: Memory, retrieved_tokens: int,
+               memory_bias: Optional[torch.Tensor] = None):
+    """One softmax over the tokens ``attn`` (a family's attention) retrieves from ``memory`` and
+    its causal local context together, every retrieved token placed ``attn.memory_distance``
+    positions before its query (rotary families; GPT-2's keys carry no position): the frozen
+    layer's own attention, extended to the memory. ``memory_bias`` (H,) is added to the scores of
+    the memory tokens (a per-head log-weight; None: 0). Returns the heads' output
+    (B, H, n, hd), the probabilities on the K memory tokens (B, H, n, K), the retrieval and, per
+    query, whether it retrieved anything (B, H, n, 1). A query that retrieved nothing attends
+    as the layer alone."""
+    mq = attn.memory_queries(q)
+    found = read_memory(memory, mq, retrieved_tokens)  # (B, H, n, K, ...)
+    ql, kl, vl, past = attn.positioned(q, k, v, cache)  # kl, vl (B, H, past + n, hd)
+    n, scale = q.size(2), 1.0 / math.sqrt(attn.head_dim)
+    neg = torch.finfo(q.dtype).min
+    local = torch.matmul(ql, kl.transpose(-1, -2)) * scale  # (B, H, n, past + n)
+    allowed = (torch.arange(n, device=q.device)[:, None] + past
+               >= torch.arange(past + n, device=q.device)[None, :])
+    local = local.masked_fill(~allowed, neg)
+    mem = torch.einsum("bhtd,bhtkd->bhtk", mq, found.keys.to(q.dtype)) * scale
+    if memory_bias is not None:
+        mem = mem + memory_bias.to(mem.dtype).view(1, -1, 1, 1)
+    mem = mem.masked_fill(~found.mask, neg)  # (B, H, n, K)
+    probs = F.softmax(torch.cat([mem, local], dim=-1).float(), dim=-1).to(q.dtype)
+    K = mem.size(-1)
+    if attn.training and attn.attention_dropout > 0:
+        probs = F.dropout(probs, p=attn.attention_dropout)
+    out = (torch.einsum("bhtk,bhtkd->bhtd", probs[..., :K], found.values.to(q.dtype))
+           + torch.matmul(probs[..., K:], vl))  # (B, H, n, hd)
+    return out, probs[..., :K], found, found.mask.any(dim=-1, keepdim=True)
+
 
 class FreeReadMixin:
     """A frozen backbone layer's own attention reading a memory without training (the
-    training-free read, InfLLM's idea): one softmax over the retrieved memory tokens and the causal
-    local context together, as if the retrieved tokens were in the context ``memory_distance``
-    positions before the query (rotary families; GPT-2's keys carry no position). No parameter of
-    its own, so the backbone's weights load as they are. A read that finds nothing in memory (an
-    empty memory, a document's first segment) gives exactly the layer's own output. Returns the
-    output and the layer's keys and values (what the memory stores), as the family's attention."""
+    training-free read, InfLLM's idea; :func:`joint_read`). No parameter of its own, so the
+    backbone's weights load as they are. A read that finds nothing in memory (an empty memory, a
+    document's first segment) gives exactly the layer's own output. Returns the output and the
+    layer's keys and values (what the memory stores), as the family's attention."""
 
     def forward(self, x, memory: Optional[Memory] = None, retrieved_tokens: int = 0,
                 cache: Optional[KVCache] = None):
         q, k, v = self.project_qkv(x)  # (B, H, n, hd), (B, Hkv, n, hd) x 2
         if memory is None or not bool(memory.fill().any()):
             return self.merge_heads(self.local_attention(q, k, v, cache)), (k, v)
-        mq = self.memory_queries(q)
-        found = read_memory(memory, mq, retrieved_tokens)  # (B, H, n, K, ...)
-        ql, kl, vl, past = self.positioned(q, k, v, cache)  # kl, vl (B, H, past + n, hd)
-        n, scale = q.size(2), 1.0 / math.sqrt(self.head_dim)
-        neg = torch.finfo(q.dtype).min
-        local = torch.matmul(ql, kl.transpose(-1, -2)) * scale  # (B, H, n, past + n)
-        allowed = (torch.arange(n, device=q.device)[:, None] + past
-                   >= torch.arange(past + n, device=q.device)[None, :])
-        local = local.masked_fill(~allowed, neg)
-        mem = torch.einsum("bhtd,bhtkd->bhtk", mq, found.keys.to(q.dtype)) * scale
-        mem = mem.masked_fill(~found.mask, neg)  # (B, H, n, K)
-        probs = F.softmax(torch.cat([mem, local], dim=-1).float(), dim=-1).to(q.dtype)
-        K = mem.size(-1)
-        out = (torch.einsum("bhtk,bhtkd->bhtd", probs[..., :K], found.values.to(q.dtype))
-               + torch.matmul(probs[..., K:], vl))  # (B, H, n, hd)
+        out, _, _, _ = joint_read(self, q, k, v, cache, memory, retrieved_tokens)
         return self.merge_heads(out), (k, v)
 
 

@@ -163,7 +163,7 @@ def prompt_memory_identity(decoder, segment_len: int, tokens: Optional[torch.Ten
         "kind": PROMPT_MEMORY_KIND,
         "backbone": memory_scoring.backbone_digest(decoder.backbone),
         "dtype": str(next(decoder.parameters()).dtype).replace("torch.", ""),
-        "memory_layer": decoder.cfg.memory_layer,
+        "memory_layer": decoder.memory_label,
         "chunk_size": decoder.cfg.chunk_size,
         "memory_size": decoder.cfg.memory_size,
         "segment_tokens": segment_len,
@@ -200,10 +200,12 @@ def load_prompt_memory(path: str, decoder, segment_len: int, template) -> Chunke
 def save_prompt_memory(path: str, decoder, state, prompt: torch.Tensor, row: int = 0):
     """Write row ``row``'s memory after its prompt, the prompt's last partial segment included
     (as eval-lm writes a document's last segment), to a new file ``path``."""
+    if not getattr(state.memory, "has_files", True):
+        raise ValueError("--save-memory: this model's memory (one bank per memory layer, "
+                         "--read-layers) has no memory file; it works with one memory layer")
     memory = copy.copy(state.memory).select_rows([row])  # a copy: decoding goes on unchanged
-    cache = state.backbone[decoder.cfg.memory_layer]
     if state.pos:
-        memory.add(cache.k[row:row + 1, :, :state.pos], cache.v[row:row + 1, :, :state.pos])
+        memory.add(*decoder.memory_from_caches(state.backbone, slice(row, row + 1), state.pos))
     identity = prompt_memory_identity(decoder, state.segment_len, prompt)
     memory.fingerprint = json.dumps(identity, sort_keys=True)
     memory.save(path)  # refuses an existing file

@@ -246,7 +246,7 @@ class ICLScorer(CandidateScorer):
             "kind": MEMORY_FILE_KIND,
             "backbone": memory_scoring.backbone_digest(decoder.backbone),
             "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
-            "memory_layer": decoder.cfg.memory_layer,
+            "memory_layer": decoder.memory_label,
             "chunk_size": decoder.cfg.chunk_size,
             "dataset": task.icl.name,
             "seed": task.cfg.icl_seed,

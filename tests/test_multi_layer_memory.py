@@ -1,0 +1,247 @@
+"""LongMem with several memory layers (--read-layers), a SideNet beside the top blocks only
+(--sidenet-from), without the cross-network residual (--sidenet-residual none) and reading in one
+softmax (--memory-read joint): the SideNet that starts as the training-free read."""
+
+import math
+
+import pytest
+import torch
+
+from fairseq_longmem.memory.layered import LayeredMemory
+from fairseq_longmem.models.backbone_lm import BackboneLMDecoder
+from fairseq_longmem.models.training_free import FreeReadConfig, TrainingFreeDecoder
+from fairseq_longmem.modules.decoding_state import SharedPromptMemory
+from fairseq_longmem.tasks.generation import save_prompt_memory
+from tiny_longmem import DICT, LAYERS, T, make_backbone, make_model, random_tokens, stream
+
+FAMILIES = ("gpt2", "llama")
+# the SideNet is a trainable copy of blocks 1-3, each reading the memory of its own block
+TOP_COPY = dict(reduction_factor=1, sidenet_from=1, read_layers="1-3", sidenet_residual="none",
+                memory_read="joint", sidenet_copy="first", sidenet_init="paper")
+
+
+def top_copy(family, perturb=False, **overrides):
+    model = make_model(family=family, **dict(TOP_COPY, **overrides))
+    if not perturb:  # make_model perturbs the SideNet: copy the blocks again
+        side = model.decoder.sidenet
+        with torch.no_grad():
+            side.init_from_backbone(model.decoder.backbone)
+            for reader in side.memory_attentions:
+                reader.gate.zero_()
+    return model
+
+
+def free_read(family, layers=(1, 2, 3)):
+    cfg = FreeReadConfig(layers=layers, memory_size=64, chunk_size=4, retrieved_tokens=8,
+                         max_target_positions=T)
+    return TrainingFreeDecoder(DICT, make_backbone(0, family), False, cfg).eval()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_the_top_copy_sidenet_starts_as_the_backbone_and_reads_as_the_training_free_read(family):
+    model = top_copy(family)
+    dec = model.decoder
+    assert len(dec.sidenet.h) == LAYERS - 1 and dec.read_layers == (1, 2, 3)
+    tokens = random_tokens(2, 4 * T, seed=1)
+    # no memory yet: exactly the backbone
+    first, _ = model(src_tokens=tokens[:, :T], new_document=torch.tensor([True, True]))
+    ref, _ = BackboneLMDecoder(DICT, make_backbone(0, family), False).eval()(tokens[:, :T])
+    assert torch.equal(first, ref)
+    # the same memory (the frozen blocks' keys and values of three segments): the same logits
+    # as the frozen backbone's blocks 1-3 reading it themselves
+    memory = dec.new_memory(2, 64, dec.backbone.output_weight)
+    assert isinstance(memory, LayeredMemory) and memory.layers == (1, 2, 3)
+    for s in range(3):
+        memory.add(*dec.memory_keys_values(tokens[:, s * T:(s + 1) * T]))
+    x = tokens[:, 3 * T:]
+    got, extra = model(src_tokens=x, memory=memory, write_memory=False)
+    want, _ = free_read(family)(x, memory=memory, write_memory=False)
+    assert (got - want).abs().max() < 1e-5
+    assert (got - ref).abs().max() > 1e-2  # and the memory changed them
+    assert 0 < float(extra["memory_stats"]["memory_share"]) < 1
+
+
+@torch.no_grad()
+def test_each_memory_layer_holds_its_own_frozen_blocks_keys_and_values():
+    model = top_copy("llama")
+    dec = model.decoder
+    tokens = random_tokens(2, 2 * T, seed=2)
+    stream(model, tokens)
+    memory = dec.stream_memory("eval")
+    assert memory.fill().tolist() == [2 * T, 2 * T]
+    for s in range(2):
+        _, kvs = dec.backbone(tokens[:, s * T:(s + 1) * T], kv_layer=(1, 2, 3))
+        for n, layer in enumerate((1, 2, 3)):
+            bank = memory.layer(layer)
+            keys = bank._keys[:, :, s * T // 4:(s + 1) * T // 4].flatten(2, 3)  # (B, Hkv, T, hd)
+            assert torch.equal(keys, kvs[0][n].to(keys.dtype)), (s, layer)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_later_segments_never_change_earlier_logits_and_rows_never_read_each_other(family):
+    tokens = random_tokens(3, 3 * T, seed=3)
+    base = stream(top_copy(family, perturb=True), tokens)
+    changed = tokens.clone()
+    changed[:, 2 * T:] = random_tokens(3, T, seed=30)
+    out = stream(top_copy(family, perturb=True), changed)
+    assert torch.equal(out[:, :2 * T], base[:, :2 * T])
+    others = tokens.clone()
+    others[1:] = random_tokens(2, 3 * T, seed=31)
+    out = stream(top_copy(family, perturb=True), others)
+    torch.testing.assert_close(out[0], base[0], rtol=0, atol=1e-5)
+    assert not torch.allclose(out[1:], base[1:])
+    # a new document in row 0 at segment 2 reads nothing of its first two segments
+    fresh = stream(top_copy(family, perturb=True), tokens, new_document_at={(0, 2)})
+    alone = stream(top_copy(family, perturb=True), tokens[:1, 2 * T:])
+    torch.testing.assert_close(fresh[0, 2 * T:], alone[0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_token_by_token_equals_the_full_forward_and_beams_share_every_layers_prompt_memory(family):
+    model = top_copy(family, perturb=True, memory_size=256)
+    dec = model.decoder
+    tokens = random_tokens(2, 3 * T + 5, seed=4)
+    full = stream(model, tokens[:, :3 * T]).log_softmax(-1)
+    state = dec.start_decoding(2, dec.backbone.output_weight, segment_len=T)
+    step = torch.cat([dec.advance(tokens[:, i:i + 1], state) for i in range(3 * T)], 1)
+    assert (step.log_softmax(-1) - full).abs().max() < 1e-4
+    # two beams per prompt, each continuing with tokens of its own across a segment boundary:
+    # each scores as the prompt followed by its own tokens, alone
+    state = dec.start_decoding(2, dec.backbone.output_weight, segment_len=T)
+    dec.prefill(tokens[:, :2 * T + 9], state)
+    state.expand(2, lambda rows: dec.new_memory(rows, 256, dec.backbone.output_weight), True)
+    assert isinstance(state.memory, LayeredMemory)
+    assert all(isinstance(state.memory.layer(i), SharedPromptMemory) for i in (1, 2, 3))
+    cont = random_tokens(4, T, seed=40)
+    beams = torch.cat([dec.advance(cont[:, i:i + 1], state) for i in range(T)], 1)
+    for n in range(4):
+        history = torch.cat([tokens[n // 2, :2 * T + 9], cont[n]])[None]
+        alone = dec.start_decoding(1, dec.backbone.output_weight, segment_len=T)
+        want = torch.cat([dec.advance(history[:, i:i + 1], alone)
+                          for i in range(history.size(1))], 1)[0, -T:]
+        assert (beams[n].log_softmax(-1) - want.log_softmax(-1)).abs().max() < 1e-4, n
+
+
+def test_training_keeps_the_backbone_bit_identical_and_reaches_every_reader():
+    model = top_copy("llama").train()
+    dec = model.decoder
+    frozen = {k: v.clone() for k, v in dec.backbone.state_dict().items()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert all(not p.requires_grad for p in dec.backbone.parameters())
+    opt = torch.optim.Adam(params, lr=3e-3)
+    tokens = random_tokens(2, 4 * T, seed=5)
+    losses = []
+    for epoch in range(6):
+        total = 0.0
+        for s in range(4):
+            flags = torch.tensor([s == 0, s == 0])
+            src = tokens[:, s * T:(s + 1) * T]
+            logits, _ = model(src_tokens=src[:, :-1], new_document=flags)
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), src[:, 1:].flatten())
+            opt.zero_grad()
+            loss.backward()
+            if epoch == 0 and s == 1:  # memory read: every reader's gate has a gradient
+                for reader in dec.sidenet.memory_attentions:
+                    assert reader.gate.grad is not None and reader.gate.grad.abs().sum() > 0
+            opt.step()
+            total += float(loss.detach())
+        losses.append(total)
+        dec.reset_memory()
+    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.9 * losses[0], losses
+    for k, v in dec.backbone.state_dict().items():
+        assert torch.equal(v, frozen[k]), k
+
+
+@torch.no_grad()
+def test_a_joint_read_gate_weighs_the_memory_tokens():
+    model = top_copy("llama")
+    dec = model.decoder
+    tokens = random_tokens(2, 2 * T, seed=6)
+    memory = dec.new_memory(2, 64, dec.backbone.output_weight)
+    memory.add(*dec.memory_keys_values(tokens[:, :T]))
+    shares = []
+    for logit in (-4.0, 0.0, 4.0):
+        for reader in dec.sidenet.memory_attentions:
+            reader.gate.fill_(logit)
+        _, extra = model(src_tokens=tokens[:, T:], memory=memory, write_memory=False)
+        shares.append(float(extra["memory_stats"]["memory_share"]))
+    assert shares[0] < shares[1] < shares[2], shares
+    assert abs(float(extra["memory_stats"]["gate"]) - float(torch.sigmoid(torch.tensor(4.0)))) < 1e-6
+
+
+@torch.no_grad()
+def test_read_delta_with_several_memory_layers_starts_as_the_backbone():
+    model = make_model(family="llama", read_layers="1,3", sidenet_init="read-delta",
+                       reduction_factor=1)
+    side = model.decoder.sidenet
+    side.init_from_backbone(model.decoder.backbone, zero_out=True, keep_read=True)
+    tokens = random_tokens(2, 2 * T, seed=7)
+    out = stream(model, tokens)
+    hiddens, _ = model.decoder.backbone(tokens[:, :T])
+    assert (out[:, :T] - model.decoder.backbone.logits(hiddens[-1])).abs().max() < 1e-4
+    assert [type(a).__name__ for a in side.memory_attentions] == ["JointLlamaAttention"] * 2
+    assert all(a.delta for a in side.memory_attentions)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(sidenet_from=4), "--sidenet-from 4 is not a layer of the 4-layer backbone"),
+    (dict(sidenet_from=2, read_layers="1-3"), "--sidenet-from 2: the SideNet must stand beside "
+     "its memory layers (1-3)"),
+    (dict(read_layers="1-4"), "--read-layers '1-4': layer 4 is not a block of the 4-layer"),
+    (dict(read_layers="2,3", reduction_factor=2), "memory layers [2, 3] fall beside the same "
+     "side block"),
+    (dict(sidenet_from=1, reduction_factor=2, read_layers="1"), "--reduction-factor (2) must be "
+     ">= 1 and divide the 3 backbone layers the SideNet stands beside (1 to 3)"),
+    (dict(read_layers="1,3", reduction_factor=1, memory_read="joint", sidenet_init="read-delta"),
+     "does not combine with --memory-read joint"),
+    (dict(memory_read="mixed"), "--memory-read 'mixed': expected one of gated, joint"),
+    (dict(sidenet_residual="skip"), "--sidenet-residual 'skip': expected one of cross, none"),
+])
+def test_bad_multi_layer_configurations_are_refused_in_one_line(overrides, message):
+    with pytest.raises(ValueError) as e:
+        make_model(family="llama", **overrides)
+    assert message in str(e.value)
+
+
+@torch.no_grad()
+def test_a_multi_layer_memory_refuses_a_memory_file_before_touching_the_state(tmp_path):
+    model = top_copy("gpt2")
+    dec = model.decoder
+    state = dec.start_decoding(2, dec.backbone.output_weight, segment_len=T)
+    prompt = random_tokens(2, T + 3, seed=8)
+    dec.prefill(prompt, state)
+    fills = state.memory.fill().tolist()
+    with pytest.raises(ValueError, match="has no memory file"):
+        save_prompt_memory(str(tmp_path / "m.safetensors"), dec, state, prompt[:1], row=1)
+    assert state.memory.fill().tolist() == fills and state.memory.num_rows == 2
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------ command line
+
+
+@pytest.mark.slow  # a fairseq-train run and two fairseq-eval-lm runs
+def test_fairseq_train_and_eval_lm_run_the_top_copy_sidenet(corpus, backbone, tmp_path):
+    from conftest import run_cli, train_longmem
+    from test_cli_longmem import eval_lm_argv, eval_lm_result
+
+    options = ["--reduction-factor", "1", "--sidenet-from", "2", "--read-layers", "2-3",
+               "--sidenet-residual", "none", "--memory-read", "joint", "--sidenet-copy", "first",
+               "--sidenet-init", "paper"]
+    checkpoint = train_longmem(corpus, backbone, tmp_path, *options)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    cfg = state["cfg"]["model"]
+    assert (cfg["read_layers"], cfg["sidenet_from"], cfg["memory_layer"]) == ("2-3", 2, 2)
+    side = sorted({k.split(".")[3] for k in state["model"] if k.startswith("decoder.sidenet.h.")})
+    assert side == ["0", "1"]  # two side blocks, beside backbone blocks 2 and 3
+    assert {k for k in state["model"] if k.endswith("attn.gate")} == {
+        "decoder.sidenet.h.0.attn.gate", "decoder.sidenet.h.1.attn.gate"}
+    on = run_cli(["fairseq-eval-lm", *eval_lm_argv(corpus, checkpoint)])
+    off = run_cli(["fairseq-eval-lm", *eval_lm_argv(
+        corpus, checkpoint, "--model-overrides", "{'disable_memory': True}")])
+    (tokens, loss_on), (_, loss_off) = eval_lm_result(on), eval_lm_result(off)
+    assert tokens == corpus.num_tokens("valid") and math.isfinite(loss_on)
+    assert loss_on != loss_off
