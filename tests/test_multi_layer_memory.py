@@ -173,6 +173,21 @@ def test_a_joint_read_gate_weighs_the_memory_tokens():
 
 
 @torch.no_grad()
+def test_where_reads_reach_is_summed_over_the_memory_layers():
+    from tiny_longmem import HEADS
+    model = top_copy("llama", memory_reach_buckets="1,2")
+    tokens = random_tokens(2, 3 * T, seed=9)
+    stream(model, tokens[:, :2 * T])
+    _, extra = model(src_tokens=tokens[:, 2 * T:], new_document=torch.tensor([False, False]))
+    reach = extra["memory_stats"]["reach"]
+    # 3 layers x 2 rows x HEADS query heads x T queries, each retrieving K / csz = 2 chunks of
+    # the 8 in memory: 4 written 1 segment back, 4 written 2 back (buckets 1, 2, 3+)
+    assert float(reach["chunks"].sum()) == 3 * 2 * HEADS * T * 2
+    assert reach["stored"].tolist() == [3 * 2 * HEADS * T * 0.5] * 2 + [0.0]
+    assert 0 < float(reach["mass"].sum()) < float(reach["chunks"].sum())
+
+
+@torch.no_grad()
 def test_read_delta_with_several_memory_layers_starts_as_the_backbone():
     model = make_model(family="llama", read_layers="1,3", sidenet_init="read-delta",
                        reduction_factor=1)
