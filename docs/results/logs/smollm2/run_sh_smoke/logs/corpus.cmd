@@ -1,1 +1,1 @@
-python examples/build_book_corpus.py --out /work/runs/lclm_smol_smoke/data --sources '' --input-dir /work/runs/lclm_smol_smoke/books --valid-books 1 --test-books 1 --seed 1 --bpe hf_tokenizer --tokenizer-file /work/runs/lclm_smol_smoke/smollm2/tokenizer.json 
+python examples/build_book_corpus.py --out /work/runs/smoke_topcopy/data --sources '' --input-dir /work/runs/smoke_topcopy/books --valid-books 1 --test-books 1 --seed 1 --bpe hf_tokenizer --tokenizer-file /work/runs/smoke_topcopy/smollm2/tokenizer.json 

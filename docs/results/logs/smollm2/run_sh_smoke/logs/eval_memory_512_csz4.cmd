@@ -1,1 +1,1 @@
-fairseq-eval-lm /work/runs/lclm_smol_smoke/data/bin --user-dir /work/main/fairseq_longmem --task longmem_lm --path /work/runs/lclm_smol_smoke/longmem/checkpoint_last.pt --gen-subset test --tokens-per-sample 128 --batch-size 1 --num-workers 0 --model-overrides \{\'memory_size\':\ 512\} --cpu 
+fairseq-eval-lm /work/runs/smoke_topcopy/data/bin --user-dir /work/main/fairseq_longmem --task longmem_lm --path /work/runs/smoke_topcopy/longmem/checkpoint_last.pt --gen-subset test --tokens-per-sample 128 --batch-size 1 --num-workers 0 --model-overrides \{\'memory_size\':\ 512\} --cpu 

@@ -1,1 +1,1 @@
-python examples/get_smollm2.py --out /work/runs/lclm_smol_smoke/smollm2 
+python examples/get_smollm2.py --out /work/runs/smoke_topcopy/smollm2 

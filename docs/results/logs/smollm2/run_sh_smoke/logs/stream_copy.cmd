@@ -1,1 +1,1 @@
-fairseq-preprocess --only-source --srcdict /work/runs/lclm_smol_smoke/data/bin/dict.txt --testpref /work/runs/lclm_smol_smoke/data/test.stream.tok --destdir /work/runs/lclm_smol_smoke/data/bin-stream --workers 1 
+fairseq-preprocess --only-source --srcdict /work/runs/smoke_topcopy/data/bin/dict.txt --testpref /work/runs/smoke_topcopy/data/test.stream.tok --destdir /work/runs/smoke_topcopy/data/bin-stream --workers 1 

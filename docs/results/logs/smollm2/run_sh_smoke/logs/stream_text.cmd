@@ -1,1 +1,1 @@
-bash -c grep\ -v\ \"\^\$\"\ \"\$0\"\ \>\ \"\$1\" /work/runs/lclm_smol_smoke/data/test.tok /work/runs/lclm_smol_smoke/data/test.stream.tok 
+bash -c grep\ -v\ \"\^\$\"\ \"\$0\"\ \>\ \"\$1\" /work/runs/smoke_topcopy/data/test.tok /work/runs/smoke_topcopy/data/test.stream.tok 

@@ -1,1 +1,1 @@
-python examples/synthetic_documents.py --out /work/runs/lclm_smol_smoke/books --books 5 --paragraphs 60 
+python examples/synthetic_documents.py --out /work/runs/smoke_topcopy/books --books 5 --paragraphs 60 
