@@ -375,11 +375,23 @@ def gpt2_vocab_models(gpt2_files, tmp_path_factory):
         "longmem": as_case(longmem_train_argv(
             root / "bin", backbone, root / "longmem", "--max-update", "2",
             "--disable-validation", "--no-epoch-checkpoints", batch_size=2)),
+        # the SideNet that reads in every block it has (blocks 2-3, one memory each)
+        "longmem_layers": as_case(longmem_train_argv(
+            root / "bin", backbone, root / "longmem_layers", "--max-update", "2",
+            "--disable-validation", "--no-epoch-checkpoints", *TOP_COPY_OPTIONS, batch_size=2)),
     }, timeout=600)
     for name, case in logs.items():
         assert not case.failed, f"{name}:\n{case.log[-3000:]}"
     return SimpleNamespace(backbone=backbone, longmem=str(root / "longmem" / "checkpoint_last.pt"),
+                           longmem_layers=str(root / "longmem_layers" / "checkpoint_last.pt"),
                            files=gpt2_files)
+
+
+# LongMem options of a SideNet of trainable copies of the tiny backbone's blocks 2-3, each reading
+# the memory of its own block (--read-layers; docs/DESIGN.md, "Several memory layers")
+TOP_COPY_OPTIONS = ("--reduction-factor", "1", "--sidenet-from", "2", "--read-layers", "2-3",
+                    "--sidenet-residual", "none", "--memory-read", "joint", "--sidenet-copy",
+                    "first", "--sidenet-init", "paper")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -322,7 +322,8 @@ def test_multi_token_continuations_score_as_a_full_forward():
 def icl_setup(gpt2_vocab_models, tmp_path_factory):
     data = write_tsv_set(str(tmp_path_factory.mktemp("icl") / "set"))
     return SimpleNamespace(data=data, backbone=gpt2_vocab_models.backbone,
-                           longmem=gpt2_vocab_models.longmem, files=gpt2_vocab_models.files)
+                           longmem=gpt2_vocab_models.longmem, files=gpt2_vocab_models.files,
+                           longmem_layers=gpt2_vocab_models.longmem_layers)
 
 
 def generate_argv(s, *extra, path=None, data=None):
@@ -378,6 +379,9 @@ def runs(icl_setup, tmp_path_factory):
         "free_none": generate_argv(s, "--training-free-memory", "--free-read-layers", "2-3",
                                    "--demos-in-memory", "0", path=s.backbone),
         "backbone_context": generate_argv(s, "--demos-in-memory", "0", path=s.backbone),
+        # LongMem reading the demonstrations in several memory layers (--read-layers 2-3)
+        "layers": generate_argv(s, path=s.longmem_layers),
+        "layers_none": generate_argv(s, "--demos-in-memory", "0", path=s.longmem_layers),
         "free_file": generate_argv(s, "--training-free-memory", "--free-read-layers", "2-3",
                                    "--memory-file", str(tmp / "free.safetensors"),
                                    path=s.backbone),
@@ -512,6 +516,15 @@ def test_batch_size_does_not_change_predictions(runs):
         assert [lbl for lbl, _ in one[i][1]] == [lbl for lbl, _ in four[i][1]]
         for (_, a), (_, b) in zip(one[i][1], four[i][1]):
             assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_longmem_with_several_memory_layers_reads_the_demonstrations(runs):
+    log = log_of(runs, "layers")
+    rows, (_, _, total) = parse(log)
+    assert total == 12 and sorted(rows) == list(range(12))
+    assert "40 in memory" in log and "written in 1 segments" in log
+    none, _ = parse(log_of(runs, "layers_none"))
+    assert rows != none  # the demonstrations in the 2 memories change the scores
 
 
 def test_a_training_free_memory_refuses_a_memory_file_before_writing(runs):

@@ -180,11 +180,11 @@ def test_prefix_goes_into_memory_once_and_scoring_never_writes(gpt2_vocab_models
     assert adds == ["fill"] * -(-max(memory_tokens) // 16)
 
 
-def suffix_case(models, data, *extra):
+def suffix_case(models, data, *extra, path=None):
     enc, vocab, dict_txt = models.files
     return ("fairseq-generate", [
         os.path.dirname(dict_txt), "--user-dir", USER_DIR,
-        "--task", "longmem_suffix", "--path", models.longmem, "--suffix-data", data,
+        "--task", "longmem_suffix", "--path", path or models.longmem, "--suffix-data", data,
         "--tokens-per-sample", "32", "--suffix-tokens", "8", "--scoring", "candidate_accuracy",
         "--batch-size", "2", "--bpe", "gpt2", "--gpt2-encoder-json", enc, "--gpt2-vocab-bpe",
         vocab, "--cpu", "--nbest", "3", "--num-workers", "0", *extra])
@@ -201,6 +201,10 @@ def test_generate_end_to_end_with_memory_on_and_off(gpt2_vocab_models, tmp_path)
         "off": suffix_case(gpt2_vocab_models, data, "--model-overrides",
                            "{'disable_memory': True}"),
         "missing": suffix_case(gpt2_vocab_models, str(tmp_path / "missing.json")),
+        # several memory layers (one bank per layer) read the prefix's memory the same way
+        "layers_on": suffix_case(gpt2_vocab_models, data, path=gpt2_vocab_models.longmem_layers),
+        "layers_off": suffix_case(gpt2_vocab_models, data, "--model-overrides",
+                                  "{'disable_memory': True}", path=gpt2_vocab_models.longmem_layers),
     })
     on, off = logs["on"].log, logs["off"].log
     assert not logs["on"].failed and not logs["off"].failed
@@ -212,6 +216,10 @@ def test_generate_end_to_end_with_memory_on_and_off(gpt2_vocab_models, tmp_path)
     assert score(on) != score(off)
     bad = logs["missing"]
     assert bad.failed and "--suffix-data: no file at" in bad.log and "Accuracy" not in bad.log
+    layers_on, layers_off = logs["layers_on"], logs["layers_off"]
+    assert not layers_on.failed and not layers_off.failed, layers_on.log[-2000:]
+    assert len(re.findall(r"^H-\d\t", layers_on.log, re.M)) == 9
+    assert score(layers_on.log) != score(layers_off.log)
 
 
 def test_builder_finds_chapters_and_writes_the_format(tmp_path):
