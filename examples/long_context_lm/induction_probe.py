@@ -9,7 +9,9 @@ of the memory that the retrieval covers (*chance*)::
         --tokens-per-sample 128 [--max-segments 400] [--model-overrides "{...}"]
 
 Prints, over those tokens and every head, the hit rates (a head hits when one of its retrieved
-chunks is the one named) and the expected rate of a random choice of chunks; and the share of
+chunks is the one named) and the expected rate of a random choice of chunks; with several reading
+layers (``--read-layers``, the training-free read) over every layer's heads, and per layer under
+``per_layer``; and the share of
 retrieved chunks that sit at the query's own offset in their segment (the backbone's learned
 positions restart every segment, so keys carry the offset), against its chance, csz / T. One stream
 (batch size 1), documents in order, as ``fairseq-eval-lm --batch-size 1`` reads them.
@@ -53,16 +55,19 @@ def main(argv=None) -> int:
     mcfg = model.decoder.cfg
     csz, capacity = mcfg.chunk_size, mcfg.memory_size // mcfg.chunk_size
 
-    captured = {}
+    layers = list(getattr(model.decoder, "read_layers", None)
+                  or getattr(mcfg, "layers", None) or [mcfg.memory_layer])
+    captured = []  # the chunk slots (H, T, nk) of every read of the current forward, bottom up
     real_read = memory_attention.read_memory
 
     def read_and_keep(memory, q, k):
         found = real_read(memory, q, k)
-        captured["slots"] = found.chunk_index[0]  # (H, T, nk)
+        captured.append(found.chunk_index[0])
         return found
 
     memory_attention.read_memory = read_and_keep
     hits = {"continuation": 0, "same_token": 0}
+    per_layer = {str(layer): {"continuation": 0, "same_token": 0} for layer in layers}
     chance, probes, heads = 0.0, 0, None
     aligned = retrieved = 0
     dist_cache = {}
@@ -76,10 +81,14 @@ def main(argv=None) -> int:
                 if source is None:
                     break
                 sample = ds.collater([ds[t]])
+                captured.clear()
                 model(**sample["net_input"])
-                slots = captured.get("slots")
-                if slots is None or seg == 0:
+                if not captured or seg == 0:
                     continue
+                if len(captured) != len(layers):
+                    raise SystemExit(f"error: {len(captured)} memory reads per forward for the "
+                                     f"{len(layers)} reading layer(s) {layers}")
+                slots = captured[0]
                 if doc not in dist_cache:
                     dist_cache = {doc: previous_bigram_distance(ds.documents[doc].numpy(), ds.eos)}
                 dist = dist_cache[doc]
@@ -100,15 +109,19 @@ def main(argv=None) -> int:
                     if want["same_token"] < oldest or want["continuation"] >= written:
                         continue  # evicted, or not searchable yet
                     probes += 1
-                    found = slots[:, k]  # (H, nk) ring slots
-                    got = [set(((written - 1) - ((written - 1 - s) % capacity))
-                               for s in found[h].tolist() if s >= 0) for h in range(H)]
-                    for name, n in want.items():
-                        hits[name] += sum(n in g for g in got)
-                    # the learned positions restart every segment: a chunk at the query's own offset
-                    # in its segment (chance: csz / T of the retrieved chunks)
-                    aligned += sum(sum(((n * csz) % T) // csz == k // csz for n in g) for g in got)
-                    retrieved += sum(len(g) for g in got)
+                    for layer, read in zip(layers, captured):
+                        found = read[:, k]  # (H, nk) ring slots
+                        got = [set(((written - 1) - ((written - 1 - s) % capacity))
+                                   for s in found[h].tolist() if s >= 0) for h in range(H)]
+                        for name, n in want.items():
+                            hit = sum(n in g for g in got)
+                            hits[name] += hit
+                            per_layer[str(layer)][name] += hit
+                        # the learned positions restart every segment: a chunk at the query's own
+                        # offset in its segment (chance: csz / T of the retrieved chunks)
+                        aligned += sum(sum(((n * csz) % T) // csz == k // csz for n in g)
+                                       for g in got)
+                        retrieved += sum(len(g) for g in got)
                     chance += H * min(1.0, nk / (written - oldest))
     finally:
         memory_attention.read_memory = real_read
@@ -116,11 +129,14 @@ def main(argv=None) -> int:
         print("no token whose bigram recurred in an earlier segment inside the memory")
         return 1
     total = probes * heads
-    result = {"tokens": probes, "heads": heads,
-              "continuation_hit_rate": hits["continuation"] / total,
-              "same_token_hit_rate": hits["same_token"] / total,
+    result = {"tokens": probes, "heads": heads, "layers": layers,
+              "continuation_hit_rate": hits["continuation"] / (total * len(layers)),
+              "same_token_hit_rate": hits["same_token"] / (total * len(layers)),
               "chance_rate": chance / total,
               "same_offset_share": aligned / retrieved, "same_offset_chance": csz / T}
+    if len(layers) > 1:
+        result["per_layer"] = {layer: {f"{name}_hit_rate": n / total for name, n in counts.items()}
+                               for layer, counts in per_layer.items()}
     print(json.dumps(result, indent=1))
     if args.results_json:
         with open(args.results_json, "w", encoding="utf-8") as f:
