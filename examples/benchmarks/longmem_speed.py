@@ -31,6 +31,7 @@ from fairseq_longmem.families import FAMILIES
 from fairseq_longmem.families.llama.modules import LlamaBackbone, LlamaDims
 from fairseq_longmem.memory.bank import ChunkedMemoryBank
 from fairseq_longmem.models.backbone import read_backbone_checkpoint
+from fairseq_longmem.models.common import parse_layers
 from fairseq_longmem.modules.memory_attention import JointAttentionMixin
 from fairseq_longmem.tasks.document_stream import DocumentStreamDataset
 
@@ -75,10 +76,16 @@ def build_models(args, dictionary):
         sizes = {k: model_cfg[k] for k in model_class.SIZE_OPTIONS + model_class.COPIED_OPTIONS
                  if k in model_cfg}
         options = dict(sizes, **memory, reduction_factor=args.reduction_factor,
-                       sidenet_copy=args.sidenet_copy, dropout=0.0)
+                       sidenet_copy=args.sidenet_copy, dropout=0.0,
+                       sidenet_from=args.sidenet_from, read_layers=args.read_layers,
+                       sidenet_residual=args.sidenet_residual, memory_read=args.memory_read)
         probe = config_class(**options)
-        probe.memory_layer = (args.memory_layer if args.memory_layer >= 0
-                              else model_class.default_memory_layer(probe))
+        if args.read_layers:  # the first of them stands for the memory layer, as in build_model
+            probe.memory_layer = parse_layers(args.read_layers, backbone.dims.num_layers,
+                                              "--read-layers")[0]
+        else:
+            probe.memory_layer = (args.memory_layer if args.memory_layer >= 0
+                                  else model_class.default_memory_layer(probe))
         options["memory_layer"] = probe.memory_layer
     else:
         dim, layers, heads = GPT2_SIZES[args.size]
@@ -271,6 +278,14 @@ def main():
                    help="with --backbone: the memory layer (-1: the family's default)")
     p.add_argument("--sidenet-copy", default="last", choices=("last", "first"),
                    help="with --backbone: which backbone blocks the side blocks copy")
+    p.add_argument("--sidenet-from", type=int, default=0,
+                   help="with --backbone: the SideNet stands beside blocks S..L-1 (LongMem's option)")
+    p.add_argument("--read-layers", default="",
+                   help="with --backbone: several memory layers, e.g. 15-29 (LongMem's option)")
+    p.add_argument("--sidenet-residual", default="cross", choices=("cross", "none"),
+                   help="with --backbone: LongMem's --sidenet-residual")
+    p.add_argument("--memory-read", default="gated", choices=("gated", "joint"),
+                   help="with --backbone: LongMem's --memory-read")
     p.add_argument("--vocab", type=int, default=None,
                    help="dictionary size (default: 8000, a sentencepiece-sized vocabulary, for "
                    "tiny; 50260, a converted GPT-2 dict.txt, otherwise)")
@@ -338,7 +353,7 @@ def main():
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
           + f", dtype={args.dtype}")
     log.print(f"# {what}: d={dims.embed_dim}, {dims.num_layers} layers, {dims.num_heads} heads, "
-          f"memory layer {on.model.decoder.cfg.memory_layer}, vocab {len(dictionary)}; "
+          f"memory layer {on.model.decoder.memory_label}, vocab {len(dictionary)}; "
           f"B={args.B} T={args.T} "
           f"msz={args.msz} K={args.K} csz={args.csz} backend={args.backend}; trainable params "
           f"on={on.num_trainable:,} off={off.num_trainable:,}")
