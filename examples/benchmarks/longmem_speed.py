@@ -31,7 +31,7 @@ from fairseq_longmem.families import FAMILIES
 from fairseq_longmem.families.llama.modules import LlamaBackbone, LlamaDims
 from fairseq_longmem.memory.bank import ChunkedMemoryBank
 from fairseq_longmem.models.backbone import read_backbone_checkpoint
-from fairseq_longmem.models.common import parse_layers
+from fairseq_longmem.models.common import read_layers
 from fairseq_longmem.modules.memory_attention import JointAttentionMixin
 from fairseq_longmem.tasks.document_stream import DocumentStreamDataset
 
@@ -80,12 +80,10 @@ def build_models(args, dictionary):
                        sidenet_from=args.sidenet_from, read_layers=args.read_layers,
                        sidenet_residual=args.sidenet_residual, memory_read=args.memory_read)
         probe = config_class(**options)
-        if args.read_layers:  # the first of them stands for the memory layer, as in build_model
-            probe.memory_layer = parse_layers(args.read_layers, backbone.dims.num_layers,
-                                              "--read-layers")[0]
-        else:
-            probe.memory_layer = (args.memory_layer if args.memory_layer >= 0
-                                  else model_class.default_memory_layer(probe))
+        layers = read_layers(probe, backbone.dims.num_layers)
+        # the first of --read-layers stands for the memory layer, as in build_model
+        probe.memory_layer = (layers[0] if layers else args.memory_layer
+                              if args.memory_layer >= 0 else model_class.default_memory_layer(probe))
         options["memory_layer"] = probe.memory_layer
     else:
         dim, layers, heads = GPT2_SIZES[args.size]

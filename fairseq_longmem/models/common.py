@@ -184,3 +184,10 @@ def format_layers(layers: Tuple[int, ...]) -> str:
             runs.append(f"{start}-{i}" if i > start else f"{i}")
             start = None
     return ",".join(runs)
+
+
+def read_layers(cfg, num_layers: int) -> Tuple[int, ...]:
+    """LongMem's memory layers of --read-layers, sorted (() when it is unset: --memory-layer
+    alone)."""
+    spec = str(getattr(cfg, "read_layers", "") or "")
+    return parse_layers(spec, num_layers, "--read-layers") if spec.strip() else ()

@@ -33,7 +33,7 @@ from .common import (
     check_vocab,
     fingerprint_field,
     format_layers,
-    parse_layers,
+    read_layers,
     record_in_config,
 )
 from .memory_fit import check_memory_fits
@@ -435,12 +435,6 @@ def memory_distance(cfg) -> int:
         raise ValueError(f"--memory-distance {cfg.memory_distance!r}: expected a positive number "
                          "of positions, or 0 with --tokens-per-sample set")
     return distance
-
-
-def read_layers(cfg, num_layers: int):
-    """The memory layers of --read-layers, sorted (() when it is unset: --memory-layer alone)."""
-    spec = str(getattr(cfg, "read_layers", "") or "")
-    return parse_layers(spec, num_layers, "--read-layers") if spec.strip() else ()
 
 
 def check_memory_sizes(memory_size: int, chunk_size: int, retrieved_tokens: int, prefix: str = ""):

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from ..memory.bank import ChunkedMemoryBank
-from .common import parse_layers
+from .common import read_layers
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +46,7 @@ def check_memory_fits(cfg, dims, task):
     # training keeps a second memory for validation, which never reads training text
     banks = 1 if getattr(task, "building_from_checkpoint", False) else 2
     dtype = torch.float16 if half else torch.float32
-    spec = str(getattr(cfg, "read_layers", "") or "").strip()
-    layers = len(parse_layers(spec, dims.num_layers, "--read-layers")) if spec else 1
+    layers = len(read_layers(cfg, dims.num_layers)) or 1
     per_bank = layers * ChunkedMemoryBank.bytes_for(
         rows, dims.num_kv_heads, dims.head_dim, cfg.chunk_size, cfg.memory_size, dtype)
     free = free_bytes(device)
