@@ -676,6 +676,31 @@ def test_run_icl_passes_a_converted_tokenizer_the_subset_and_no_file_for_a_free_
     assert "--memory-file" not in seen[-1] and "--training-free-memory" in seen[-1]
 
 
+def test_run_icl_keeps_memory_files_only_for_models_of_one_memory_layer(icl_setup, tmp_path,
+                                                                       monkeypatch):
+    from conftest import load_example
+
+    run_icl = load_example("icl/run_icl.py")
+    assert run_icl.one_memory_layer(icl_setup.longmem)
+    assert not run_icl.one_memory_layer(icl_setup.longmem_layers)  # --read-layers 2-3
+    seen = []
+
+    def fake_run(cmd, **kwargs):
+        seen.append(cmd)
+        return SimpleNamespace(returncode=0, stdout="Generate test with beam=1: Accuracy 50.00 (1/2)\n")
+
+    monkeypatch.setattr(run_icl.subprocess, "run", fake_run)
+    for name, path, file in (("one", icl_setup.longmem, True),
+                             ("layers", icl_setup.longmem_layers, False)):
+        run_icl.main(["--path", path, "--dict-dir", "d", "--dataset", "sst2", "--data-dir", "x",
+                      "--out", str(tmp_path / name), "--seeds", "1-2", "--conditions",
+                      "context,memory", "--tokenizer-file", "tok.json", "--", "--cpu"])
+        memory_runs = [c for c in seen[-4:] if c[c.index("--demos-in-memory") + 1] != "0"]
+        assert len(memory_runs) == 2
+        assert all(("--memory-file" in c) == file for c in memory_runs), name
+        assert all("--memory-file" not in c for c in seen[-4:] if c not in memory_runs)
+
+
 def test_vader_ratings_become_labels():
     from conftest import load_example
 

