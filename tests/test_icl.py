@@ -347,6 +347,9 @@ BAD_INPUT = [
     (["--demos-in-memory", "100"], "--demos-in-memory 100: expected 0 to 60"),
     (["--gen-subset", "valid"], "--gen-subset valid: longmem_icl scores the set's evaluation"),
     (["--icl-test-examples", "-1"], "--icl-test-examples must be >= 0, got -1"),
+    (["--icl-calibration", "content-free", "--icl-decision", "vocab"],
+     "--icl-calibration content-free reweights the label words' probabilities: it needs "
+     "--icl-decision labels"),
 ]
 
 
@@ -360,6 +363,8 @@ def runs(icl_setup, tmp_path_factory):
     folders = SimpleNamespace(
         tmp=tmp, memory=str(tmp / "memory.safetensors"),
         clean=write_mpqa(str(tmp / "clean"), train, test),
+        # the test set with a content-free row, "N/A", as its example 2
+        na=write_mpqa(str(tmp / "na"), train, test[:2] + [("N/A", 1)] + test[2:]),
         dirty=write_mpqa(str(tmp / "dirty"), train, test, empty_train=(5, 6, 50),
                          empty_test=(4,), raw=True))
     s = icl_setup
@@ -372,6 +377,14 @@ def runs(icl_setup, tmp_path_factory):
         "memory_other_layer": generate_argv(s, "--memory-file", folders.memory,
                                             "--model-overrides", "{'memory_layer': 2}"),
         "batch1": generate_argv(s, "--batch-size", "1"),
+        # --icl-calibration content-free (LongMem with memory; the training-free read)
+        "calibrated": generate_argv(s, "--icl-calibration", "content-free"),
+        "calibrated_na": generate_argv(s, "--icl-dataset", "mpqa", "--icl-calibration",
+                                       "content-free", "--icl-content-free", "N/A",
+                                       data=folders.na),
+        "na": generate_argv(s, "--icl-dataset", "mpqa", data=folders.na),
+        "free_calibrated": generate_argv(s, "--training-free-memory", "--free-read-layers", "2-3",
+                                         "--icl-calibration", "content-free", path=s.backbone),
         "subset": generate_argv(s, "--icl-test-examples", "5"),
         # condition (e): the backbone reads the demonstrations' memory itself, no training
         "free": generate_argv(s, "--training-free-memory", "--free-read-layers", "2-3",
@@ -506,6 +519,47 @@ def test_memory_file_is_built_once_then_reused_with_identical_scores(runs):
     assert re.search(r"--memory-file .* holds another memory; it differs in: memory_layer "
                      r"\(file 3, this run 2\)", refusal.log)
     assert refusal.watched[path] == digest
+
+
+def calibration_of(log):
+    m = re.search(r"calibration: p_cf negative ([\d.]+), positive ([\d.]+)", log)
+    assert m, log[-2000:]
+    return float(m.group(1)), float(m.group(2))
+
+
+def hypotheses(log):
+    """{id: {label: H- score}} (every candidate's, --nbest 2)."""
+    out = {}
+    for m in re.finditer(r"^H-(\d+)\t(\S+)\t[^\n]*\n^D-\d+\t\S+\t (\w+)$", log, re.M):
+        out.setdefault(int(m.group(1)), {})[m.group(3)] = float(m.group(2))
+    return out
+
+
+@pytest.mark.parametrize("name,raw", [("calibrated", "default"), ("free_calibrated", "free")])
+def test_content_free_calibration_divides_out_one_probability_per_label(runs, name, raw):
+    import math
+
+    log = log_of(runs, name)
+    p_neg, p_pos = calibration_of(log)
+    assert p_neg + p_pos == pytest.approx(1, abs=2e-6) and 0 < p_neg < 1
+    calibrated, plain = hypotheses(log), hypotheses(log_of(runs, raw))
+    assert sorted(calibrated) == sorted(plain) == list(range(12))
+    for i in plain:  # every example's score moves by -log p_cf of its label (base 2 as printed)
+        for label, p in (("negative", p_neg), ("positive", p_pos)):
+            assert calibrated[i][label] == pytest.approx(
+                plain[i][label] - math.log2(p), abs=1e-4), (i, label)
+    rows, (_, right, total) = parse(log)
+    decided = sum(max(h, key=h.get) == rows[i][0] for i, h in calibrated.items())
+    assert total == 12 and right == decided
+
+
+def test_a_content_free_example_scores_its_labels_alike_after_calibration(runs):
+    """p_cf from "N/A" alone: the test example whose text is "N/A" is divided by its own label
+    distribution, so its two labels tie; the others do not."""
+    calibrated, plain = hypotheses(log_of(runs, "calibrated_na")), hypotheses(log_of(runs, "na"))
+    assert calibrated[2]["negative"] == pytest.approx(calibrated[2]["positive"], abs=1e-4)
+    assert plain[2]["negative"] != pytest.approx(plain[2]["positive"], abs=1e-3)
+    assert all(abs(h["negative"] - h["positive"]) > 1e-3 for i, h in calibrated.items() if i != 2)
 
 
 def test_batch_size_does_not_change_predictions(runs):

@@ -16,6 +16,15 @@ demonstration is one line)::
 and a candidate is the label word with the whitespace the template puts before it
 (``" positive"``). A prompt longer than ``--tokens-per-sample`` loses its oldest demonstrations
 (whole ones), then, if the query alone is still too long, the query's first tokens.
+
+``--icl-calibration content-free`` (Zhao et al. 2021, "Calibrate Before Use"): the label words'
+probabilities after the same demonstrations (and memory) with content-free queries in place of
+the text (``--icl-content-free``, default ``N/A``, the empty text and ``[MASK]``), normalised
+over the labels and averaged, are divided out of every example's: the decision is the label
+maximising log p(label | prompt) - log p_cf(label). A small model that says one label after any
+prompt (SmolLM2-135M says " negative" after every SST-2 prompt) is then scored on how its
+preference moves with the text. The H- score is the calibrated one; P- keeps the raw per-token
+log-probabilities.
 """
 
 import hashlib
@@ -44,6 +53,7 @@ from .candidate_scoring import (
 logger = logging.getLogger(__name__)
 
 DECISIONS = ChoiceEnum(["labels", "vocab"])
+CALIBRATIONS = ChoiceEnum(["none", "content-free"])
 MEMORY_FILE_KIND = "fairseq_longmem.icl_memory/1"
 
 
@@ -88,6 +98,18 @@ class LongMemICLConfig(CandidateScoringConfig):
         metadata={"help": "labels: the label word with the highest log-probability; vocab: the "
                   "authors' rule, the argmax over the whole vocabulary at the last position, "
                   "right when the gold label starts with it (needs one-token label words)"},
+    )
+    icl_calibration: CALIBRATIONS = field(
+        default="none",
+        metadata={"help": "content-free: divide the label words' probabilities by their "
+                  "probabilities after the same demonstrations and memory with content-free "
+                  "queries (--icl-content-free), as in Zhao et al. 2021; needs --icl-decision "
+                  "labels"},
+    )
+    icl_content_free: str = field(
+        default="N/A,,[MASK]",
+        metadata={"help": "comma-separated content-free texts for --icl-calibration "
+                  "content-free (an empty item is the empty text)"},
     )
     memory_file: Optional[str] = field(
         default=None,
@@ -135,6 +157,7 @@ class LongMemICLTask(CandidateScoringTask):
         self.icl = None  # the set, once loaded
         self.memory_demos = []  # demonstration lines (text) for the memory
         self.memory_stream = None  # their tokens, as written into memory
+        self.content_free_prompts = []  # --icl-calibration content-free: demos + empty queries
 
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
         cfg = self.cfg
@@ -163,6 +186,10 @@ class LongMemICLTask(CandidateScoringTask):
                 )
         if len({tuple(c.tolist()) for c in candidates}) != len(candidates):
             raise ValueError(f"label words {self.icl.labels} do not encode to distinct tokens")
+        calibration = str(getattr(cfg, "icl_calibration", "none"))  # absent: older configs
+        if calibration != "none" and str(cfg.icl_decision) != "labels":
+            raise ValueError(f"--icl-calibration {calibration} reweights the label words' "
+                             "probabilities: it needs --icl-decision labels")
 
         demos = [self.encode(template.demonstration(x.text, self.icl.labels[x.label]))
                  for x in context]
@@ -184,6 +211,12 @@ class LongMemICLTask(CandidateScoringTask):
             shortened += n_dropped > 0
             cut += n_cut > 0
         self.count_unknowns(prompts, "prompts")
+        self.content_free_prompts = []
+        if calibration == "content-free":
+            texts = cfg.icl_content_free.split(",")
+            self.content_free_prompts = [
+                self.fit_prompt(demos, self.encode(template.query(t)), limit)[0] for t in texts]
+            logger.info("calibration: content-free queries %s", texts)
 
         self.memory_demos = [template.demonstration(x.text, self.icl.labels[x.label])
                              for x in in_memory]
@@ -236,6 +269,21 @@ class ICLScorer(CandidateScorer):
                 n, cfg.demos_in_context)
         elif cfg.memory_file:
             logger.warning("--memory-file is ignored: this model reads no memory")
+        self.calibration = None  # log p_cf per label, subtracted from each example's score
+        if task.content_free_prompts:
+            self.calibration = self.content_free_logprobs(task.content_free_prompts)
+            logger.info("calibration: p_cf %s", ", ".join(
+                f"{w} {p:.6f}" for w, p in zip(task.icl.labels, self.calibration.exp().tolist())))
+
+    def content_free_logprobs(self, prompts) -> torch.Tensor:
+        """log p_cf per label: each content-free prompt's label probabilities normalised over
+        the labels, averaged over the prompts (float64)."""
+        cands = self.task.datasets["test"].candidates
+        rows = memory_scoring.continuation_logprobs(self.model, prompts, [cands] * len(prompts),
+                                                    self.pad, self.read_memory())
+        logp = torch.tensor([[float(lp.double().sum()) for lp in row] for row in rows],
+                            dtype=torch.float64)
+        return logp.log_softmax(dim=-1).exp().mean(dim=0).log()
 
     # ------------------------------------------------------------------ memory
 
@@ -305,11 +353,7 @@ class ICLScorer(CandidateScorer):
         prompt_lengths = net["prompt_lengths"]
         prompts = [net["prompt_tokens"][i, :prompt_lengths[i]].cpu()
                    for i in range(len(prompt_lengths))]
-        memory = self.memory
-        if memory is None and memory_scoring.reads_memory(self.model):
-            # no demonstrations in memory: an empty memory reads as memory off
-            memory = self.model.decoder.new_memory(1, self.model.decoder.cfg.retrieved_tokens,
-                                                   self.model_parameter)
+        memory = self.read_memory()
         if self.decision == "vocab":
             tokens, lengths = memory_scoring.pad_rows(prompts, self.pad)
             logprobs = memory_scoring.next_token_logprobs(self.model, tokens, lengths, memory).cpu()
@@ -319,7 +363,25 @@ class ICLScorer(CandidateScorer):
         cands = self.task.datasets["test"].candidates
         scores = memory_scoring.continuation_logprobs(self.model, prompts,
                                                       [cands] * len(prompts), self.pad, memory)
-        return [self.ranked(cands, row) for row in scores]
+        if self.calibration is None:
+            return [self.ranked(cands, row) for row in scores]
+        return [self.calibrated(cands, row) for row in scores]
+
+    def read_memory(self):
+        """The memory every prompt reads: the demonstrations', or, with none, an empty one
+        (which reads as memory off); None for a model without memory."""
+        if self.memory is None and memory_scoring.reads_memory(self.model):
+            self.memory = self.model.decoder.new_memory(
+                1, self.model.decoder.cfg.retrieved_tokens, self.model_parameter)
+        return self.memory
+
+    def calibrated(self, candidates, logprobs) -> List[dict]:
+        """Hypotheses ranked by log p(label) - log p_cf(label), that difference as their score;
+        positional scores stay the raw log-probabilities."""
+        score = [float(lp.double().sum()) - float(self.calibration[c])
+                 for c, lp in enumerate(logprobs)]
+        order = sorted(range(len(candidates)), key=lambda c: -score[c])
+        return [dict(hypothesis(candidates[c], logprobs[c]), score=score[c]) for c in order]
 
 
 # what the task's build_generator (CandidateScoringTask's) hands fairseq-generate

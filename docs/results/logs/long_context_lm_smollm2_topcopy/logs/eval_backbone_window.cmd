@@ -1,0 +1,1 @@
+fairseq-eval-lm $D/bin-stream --user-dir $UD --task language_modeling --path $SM/checkpoint.pt --gen-subset test --sample-break-mode none --tokens-per-sample 256 --context-window 128 --batch-size 16 --num-workers 0 --cpu

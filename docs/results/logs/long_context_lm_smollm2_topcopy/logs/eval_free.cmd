@@ -1,0 +1,1 @@
+fairseq-eval-lm $D/bin --user-dir $UD --task longmem_lm --gen-subset test --tokens-per-sample 256 --batch-size 2 --num-workers 0 --cpu --path $SM/checkpoint.pt --training-free-memory --free-read-layers 15-29 --free-memory-size 8192 --free-chunk-size 4 --free-retrieved-tokens 32
