@@ -19,7 +19,8 @@
 # ICL_T=1024: segment length at evaluation (the prompt's window and the memory's segments);
 # ICL_CHUNK=2: chunk size at evaluation; ICL_MEMORY_SIZE=65536: a memory that holds all N
 # demonstrations (default: the model's own); TEST_EXAMPLES=100: score only the first 100
-# evaluation examples in every run (default: all).
+# evaluation examples in every run (default: all); ICL_CALIBRATION=content-free: divide out the label
+# words' probabilities after content-free queries, in every condition (docs/ICL.md).
 # Time on a 2-core CPU: step 1 is slow (GPT-2's 50k-word output layer makes every update costly);
 # MODEL_RUN avoids it. With SmolLM2 at ICL_T=1024 a run with 2,000 demonstrations in memory
 # takes minutes to write the memory and seconds per example (docs/RESULTS.md).
@@ -63,6 +64,8 @@ OVERRIDES="'chunk_size': $CHUNK"
 [ -n "${ICL_MEMORY_SIZE:-}" ] && OVERRIDES="$OVERRIDES, 'memory_size': $ICL_MEMORY_SIZE"
 MORE=()
 [ -n "${TEST_EXAMPLES:-}" ] && MORE=(--test-examples "$TEST_EXAMPLES")
+SCORING=(--cpu)  # fairseq-generate options of every run
+[ -n "${ICL_CALIBRATION:-}" ] && SCORING+=(--nbest 2 --icl-calibration "$ICL_CALIBRATION")
 # (e) where the model run has a pretrained backbone and its preset a training-free read
 FREE_ARGS=()
 if [ -n "$BACKBONE" ] && [ -n "${FREE_READ_LAYERS:-}" ]; then
@@ -84,11 +87,11 @@ for set in $SETS; do
   mkdir -p "$OUT/$set"
   python examples/icl/run_icl.py --path "$MODEL" --dict-dir "$DICT_DIR" "${args[@]}" \
     --out "$OUT/$set" --seeds "$SEEDS" --k "$K" --n "$N" --tokens-per-sample "$T" "${TOKENIZER[@]}" \
-    "${MORE[@]}" --model-overrides "{$OVERRIDES}" -- --cpu | tee "$OUT/$set/table.md"
+    "${MORE[@]}" --model-overrides "{$OVERRIDES}" -- "${SCORING[@]}" | tee "$OUT/$set/table.md"
   if [ ${#FREE_ARGS[@]} -gt 0 ]; then
     mkdir -p "$OUT/free/$set"
     python examples/icl/run_icl.py --path "$BACKBONE" --dict-dir "$DICT_DIR" "${args[@]}" \
       --out "$OUT/free/$set" --seeds "$SEEDS" --k "$K" --n "$N" --tokens-per-sample "$T" \
-      "${TOKENIZER[@]}" "${MORE[@]}" -- --cpu "${FREE_ARGS[@]}" | tee "$OUT/free/$set/table.md"
+      "${TOKENIZER[@]}" "${MORE[@]}" -- "${SCORING[@]}" "${FREE_ARGS[@]}" | tee "$OUT/free/$set/table.md"
   fi
 done
