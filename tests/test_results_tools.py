@@ -90,6 +90,13 @@ def test_summarize_checks_token_counts(tmp_path):
     table = summarize.markdown(good)
     assert "| (b) backbone, sliding window (context 128 + 128 new tokens) | 1,000 | 6.9500 | 123.63 |" in table
     assert "| [1,024, end) | 600 |" in table
+    # one memory size and one chunk size are no sweep: no table for them
+    assert "### Memory size" not in table and "### Chunk size" not in table
+    logs = os.path.join(str(tmp_path / "good"), "logs")
+    shutil.copy(os.path.join(logs, "eval_memory_16384_csz4.log"), os.path.join(logs, "eval_memory_4096_csz4.log"))
+    table = summarize.markdown(summarize.summarize(str(tmp_path / "good")))
+    assert "### Memory size (csz fixed)" in table and "| 4,096 | 111.43 |" in table
+    assert "### Chunk size" not in table
 
     bad = summarize.summarize(write_run(str(tmp_path / "bad"), tokens=(1000, 999, 1000), buckets=(400, 599)))
     assert len(bad["problems"]) == 2

@@ -241,7 +241,7 @@ def markdown(r):
         lines.append(f"| {e['label']} | {e['tokens']:,} | {e['loss']:.4f} | {e['ppl']:.2f} | {rel} |")
     out = ["### Perplexity on the test books", ""] + lines
     for key, title in (("memory_size", "Memory size (csz fixed)"), ("chunk_size", "Chunk size (msz fixed)")):
-        if r["sweeps"][key]:
+        if len(r["sweeps"][key]) > 1:  # one memory size (or chunk size) is no sweep
             out += ["", f"### {title}", "", f"| {key.replace('_', ' ')} | perplexity |", "|---|---|"]
             out += [f"| {k:,} | {v:.2f} |" for k, v in r["sweeps"][key].items()]
     if r["positions"]:
