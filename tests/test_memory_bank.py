@@ -12,7 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fairseq_longmem.memory.bank import ChunkedMemoryBank, MemoryRetrieval
+from fairseq_longmem.memory.bank import (
+    SHARED_GATHER_POOL,
+    ChunkedMemoryBank,
+    GatherPool,
+    MemoryRetrieval,
+)
 from fairseq_longmem.memory.file_format import read_identity
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -560,10 +565,48 @@ def test_search_results_stay_valid_while_held():
     third = bank.search(q1, 16)
     out.sum().backward()
     torch.testing.assert_close(x.grad, want_grad)
-    # once released, the buffer is reused (no fresh tens-of-MB tensor per step)
-    ptr = third.keys.data_ptr()
+    # once released, a buffer is reused (no fresh tens-of-MB tensor per step)
+    pooled = bank.gather_pool.nbytes
+    ptrs = {r.data_ptr() for r in (first.keys, first.values, third.keys, third.values)}
     del first, third, out
-    assert bank.search(q2, 16).keys.data_ptr() == ptr
+    again = bank.search(q2, 16)
+    assert {again.keys.data_ptr(), again.values.data_ptr()} <= ptrs
+    assert bank.gather_pool.nbytes == pooled
+
+
+def test_banks_share_their_search_buffers_and_never_hand_out_a_held_one():
+    # 6 layers' memories searched in turn, each result dropped before the next search (a
+    # no-grad forward): two buffers in all (keys, values), not two per bank
+    banks = [filled_bank(seed=s) for s in range(6)]
+    pool = GatherPool()
+    assert all(bank.gather_pool is SHARED_GATHER_POOL for bank in banks)  # the default
+    for bank in banks:
+        bank.gather_pool = pool
+    q = torch.randn(3, 4, 5, 16)
+    alone = []
+    for bank in banks:  # the reference: each bank with a pool of its own
+        own = filled_bank(seed=banks.index(bank))
+        own.gather_pool = GatherPool()
+        r = own.search(q, 16)
+        alone.append((r.keys.clone(), r.values.clone()))
+    one = 2 * 3 * 4 * 5 * 16 * 16 * 4  # keys + values: B*H*T*K*hd fp32
+    for bank, (k, v) in zip(banks, alone):
+        r = bank.search(q, 16)
+        assert torch.equal(r.keys, k) and torch.equal(r.values, v)
+        del r
+        assert pool.nbytes == one
+    # held results (a training step keeps every layer's for backward) are never overwritten
+    held = [bank.search(q, 16) for bank in banks]
+    assert len({r.keys.data_ptr() for r in held} | {r.values.data_ptr() for r in held}) == 12
+    for r, (k, v) in zip(held, alone):
+        assert torch.equal(r.keys, k) and torch.equal(r.values, v)
+    assert pool.nbytes == 6 * one
+    # another shape: the free buffers of the old one are dropped, held ones kept
+    del held[1:], r
+    small = banks[0].search(q[:, :, :2], 8)
+    assert pool.nbytes == one + 2 * 3 * 4 * 2 * 8 * 16 * 4
+    assert torch.equal(held[0].keys, alone[0][0])
+    del small
 
 
 def test_resize_rows_and_to():

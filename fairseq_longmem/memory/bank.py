@@ -65,6 +65,58 @@ try:  # what a tensor nobody else holds reads (the count includes the temporary 
 except AttributeError:  # private API gone: search results are then gathered into fresh tensors
     _FREE_USE_COUNT = None
 
+
+
+class GatherPool:
+    """CPU buffers for search results, shared by the banks that hold this pool.
+
+    On CPU a fresh tensor of a search result's size (tens to hundreds of MB) costs more in page
+    faults than the gather that fills it, since the allocator hands such blocks back to the OS
+    when they are freed (docs/BENCHMARKS.md, "Exact search"). So a buffer is reused once nothing
+    holds it anymore: callers only ever get views of it, and a view still alive (or saved for
+    backward) raises its storage's use count. Shared by every bank of the process (the default),
+    a model whose 15 layers each search their own memory needs two buffers at a time under
+    ``torch.no_grad`` (keys and values of the one layer attending), not two per layer; in
+    training, what backward holds is never handed out again and the pool grows to what one step
+    holds at once. Free buffers of another shape than the one asked for are dropped, so the pool
+    keeps at most the current shape's."""
+
+    def __init__(self):
+        self._buffers = {}  # (shape, dtype) -> [tensor, ...]
+
+    @staticmethod
+    def _free(buf) -> bool:
+        return _storage_use_count(buf) == _FREE_USE_COUNT
+
+    def take(self, shape, dtype) -> torch.Tensor:
+        """A (shape, dtype) CPU tensor nobody else holds, reused when possible."""
+        key = (tuple(shape), dtype)
+        same = self._buffers.get(key, [])
+        for buf in same:
+            if self._free(buf):
+                return buf
+        self.release()  # the free ones of this shape are none, those of others go
+        buf = torch.empty(shape, dtype=dtype)
+        self._buffers.setdefault(key, []).append(buf)
+        return buf
+
+    def release(self):
+        """Drop every buffer nobody holds (the memory goes back to the allocator)."""
+        for key in list(self._buffers):
+            held = [b for b in self._buffers[key] if not self._free(b)]
+            if held:
+                self._buffers[key] = held
+            else:
+                del self._buffers[key]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every buffer the pool keeps, held by a caller or free."""
+        return sum(b.numel() * b.element_size() for bufs in self._buffers.values() for b in bufs)
+
+
+SHARED_GATHER_POOL = GatherPool()
+
 # Upper bound on one block of a batched search's (rows, heads, queries, chunks) score tensor.
 _MAX_SCORE_BYTES = 256 * 2**20
 
@@ -144,7 +196,7 @@ class ChunkedMemoryBank(Memory):
         self._clock = np.zeros(B, dtype=np.int64)  # add calls since the row was cleared
         # per slot, the row's _clock when the add that completed its chunk ran
         self._written_at = torch.zeros(B, C, dtype=torch.long, device=self._device)
-        self._gather_buffers = {}  # CPU search outputs, reused (_gather)
+        self.gather_pool = SHARED_GATHER_POOL  # CPU search outputs, reused (_gather)
 
     @staticmethod
     def bytes_for(num_rows: int, num_heads: int, head_dim: int, chunk_size: int,
@@ -202,7 +254,6 @@ class ChunkedMemoryBank(Memory):
             setattr(self, name, getattr(self, name).to(device=self._device, dtype=self._dtype))
         self._device = self._keys.device
         self._written_at = self._written_at.to(self._device)
-        self._gather_buffers = {}
         return self
 
     def resize_rows(self, num_rows: int):
@@ -226,7 +277,6 @@ class ChunkedMemoryBank(Memory):
         host = order.cpu().numpy()
         for name in ("_write_ptr", "_count", "_stage_len", "_clock"):
             setattr(self, name, getattr(self, name)[host])
-        self._gather_buffers = {}
         return self
 
     def _rows(self, rows, what="rows"):
@@ -448,32 +498,21 @@ class ChunkedMemoryBank(Memory):
         base = (torch.arange(B, device=self._device)[:, None] * H
                 + torch.arange(H, device=self._device)[None, :]) * C  # (B, H)
         flat = (slots.clamp_min(0) + base[:, :, None, None]).reshape(-1)  # (B*H*T*nk,)
-        keys = self._gather("keys", self._keys, flat).view(B, H, T, nk * S, D)
-        values = self._gather("values", self._values, flat).view(B, H, T, nk * S, D)
+        keys = self._gather(self._keys, flat).view(B, H, T, nk * S, D)
+        values = self._gather(self._values, flat).view(B, H, T, nk * S, D)
         mask = (~missing)[..., None].expand(B, H, T, nk, S).reshape(B, H, T, nk * S)
         if bool((self._count < nk).any()):
             keys.masked_fill_(~mask[..., None], 0)
             values.masked_fill_(~mask[..., None], 0)
         return MemoryRetrieval(keys=keys, values=values, mask=mask, chunk_index=slots)
 
-    def _gather(self, name, store, flat):
-        """Chunks ``flat`` of ``store`` as a (len(flat), csz * hd) tensor.
-
-        On CPU, a fresh tensor of this size (tens of MB per step) costs more in page faults than
-        the gather that fills it, since the allocator hands such blocks back to the OS when they
-        are freed (docs/BENCHMARKS.md, "Exact search"). So the previous search's buffer is
-        reused once nothing holds it anymore: the caller only ever gets views of it, and a view
-        still alive (or saved for backward) raises its storage's use count. The price: the bank
-        keeps its last two output buffers between searches (the memory a search needs anyway).
-        """
+    def _gather(self, store, flat):
+        """Chunks ``flat`` of ``store`` as a (len(flat), csz * hd) tensor; on CPU into a buffer of
+        ``self.gather_pool`` (:class:`GatherPool`: shared by every bank unless replaced)."""
         src = store.view(-1, store.shape[-2] * store.shape[-1])
         if self._device.type != "cpu" or _FREE_USE_COUNT is None:
             return src.index_select(0, flat)
-        shape = (flat.numel(), src.shape[1])
-        buf = self._gather_buffers.get(name)
-        if buf is None or buf.shape != shape or buf.dtype != src.dtype \
-                or _storage_use_count(buf) != _FREE_USE_COUNT:
-            buf = self._gather_buffers[name] = torch.empty(shape, dtype=src.dtype)
+        buf = self.gather_pool.take((flat.numel(), src.shape[1]), src.dtype)
         return torch.index_select(src, 0, flat, out=buf)
 
     # ------------------------------------------------------------------ save / load
