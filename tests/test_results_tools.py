@@ -428,7 +428,14 @@ def test_benchmark_logs_hold_every_repeat_and_the_machine():
         assert machine["cpu"] and machine["cpu_count"] >= 1
         assert len(machine["load_average_1_5_15_min"]) == 3 and len(machine["load_average_at_end"]) == 3
         raw = json.load(open(os.path.join(os.path.dirname(log), "raw.json"), encoding="utf-8"))
-        assert raw and all(isinstance(v, list) and v and min(v) > 0 for v in raw.values())
+        assert raw
+        for cell, v in raw.items():
+            if isinstance(v, dict):  # memory_peak.py: one cell's resident-memory figures (MiB)
+                assert 0 < v["before_mib"] <= v["peak_mib"], (log, cell)
+                assert v["step_mib"] == pytest.approx(v["peak_mib"] - v["before_mib"]), (log, cell)
+                assert v["pooled_mib"] >= 0 and (v["banks"] > 0) == (v["pooled_mib"] > 0), (log, cell)
+            else:  # timings: every repeat of the cell, in seconds
+                assert isinstance(v, list) and v and min(v) > 0, (log, cell)
 
 
 def test_results_md_smollm2_copy_tables_come_from_the_logs():
