@@ -2,8 +2,9 @@
 the memory on with each bank keeping its own search-result buffers, and the memory on with the
 buffers shared by every bank (the default, ``ChunkedMemoryBank.gather_pool``). Each cell runs in
 a fresh child process (glibc keeps freed pages for reuse, so two configurations measured in one
-process would flatter the second; malloc_trim hands back what the fill freed); the peak is Linux's VmHWM, reset through /proc/self/clear_refs
-once the memory is full (the first step's optimizer state is in every configuration's peak).
+process would flatter the second; malloc_trim hands back what the fill freed); the peak is
+Linux's VmHWM, reset through /proc/self/clear_refs once the memory is full (the first step's
+optimizer state is in every configuration's peak).
 
 Run from the repository root (the model options are longmem_speed.py's), e.g. the SideNet that
 reads in 15 blocks at an in-context-learning batch's shape:
@@ -64,7 +65,7 @@ def child(args, config, mode):
     for b in batches[:fill]:
         runner.fill(b, train)
     SHARED_GATHER_POOL.release()  # the fill's buffers: every configuration starts without
-    pools = []
+    banks, pools = [], []
     if config != "off":
         banks = banks_of(model, mode)
         if config == "per-bank":
@@ -82,8 +83,7 @@ def child(args, config, mode):
     peak = status_kib("VmHWM")
     return dict(before_mib=before / 1024, peak_mib=peak / 1024,
                 step_mib=(peak - before) / 1024,
-                pooled_mib=sum(p.nbytes for p in pools) / 2**20, banks=len(banks_of(model, mode))
-                if config != "off" else 0)
+                pooled_mib=sum(p.nbytes for p in pools) / 2**20, banks=len(banks))
 
 
 def main():

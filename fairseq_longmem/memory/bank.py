@@ -66,7 +66,6 @@ except AttributeError:  # private API gone: search results are then gathered int
     _FREE_USE_COUNT = None
 
 
-
 class GatherPool:
     """CPU buffers for search results, shared by the banks that hold this pool.
 
