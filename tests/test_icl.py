@@ -363,6 +363,7 @@ def runs(icl_setup, tmp_path_factory):
     train, test = [review(rng) for _ in range(60)], [review(rng) for _ in range(12)]
     folders = SimpleNamespace(
         tmp=tmp, memory=str(tmp / "memory.safetensors"),
+        free_memory=str(tmp / "free.safetensors"),
         clean=write_mpqa(str(tmp / "clean"), train, test),
         # the test set with a content-free row, "N/A", as its example 2
         na=write_mpqa(str(tmp / "na"), train, test[:2] + [("N/A", 1)] + test[2:]),
@@ -396,13 +397,17 @@ def runs(icl_setup, tmp_path_factory):
         # LongMem reading the demonstrations in several memory layers (--read-layers 2-3)
         "layers": generate_argv(s, path=s.longmem_layers),
         "layers_none": generate_argv(s, "--demos-in-memory", "0", path=s.longmem_layers),
-        "free_file": generate_argv(s, "--training-free-memory", "--free-read-layers", "2-3",
-                                   "--memory-file", str(tmp / "free.safetensors"),
-                                   path=s.backbone),
+        # memory files of several layers: written, read again, refused for other layers
+        **{name: generate_argv(s, "--training-free-memory", "--free-read-layers", layers,
+                               "--memory-file", folders.free_memory, path=s.backbone)
+           for name, layers in (("free_file", "2-3"), ("free_file_again", "2-3"),
+                                ("free_file_other_layers", "3"))},
+        "layers_file": generate_argv(s, "--memory-file", str(tmp / "layers.safetensors"),
+                                     path=s.longmem_layers),
         **{f"bad{i}": generate_argv(s, "--memory-file", str(tmp / f"bad{i}.safetensors"), *args)
            for i, (args, _) in enumerate(BAD_INPUT)},
     }
-    return run_cli_cases(todo, timeout=900, watch=[folders.memory]), folders
+    return run_cli_cases(todo, timeout=900, watch=[folders.memory, folders.free_memory]), folders
 
 
 def log_of(runs, name):
@@ -606,12 +611,24 @@ def test_longmem_with_several_memory_layers_reads_the_demonstrations(runs):
     assert rows != none  # the demonstrations in the 2 memories change the scores
 
 
-def test_a_training_free_memory_refuses_a_memory_file_before_writing(runs):
-    case = runs[0]["free_file"]
-    assert case.failed and "a memory of several reading layers (one bank per layer: the " \
-        "training-free read, LongMem with --read-layers) has no memory file" in case.log, \
-        case.log[-2000:]
-    assert "written in" not in case.log and not (runs[1].tmp / "free.safetensors").exists()
+def test_a_memory_of_several_layers_is_saved_once_then_reused_with_identical_scores(runs):
+    path = runs[1].free_memory
+    free, first, second = (log_of(runs, n) for n in ("free", "free_file", "free_file_again"))
+    assert "memory saved to" in first and os.path.isfile(path)
+    assert "loaded from" in second and "written in" not in second
+    assert parse(first) == parse(free) == parse(second)
+    digest = runs[0]["free_file"].watched[path]
+    assert runs[0]["free_file_again"].watched[path] == digest
+    # other reading layers: refused, named, and the file left alone
+    refusal = runs[0]["free_file_other_layers"]
+    assert refusal.failed and re.search(
+        r"--memory-file .* holds another memory; it differs in: memory_layer \(file '2-3', "
+        r"this run '3'\)", refusal.log), refusal.log[-2000:]
+    assert "written in" not in refusal.log and refusal.watched[path] == digest
+    # LongMem reading 2 memory layers: its file gives its scores
+    layers = log_of(runs, "layers_file")
+    assert "memory saved to" in layers and (runs[1].tmp / "layers.safetensors").is_file()
+    assert parse(layers) == parse(log_of(runs, "layers"))
 
 
 def test_a_subset_of_the_evaluation_set_scores_as_in_the_full_run(runs):
@@ -726,8 +743,8 @@ def test_run_icl_prints_the_three_conditions_from_its_logs(icl_setup, tmp_path):
     assert again.stdout.splitlines()[:6] == res.stdout.splitlines()[:6]
 
 
-def test_run_icl_passes_a_converted_tokenizer_the_subset_and_no_file_for_a_free_read(tmp_path,
-                                                                                     monkeypatch):
+def test_run_icl_passes_a_converted_tokenizer_the_subset_and_a_memory_file_for_every_model(
+        tmp_path, monkeypatch):
     from conftest import load_example
 
     run_icl = load_example("icl/run_icl.py")
@@ -748,36 +765,17 @@ def test_run_icl_passes_a_converted_tokenizer_the_subset_and_no_file_for_a_free_
     assert cmd[cmd.index("--tokenizer-file") + 1] == "tok.json"
     assert cmd[cmd.index("--icl-test-examples") + 1] == "7"
     assert "--memory-file" in cmd
-    # the training-free read's per-layer memories have no file: none is passed
+    # the training-free read's memory (one bank per layer) is kept in a file too
     free = tmp_path / "free"
     base[base.index("--out") + 1] = str(free)
     run_icl.main(base + ["--", "--cpu", "--training-free-memory", "--free-read-layers", "2-3"])
-    assert "--memory-file" not in seen[-1] and "--training-free-memory" in seen[-1]
-
-
-def test_run_icl_keeps_memory_files_only_for_models_of_one_memory_layer(icl_setup, tmp_path,
-                                                                       monkeypatch):
-    from conftest import load_example
-
-    run_icl = load_example("icl/run_icl.py")
-    assert run_icl.one_memory_layer(icl_setup.longmem)
-    assert not run_icl.one_memory_layer(icl_setup.longmem_layers)  # --read-layers 2-3
-    seen = []
-
-    def fake_run(cmd, **kwargs):
-        seen.append(cmd)
-        return SimpleNamespace(returncode=0, stdout="Generate test with beam=1: Accuracy 50.00 (1/2)\n")
-
-    monkeypatch.setattr(run_icl.subprocess, "run", fake_run)
-    for name, path, file in (("one", icl_setup.longmem, True),
-                             ("layers", icl_setup.longmem_layers, False)):
-        run_icl.main(["--path", path, "--dict-dir", "d", "--dataset", "sst2", "--data-dir", "x",
-                      "--out", str(tmp_path / name), "--seeds", "1-2", "--conditions",
-                      "context,memory", "--tokenizer-file", "tok.json", "--", "--cpu"])
-        memory_runs = [c for c in seen[-4:] if c[c.index("--demos-in-memory") + 1] != "0"]
-        assert len(memory_runs) == 2
-        assert all(("--memory-file" in c) == file for c in memory_runs), name
-        assert all("--memory-file" not in c for c in seen[-4:] if c not in memory_runs)
+    assert "--training-free-memory" in seen[-1]
+    path = seen[-1][seen[-1].index("--memory-file") + 1]
+    assert path == os.path.join(str(free), "sst2", "memory_seed1.safetensors")
+    # unless asked not to
+    base[base.index("--out") + 1] = str(tmp_path / "nofile")
+    run_icl.main(base + ["--no-memory-files", "--", "--cpu"])
+    assert "--memory-file" not in seen[-1] and "--demos-in-memory" in seen[-1]
 
 
 def test_vader_ratings_become_labels():

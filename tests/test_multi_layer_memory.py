@@ -7,11 +7,12 @@ import math
 import pytest
 import torch
 
+from fairseq_longmem.memory.bank import ChunkedMemoryBank
 from fairseq_longmem.memory.layered import LayeredMemory
 from fairseq_longmem.models.backbone_lm import BackboneLMDecoder
 from fairseq_longmem.models.training_free import FreeReadConfig, TrainingFreeDecoder
 from fairseq_longmem.modules.decoding_state import SharedPromptMemory
-from fairseq_longmem.tasks.generation import save_prompt_memory
+from fairseq_longmem.tasks.generation import load_prompt_memory, save_prompt_memory
 from tiny_longmem import DICT, LAYERS, T, make_backbone, make_model, random_tokens, stream
 
 FAMILIES = ("gpt2", "llama")
@@ -221,18 +222,79 @@ def test_bad_multi_layer_configurations_are_refused_in_one_line(overrides, messa
     assert message in str(e.value)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @torch.no_grad()
-def test_a_multi_layer_memory_refuses_a_memory_file_before_touching_the_state(tmp_path):
-    model = top_copy("gpt2")
+def test_a_multi_layer_prompt_memory_file_continues_as_if_its_text_preceded_the_prompt(
+        family, tmp_path):
+    model = top_copy(family, perturb=True)
     dec = model.decoder
-    state = dec.start_decoding(2, dec.backbone.output_weight, segment_len=T)
-    prompt = random_tokens(2, T + 3, seed=8)
-    dec.prefill(prompt, state)
-    fills = state.memory.fill().tolist()
-    with pytest.raises(ValueError, match="has no memory file"):
-        save_prompt_memory(str(tmp_path / "m.safetensors"), dec, state, prompt[:1], row=1)
-    assert state.memory.fill().tolist() == fills and state.memory.num_rows == 2
-    assert not (tmp_path / "m.safetensors").exists()
+    template = dec.backbone.output_weight
+    eos = torch.full((1, 1), DICT.eos())
+    text, prompt = random_tokens(1, 2 * T - 1, seed=8), random_tokens(1, T // 2, seed=9)
+    # the text and the prompt as one prompt: "</s> text </s> prompt" (two whole segments first)
+    one = dec.start_decoding(1, template, segment_len=T)
+    want = dec.prefill(torch.cat([eos, text, eos, prompt], dim=1), one)
+    # the text's memory saved (state of two rows: row 1 holds it), then read before the prompt
+    state = dec.start_decoding(2, template, segment_len=T)
+    dec.prefill(torch.cat([eos, text], dim=1).repeat(2, 1), state)
+    before = [t.clone() for t in state.memory.tensors()]
+    path = str(tmp_path / "m.safetensors")
+    save_prompt_memory(path, dec, state, text, row=1)
+    assert state.memory.num_rows == 2 and all(  # the decoding state is left as it was
+        torch.equal(a, b) for a, b in zip(before, state.memory.tensors()))
+    loaded = load_prompt_memory(path, dec, T, template)
+    assert isinstance(loaded, LayeredMemory) and loaded.layers == (1, 2, 3)
+    assert loaded.fill().tolist() == [2 * T]
+    for i in loaded.layers:  # each layer's bank holds its own block's keys
+        assert not torch.equal(loaded.layer(i)._keys, loaded.layer(1 + i % 3)._keys)
+    got = dec.prefill(torch.cat([eos, prompt], dim=1),
+                      dec.start_decoding(1, template, memory=loaded, segment_len=T))
+    assert (got - want).abs().max() < 1e-4
+    alone = dec.prefill(torch.cat([eos, prompt], dim=1),
+                        dec.start_decoding(1, template, segment_len=T))
+    assert (alone - want).abs().max() > 1e-2  # the memory is what made them equal
+    with pytest.raises(FileExistsError):  # never overwritten
+        save_prompt_memory(path, dec, state, text, row=1)
+
+
+@torch.no_grad()
+def test_a_layered_memory_file_is_refused_by_other_layers_and_a_one_layer_memory(tmp_path):
+    opts = dict(num_rows=1, num_heads=2, head_dim=8, chunk_size=4, memory_size=32)
+    memory = LayeredMemory((1, 2, 3), **opts)
+    g = torch.Generator().manual_seed(0)
+    memory.add(torch.randn(3, 1, 2, 10, 8, generator=g), torch.randn(3, 1, 2, 10, 8, generator=g))
+    path = tmp_path / "m.safetensors"
+    memory.save(path)
+    again = LayeredMemory((1, 2, 3), **opts)
+    again.load(path)
+    for i in (1, 2, 3):
+        assert all(torch.equal(a, b) for a, b in zip(memory.layer(i).tensors(),
+                                                     again.layer(i).tensors()))
+    assert again.staged().tolist() == [2] and again.fill().tolist() == [8]
+    other = LayeredMemory((1, 2), **opts)
+    with pytest.raises(ValueError, match=r"memory layers: expected a memory of 2 reading "
+                       r"layer\(s\) \[1, 2\], found a memory of 3 reading layer\(s\) \[1, 2, 3\]"):
+        other.load(path)
+    assert other.fill().tolist() == [0]
+    with pytest.raises(ValueError, match="expected a memory of one layer, found a memory of 3"):
+        ChunkedMemoryBank(**opts).load(path)
+    one = ChunkedMemoryBank(**opts)
+    one.save(tmp_path / "one.safetensors")
+    with pytest.raises(ValueError, match="expected a memory of 3 reading layer.* found a "
+                       "memory of one layer"):
+        again.load(tmp_path / "one.safetensors")
+    # a damaged last layer: refused before any layer is written
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {n: f.get_tensor(n) for n in f.keys()}
+    tensors["layer3.row0.keys"][0, 0, 0, 0] += 1
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
+    fresh = LayeredMemory((1, 2, 3), **opts)
+    with pytest.raises(ValueError, match=r"tensor layer3.row0.keys checksum.*corrupt data"):
+        fresh.load(tmp_path / "bad.safetensors")
+    assert [fresh.layer(i).fill().tolist() for i in (1, 2, 3)] == [[0], [0], [0]]
 
 
 # ------------------------------------------------------------------------------ command line

@@ -522,6 +522,11 @@ class ChunkedMemoryBank(Memory):
 
     def save(self, path, rows=None, overwrite: bool = False):
         """Write the given rows (None = all) to ``path`` (safetensors + JSON header, atomic)."""
+        memory_file.save(path, self._config(), self._dtype, self.fingerprint,
+                         self._saved_rows(rows), overwrite)
+
+    def _saved_rows(self, rows=None):
+        """The given rows (None = all) as :class:`~.file_format.SavedRow` (views, not copies)."""
         saved = []
         for b in self._rows(rows):
             cnt, s = int(self._count[b]), int(self._stage_len[b])
@@ -531,7 +536,7 @@ class ChunkedMemoryBank(Memory):
                            staging_values=self._stage_values[b, :, :s])
             saved.append(memory_file.SavedRow(write_pointer=int(self._write_ptr[b]), count=cnt,
                                               staged=s, tensors=tensors, source_row=b))
-        memory_file.save(path, self._config(), self._dtype, self.fingerprint, saved, overwrite)
+        return saved
 
     def load(self, path, rows=None):
         """Load a saved memory into ``rows`` of this bank (None = all; count must match the file).
@@ -540,7 +545,12 @@ class ChunkedMemoryBank(Memory):
         was. Tensors are cast to this bank's device and dtype.
         """
         idx = self._rows(rows)
-        saved = memory_file.load(path, self._config(), self.fingerprint, len(idx))
+        self._put_rows(idx, memory_file.load(path, self._config(), self.fingerprint, len(idx)))
+        logger.info("loaded %d memory row(s) from %s into rows %s (%s, %s)", len(idx), path, idx,
+                    self._device, self._dtype)
+
+    def _put_rows(self, idx, saved):
+        """Rows ``idx`` of this bank := the validated rows ``saved`` (one each)."""
         put = dict(device=self._device, dtype=self._dtype)
         for b, row in zip(idx, saved):
             cnt, s = row.count, row.staged
@@ -552,5 +562,3 @@ class ChunkedMemoryBank(Memory):
             self._write_ptr[b], self._count[b], self._stage_len[b] = row.write_pointer, cnt, s
             self._clock[b] = 0
             self._written_at[b] = 0
-        logger.info("loaded %d memory row(s) from %s into rows %s (%s, %s)", len(idx), path, idx,
-                    self._device, self._dtype)

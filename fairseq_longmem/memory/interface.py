@@ -38,8 +38,6 @@ class Memory(abc.ABC):
 
     num_heads: int
     chunk_size: int
-    # whether save/load write and read a memory file (a training-free memory's banks: no)
-    has_files: bool = True
 
     @property
     @abc.abstractmethod

@@ -6,13 +6,16 @@ Each reading layer stores its own keys and values (position-free, per key-value 
 them with its own queries, as InfLLM does; the banks are written together, one segment at a time,
 so they always hold the same tokens. Callers that handle a LongMem bank (the stream memories of
 evaluation, in-context learning's demonstration memory) handle this one the same way: ``add``
-takes the layers' keys and values stacked on a leading axis.
+takes the layers' keys and values stacked on a leading axis. Saved and loaded as one file
+(:mod:`.file_format`: every layer's bank, each under its layer's name).
 """
 
+import copy
 from typing import Dict, Sequence
 
 import torch
 
+from . import file_format as memory_file
 from .bank import ChunkedMemoryBank
 from .interface import Memory
 
@@ -94,6 +97,7 @@ class LayeredMemory:
     def select_rows(self, order):
         for b in self.banks.values():
             b.select_rows(order)
+        return self
 
     def add(self, keys, values, lengths=None):
         """keys, values: (layers, B, Hkv, T, hd), in the order of ``self.layers``."""
@@ -105,14 +109,44 @@ class LayeredMemory:
         for n, i in enumerate(self.layers):
             self.banks[i].add(keys[n], values[n], lengths=lengths)
 
-    has_files = False
+    def __copy__(self) -> "LayeredMemory":
+        """A copy whose banks are copies (``copy.copy(memory).select_rows(...)`` leaves this one
+        as it is, as it does for a single bank)."""
+        return LayeredMemory.from_banks({i: copy.copy(b) for i, b in self.banks.items()})
+
+    @property
+    def fingerprint(self) -> str:
+        """What a saved file must carry to be loaded (the same in every layer's bank)."""
+        return self._first.fingerprint
+
+    @fingerprint.setter
+    def fingerprint(self, value: str):
+        for b in self.banks.values():
+            b.fingerprint = value
+
+    def _banks_with_files(self):
+        banks = [self.banks[i] for i in self.layers]
+        if not all(isinstance(b, ChunkedMemoryBank) for b in banks):
+            raise ValueError("LayeredMemory: only a memory of ChunkedMemoryBanks is saved or "
+                             "loaded (a beam search's shared prompt memories are not)")
+        return banks
 
     def save(self, path, rows=None, overwrite: bool = False):
-        raise ValueError(self.NO_FILES)
+        """Every layer's bank, the given rows (None = all), in one file ``path`` (atomic; refuses
+        an existing file unless ``overwrite``)."""
+        banks = self._banks_with_files()
+        first = banks[0]
+        memory_file.save(path, first._config(), first.dtype, self.fingerprint,
+                         {i: b._saved_rows(rows) for i, b in zip(self.layers, banks)},
+                         overwrite, layers=self.layers)
 
     def load(self, path, rows=None):
-        raise ValueError(self.NO_FILES)
-
-    NO_FILES = ("a memory of several reading layers (one bank per layer: the training-free "
-                "read, LongMem with --read-layers) has no memory file: --memory-file and "
-                "--save-memory work with LongMem models of one memory layer")
+        """Load a file saved by :meth:`save` with the same layers into ``rows`` (None = all) of
+        every layer's bank. Every layer is validated before any is written: a refused file leaves
+        the memory as it was."""
+        banks = self._banks_with_files()
+        idx = banks[0]._rows(rows)
+        saved = memory_file.load(path, banks[0]._config(), self.fingerprint, len(idx),
+                                 layers=self.layers)
+        for i, b in zip(self.layers, banks):
+            b._put_rows(idx, saved[i])

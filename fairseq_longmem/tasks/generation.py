@@ -200,9 +200,6 @@ def load_prompt_memory(path: str, decoder, segment_len: int, template) -> Chunke
 def save_prompt_memory(path: str, decoder, state, prompt: torch.Tensor, row: int = 0):
     """Write row ``row``'s memory after its prompt, the prompt's last partial segment included
     (as eval-lm writes a document's last segment), to a new file ``path``."""
-    if not getattr(state.memory, "has_files", True):
-        raise ValueError("--save-memory: this model's memory (one bank per memory layer, "
-                         "--read-layers) has no memory file; it works with one memory layer")
     memory = copy.copy(state.memory).select_rows([row])  # a copy: decoding goes on unchanged
     if state.pos:
         memory.add(*decoder.memory_from_caches(state.backbone, slice(row, row + 1), state.pos))

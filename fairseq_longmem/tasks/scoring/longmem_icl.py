@@ -312,8 +312,6 @@ class ICLScorer(CandidateScorer):
                                               decoder.cfg.retrieved_tokens)
         path = cfg.memory_file
         memory = decoder.new_memory(1, size, self.model_parameter, fingerprint=fingerprint)
-        if path and not memory.has_files:  # refused before the demonstrations are written
-            raise ValueError(f"--memory-file {path}: {memory.NO_FILES}")
         if path and os.path.exists(path):
             try:
                 saved = read_identity(path, MEMORY_FILE_KIND)
