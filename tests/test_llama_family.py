@@ -254,3 +254,24 @@ def test_mlp_in_place_without_autograd_equals_the_graph_path_and_keeps_gradients
     x.requires_grad_(True)
     mlp(x).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@torch.no_grad()
+def test_a_forward_keeps_only_the_hidden_states_its_caller_reads(family):
+    backbone = make_backbone(0, family).eval()
+    tokens = random_tokens(2, T, seed=3)
+    every, kv = backbone(tokens, kv_layer=1)
+    L = len(backbone.blocks)
+    some, kv_some = backbone(tokens, kv_layer=1, keep=(1, L))
+    assert len(some) == L + 1 and [i for i, h in enumerate(some) if h is not None] == [1, L]
+    assert torch.equal(some[1], every[1]) and torch.equal(some[L], every[L])
+    assert torch.equal(kv_some[0], kv[0]) and torch.equal(kv_some[1], kv[1])
+    # the SideNet asks for what it reads: its input, and every r-th state with the residual
+    side = make_model(family=family).decoder.sidenet
+    assert side.residual == "cross" and side.hiddens_read() == tuple(
+        side.start + side.r * j for j in range(len(side.h) + 1))
+    assert side.hiddens_read()[-1] == L
+    top = make_model(family=family, reduction_factor=1, sidenet_from=1, read_layers="1-3",
+                     sidenet_residual="none", memory_read="joint").decoder.sidenet
+    assert top.hiddens_read() == (1,)

@@ -11,7 +11,7 @@ keys when it attends, never in storage).
 
 import importlib
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple, Type
+from typing import Callable, Collection, List, Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
@@ -110,22 +110,25 @@ class Backbone(nn.Module):
 
     def forward(
         self, tokens, kv_layer=None, stop_at_kv_layer: bool = False,
-        caches: Optional[List[KVCache]] = None,
-    ) -> Tuple[List[torch.Tensor], Optional[Tuple[torch.Tensor, torch.Tensor]]]:
+        caches: Optional[List[KVCache]] = None, keep: Optional[Collection[int]] = None,
+    ) -> Tuple[List[Optional[torch.Tensor]], Optional[Tuple[torch.Tensor, torch.Tensor]]]:
         """Return all hidden states ``[h_0 .. h_L]`` (each B x T x C, before the final norm) and
         the keys/values (B, Hkv, T, hd, position-free) of block ``kv_layer`` (0-based) if asked
         for; ``kv_layer`` a tuple of blocks: theirs stacked, (layers, B, Hkv, T, hd) each.
         ``stop_at_kv_layer`` skips the blocks after the (last) ``kv_layer`` (when only its K/V are
         needed). With ``caches`` (one per block), ``tokens`` continue the cached ones: positions
-        start after them and each block attends to them too (incremental decoding)."""
+        start after them and each block attends to them too (incremental decoding). ``keep``: the
+        indices into ``[h_0 .. h_L]`` the caller reads (None: all); the others are None in the
+        list, so each is freed once the next block has read it (a forward to the logits keeps one
+        (B, T, C) state alive instead of L + 1)."""
         start = caches[0].len if caches is not None else 0
         several = isinstance(kv_layer, (tuple, list))
         wanted = tuple(kv_layer) if several else (() if kv_layer is None else (kv_layer,))
         x = self.embed(tokens, start)
-        hiddens, kvs = [x], []
+        hiddens, kvs = [x if keep is None or 0 in keep else None], []
         for i, block in enumerate(self.blocks):
             x, kv = block(x) if caches is None else block(x, cache=caches[i])
-            hiddens.append(x)
+            hiddens.append(x if keep is None or i + 1 in keep else None)
             if i in wanted:
                 kvs.append(kv)
                 if stop_at_kv_layer and len(kvs) == len(wanted):

@@ -10,9 +10,10 @@ from .common import BackboneDecoder, bind_dictionary, check_segment_length, chec
 
 class BackboneLMDecoder(BackboneDecoder):
     def forward(self, src_tokens, features_only: bool = False, **unused):
-        hiddens, _ = self.backbone(src_tokens)
-        x = self.backbone.final_norm(hiddens[-1])  # (B, T, C)
-        return (x if features_only else self.output_layer(x)), {"inner_states": hiddens}
+        last = len(self.backbone.blocks)
+        hiddens, _ = self.backbone(src_tokens, keep=(last,))  # the others freed as it goes
+        x = self.backbone.final_norm(hiddens[last])  # (B, T, C)
+        return (x if features_only else self.output_layer(x)), {"inner_states": [hiddens[last]]}
 
 
 class BackboneLanguageModel(FairseqLanguageModel):

@@ -266,7 +266,7 @@ class LongMemDecoder(StreamMemoryMixin, BackboneDecoder, FairseqIncrementalDecod
         T, n = state.segment_len, tokens.size(1)
         if state.pos + n > T:
             raise ValueError(f"advance: {n} tokens after {state.pos} cross the {T}-token segment")
-        hiddens, _ = self.backbone(tokens, caches=state.backbone)
+        hiddens, _ = self.backbone(tokens, caches=state.backbone, keep=self.sidenet.hiddens_read())
         x, _ = self.sidenet(hiddens, memory=state.memory,
                             retrieved_tokens=self.cfg.retrieved_tokens, caches=state.side)
         if state.pos == T:
@@ -325,7 +325,8 @@ class LongMemDecoder(StreamMemoryMixin, BackboneDecoder, FairseqIncrementalDecod
         B, T = src_tokens.shape
         cfg = self.cfg
         with torch.no_grad():
-            hiddens, (mem_k, mem_v) = self.backbone(src_tokens, kv_layer=self.kv_layers)
+            hiddens, (mem_k, mem_v) = self.backbone(src_tokens, kv_layer=self.kv_layers,
+                                                    keep=self.sidenet.hiddens_read())
         bank = None
         if memory is not None:
             if cfg.disable_memory:

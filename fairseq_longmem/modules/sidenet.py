@@ -166,6 +166,14 @@ class SideNet(nn.Module):
         d = self.dims
         return [KVCache(batch, d.num_kv_heads, capacity, d.head_dim, template) for _ in self.h]
 
+    def hiddens_read(self) -> Tuple[int, ...]:
+        """The indices into the backbone's ``[h_0 .. h_L]`` that :meth:`forward` reads (its
+        ``keep``): the SideNet's input, and with the cross-network residual every r-th after it."""
+        S, r = self.start, self.r
+        if self.residual != "cross":
+            return (S,)
+        return tuple(S + r * j for j in range(len(self.h) + 1))
+
     def forward(self, hiddens: List[torch.Tensor], memory=None, retrieved_tokens: int = 0,
                 caches: Optional[List[KVCache]] = None
                 ) -> Tuple[torch.Tensor, Optional[MemoryReadStats]]:
