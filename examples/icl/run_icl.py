@@ -11,7 +11,7 @@ Every run's log is kept as OUT/DATASET/CONDITION_seedS.log; a run whose log alre
 accuracy line is not run again, and each seed's memory is saved once as
 OUT/DATASET/memory_seedS.safetensors and reused (one file holds every reading layer's memory of
 the training-free read or of a SideNet with --read-layers: 26 KB a token in SmolLM2's 15 layers,
-fp32, so about 1.7 GB for 2,000 SST-2 demonstrations; --no-memory-files builds it again in every
+fp32, so 1.78 GB for 2,000 MR demonstrations; --no-memory-files builds it again in every
 run instead). The table
 goes to stdout and, with the figures behind it, to OUT/DATASET/summary.json; the data rows left
 out for their empty text, which the runs' logs name, are printed under the table and kept in

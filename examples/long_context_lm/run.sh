@@ -20,6 +20,7 @@
 #   PRESET=smollm2 bash examples/long_context_lm/run.sh  # SmolLM2-135M from PyPI as the backbone,
 #                                                        # with (e), the training-free read (hours)
 #   PRESET=smollm2_smoke                                 # the same pipeline on generated books
+#   PRESET=smollm2_code                                  # SmolLM2 on the Python corpus (its tokenizer)
 # OUT=DIR chooses the output folder (default runs/long_context_lm/$PRESET); a step whose output
 # and complete log are already there is skipped (a rerun resumes; trainings save checkpoint_last.pt
 # every 100 updates and resume from it); all logs go to $OUT/logs.
@@ -29,7 +30,7 @@ HERE="$(cd "$(dirname "$0")" && pwd)"
 cd "$HERE/../.."
 PRESET=${PRESET:-cpu}
 if [ ! -f "$HERE/$PRESET.env" ]; then
-  echo "error: PRESET=$PRESET has no settings file $HERE/$PRESET.env; use cpu, smoke, gpu, code_cpu, code_smoke, code_gpu, smollm2 or smollm2_smoke" >&2
+  echo "error: PRESET=$PRESET has no settings file $HERE/$PRESET.env; use cpu, smoke, gpu, code_cpu, code_smoke, code_gpu, smollm2, smollm2_smoke or smollm2_code" >&2
   exit 2
 fi
 # shellcheck source=cpu.env
