@@ -1,0 +1,1 @@
+fairseq-eval-lm $D/bin --user-dir $UD --task longmem_lm --gen-subset test --tokens-per-sample 256 --batch-size 2 --num-workers 0 --cpu --path runs/topcopy/checkpoint_last.pt --model-overrides "{'memory_size': 32768}"
