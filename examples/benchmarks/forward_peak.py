@@ -30,7 +30,8 @@ def child(path, mode, B, T, threads):
     torch.set_num_threads(threads)
     ours, _ = load_ours(path)
     model = hf_twin(ours) if mode == "transformers" else ours
-    tokens = torch.randint(0, ours.dims.vocab_size, (B, T), generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, ours.dims.vocab_size, (B, T), generator=g)
     last = len(ours.blocks)
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     before = status_kib("VmRSS")
@@ -61,10 +62,11 @@ def main():
         mode, B, T = args.child
         return child(args.checkpoint, mode, int(B), int(T), args.threads)
     log = RunLog(args.log_dir)
-    log.print(f"peak resident memory of one forward to the logits over the process's resident memory before it "
-              f"(MiB), {args.threads} threads, fp32, fresh process per cell")
+    log.print("peak resident memory of one forward to the logits over the process's resident "
+              f"memory before it (MiB), {args.threads} threads, fp32, fresh process per cell")
     log.print()
-    log.print("| B | T | " + " | ".join(MODES.values()) + " | of which logits | kept / every state |")
+    log.print("| B | T | " + " | ".join(MODES.values())
+              + " | of which logits | kept / every state |")
     log.print("|---|---|" + "---|" * (len(MODES) + 2))
     for B in [int(x) for x in args.batches.split(",")]:
         for T in [int(x) for x in args.lengths.split(",")]:

@@ -58,20 +58,17 @@ def save(path, config: dict, dtype: torch.dtype, fingerprint: str,
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     from safetensors.torch import save as safetensors_bytes
 
-    tensors, row_meta = {}, []
+    tensors, groups = {}, []
     for layer in _groups(layers):
-        group = rows if layer is None else rows[layer]
         meta = []
-        for i, row in enumerate(group):
+        for i, row in enumerate(rows if layer is None else rows[layer]):
             for part in PARTS:
                 tensors[_prefix(layer) + f"row{i}.{part}"] = \
                     row.tensors[part].detach().to("cpu").contiguous()
             meta.append(dict(source_row=row.source_row, write_pointer=row.write_pointer,
                              count=row.count, staging=row.staged))
-        if layer is None:
-            row_meta = meta
-        else:
-            row_meta.append(meta)
+        groups.append(meta)
+    row_meta = groups[0] if layers is None else groups  # one list, or one per layer
     header = dict(format=FORMAT_NAME, version=FORMAT_VERSION, **config,
                   dtype=str(dtype).replace("torch.", ""), fingerprint=fingerprint,
                   rows=row_meta, crc32={n: crc32(t) for n, t in tensors.items()})
