@@ -2,6 +2,7 @@
 (--sidenet-from), without the cross-network residual (--sidenet-residual none) and reading in one
 softmax (--memory-read joint): the SideNet that starts as the training-free read."""
 
+import json
 import math
 
 import pytest
@@ -300,15 +301,21 @@ def test_a_layered_memory_file_is_refused_by_other_layers_and_a_one_layer_memory
 # ------------------------------------------------------------------------------ command line
 
 
-@pytest.mark.slow  # a fairseq-train run and two fairseq-eval-lm runs
-def test_fairseq_train_and_eval_lm_run_the_top_copy_sidenet(corpus, backbone, tmp_path):
-    from conftest import run_cli, train_longmem
+@pytest.fixture(scope="module")
+def top_copy_checkpoint(corpus, backbone, tmp_path_factory):
+    """A LongMem whose SideNet reads in blocks 2-3 (two memories), trained for 8 updates by the
+    real fairseq-train over the session's tiny backbone."""
+    from conftest import TOP_COPY_OPTIONS, train_longmem
+
+    return train_longmem(corpus, backbone, tmp_path_factory.mktemp("top_copy"), *TOP_COPY_OPTIONS)
+
+
+@pytest.mark.slow  # two fairseq-eval-lm runs (and the module's fairseq-train run)
+def test_fairseq_train_and_eval_lm_run_the_top_copy_sidenet(corpus, top_copy_checkpoint):
+    from conftest import run_cli
     from test_cli_longmem import eval_lm_argv, eval_lm_result
 
-    options = ["--reduction-factor", "1", "--sidenet-from", "2", "--read-layers", "2-3",
-               "--sidenet-residual", "none", "--memory-read", "joint", "--sidenet-copy", "first",
-               "--sidenet-init", "paper"]
-    checkpoint = train_longmem(corpus, backbone, tmp_path, *options)
+    checkpoint = top_copy_checkpoint
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     cfg = state["cfg"]["model"]
     assert (cfg["read_layers"], cfg["sidenet_from"], cfg["memory_layer"]) == ("2-3", 2, 2)
@@ -322,3 +329,64 @@ def test_fairseq_train_and_eval_lm_run_the_top_copy_sidenet(corpus, backbone, tm
     (tokens, loss_on), (_, loss_off) = eval_lm_result(on), eval_lm_result(off)
     assert tokens == corpus.num_tokens("valid") and math.isfinite(loss_on)
     assert loss_on != loss_off
+
+
+@pytest.mark.slow  # seven fairseq-interactive runs (and the module's fairseq-train run)
+def test_fairseq_interactive_saves_and_reads_a_layered_memory_file(
+        corpus, top_copy_checkpoint, longmem_run, tmp_path):
+    """fairseq-interactive --save-memory / --memory-file with the SideNet of two memories: the
+    file holds both layers' banks, a prompt read with it is continued as if the saved prompt's
+    text preceded it (the same 12 greedy tokens, per-token scores within 2e-4), and a file of
+    the other kind (one memory / two memories) is refused in one line by either model."""
+    from safetensors import safe_open
+
+    from conftest import TOKENS_PER_SAMPLE, USER_DIR, run_cli_cases
+    from fairseq_longmem.memory.file_format import HEADER_KEY
+    from test_generation import A_WORDS, WORDS, lines_of
+
+    a = " ".join(WORDS[i % len(WORDS)] for i in range(A_WORDS))
+    b = "the dog flew over a log"
+    for name, text in (("a", a), ("b", b), ("ab", f"{a} </s> {b}")):
+        (tmp_path / f"{name}.txt").write_text(text + "\n")
+    layered, one = tmp_path / "layered.safetensors", tmp_path / "one.safetensors"
+
+    def interactive(checkpoint, prompt, *extra):
+        return ("fairseq-interactive", [
+            corpus.data_dir, "--user-dir", USER_DIR, "--task", "longmem_lm", "--path",
+            checkpoint, "--tokens-per-sample", TOKENS_PER_SAMPLE, "--batch-size", "1", "--cpu",
+            "--beam", "1", "--max-len-b", "12", "--input", tmp_path / f"{prompt}.txt", *extra])
+
+    top, single = top_copy_checkpoint, longmem_run.checkpoint
+    logs = run_cli_cases({
+        "save": interactive(top, "a", "--save-memory", layered),
+        "from_memory": interactive(top, "b", "--memory-file", layered),
+        "one_prompt": interactive(top, "ab"),
+        "alone": interactive(top, "b"),
+        "save_one": interactive(single, "a", "--save-memory", one),
+        "one_reads_layered": interactive(single, "b", "--memory-file", layered),
+        "layered_reads_one": interactive(top, "b", "--memory-file", one),
+    }, timeout=900)
+    for name in ("save", "from_memory", "one_prompt", "alone", "save_one"):
+        assert not logs[name].failed, f"{name}:\n{logs[name].log[-3000:]}"
+    with safe_open(str(layered), framework="pt") as f:  # 64 tokens in chunks of 4, 4 heads
+        assert json.loads(f.metadata()[HEADER_KEY])["layers"] == [2, 3]
+        assert {tuple(f.get_tensor(f"layer{i}.row0.keys").shape) for i in (2, 3)} == {
+            (4, 16, 4, 32)}
+        assert not torch.equal(f.get_tensor("layer2.row0.keys"), f.get_tensor("layer3.row0.keys"))
+
+    def hypothesis(name):
+        text = lines_of(logs[name].log, "H")[0].split("\t")[1]
+        scores = [float(x) for x in lines_of(logs[name].log, "P")[0].split()]
+        return text, scores
+
+    (got, p_got), (want, p_want) = hypothesis("from_memory"), hypothesis("one_prompt")
+    assert got == want and len(got.split()) == 12
+    assert max(abs(x - y) for x, y in zip(p_got, p_want)) < 2e-4
+    _, p_alone = hypothesis("alone")  # the file is what made them equal
+    assert max(abs(x - y) for x, y in zip(p_alone, p_want)) > 1e-2
+    for name, line in (("one_reads_layered", "memory_layer (file '2-3', this model 3)"),
+                       ("layered_reads_one", "memory_layer (file 3, this model '2-3')")):
+        case = logs[name]
+        assert case.failed, case.log[-2000:]
+        assert "was written by another model or setting" in case.last_line(), case.last_line()
+        assert line in case.last_line(), case.last_line()
