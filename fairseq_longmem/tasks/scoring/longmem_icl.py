@@ -326,9 +326,11 @@ class ICLScorer(CandidateScorer):
                     f"--memory-file {path} holds another memory; it differs in: {diff}. Pass "
                     "another --memory-file, or delete this one to rebuild it"
                 )
+            start = time.perf_counter()
             memory.load(path)
-            logger.info("memory: %d demonstrations (%d tokens) loaded from %s",
-                        len(task.memory_demos), len(task.memory_stream), path)
+            logger.info("memory: %d demonstrations (%d tokens) loaded from %s in %.1fs",
+                        len(task.memory_demos), len(task.memory_stream), path,
+                        time.perf_counter() - start)
             return memory
         start = time.perf_counter()
         memory_scoring.write_stream(self.model, memory, task.memory_stream,
@@ -340,8 +342,9 @@ class ICLScorer(CandidateScorer):
             cfg.tokens_per_sample, time.perf_counter() - start, decoder.cfg.chunk_size,
             int(memory.fill()[0]))
         if path:
+            start = time.perf_counter()
             memory.save(path)
-            logger.info("memory saved to %s", path)
+            logger.info("memory saved to %s in %.1fs", path, time.perf_counter() - start)
         return memory
 
     # ------------------------------------------------------------------ scoring
