@@ -239,7 +239,7 @@ def markdown(r):
         e = c[n]
         rel = f"{100 * (e['ppl'] / ref - 1):+.1f}%" if ref else ""
         lines.append(f"| {e['label']} | {e['tokens']:,} | {e['loss']:.4f} | {e['ppl']:.2f} | {rel} |")
-    out = ["### Perplexity on the test books", ""] + lines
+    out = ["### Perplexity on the test documents", ""] + lines
     for key, title in (("memory_size", "Memory size (csz fixed)"), ("chunk_size", "Chunk size (msz fixed)")):
         if len(r["sweeps"][key]) > 1:  # one memory size (or chunk size) is no sweep
             out += ["", f"### {title}", "", f"| {key.replace('_', ' ')} | perplexity |", "|---|---|"]
@@ -247,7 +247,7 @@ def markdown(r):
     if r["positions"]:
         names = [n for n in order(r["positions"], main)]
         first = r["positions"][names[0]]
-        out += ["", "### Perplexity by position in the book", "",
+        out += ["", "### Perplexity by position in the document", "",
                 "| tokens at positions | tokens | " + " | ".join(c[n]["short"] if n in c else n for n in names) + " |",
                 "|---|---|" + "---|" * len(names)]
         for b, row in first.items():
@@ -286,7 +286,7 @@ def recurrence_markdown(r):
         short = {n: labels(n, r["settings"], main)[1] for n in names}
         out += ["", "### Loss by recurrence distance", "",
                 "Columns: how many segments back the token's bigram (previous token, token) last "
-                "occurred in its book (first: never before); loss in bits per token.", "",
+                "occurred in its document (first: never before); loss in bits per token.", "",
                 "| | " + " | ".join(rec_name(b) for b in first) + " |",
                 "|---|" + "---|" * len(first),
                 "| tokens | " + " | ".join(f"{row['tokens']:,}" for row in first.values()) + " |"]

@@ -1,0 +1,1 @@
+python examples/build_book_corpus.py --out /work/runs/long_context_lm/smollm2_code/data --sources pycode --valid-packages 2 --test-packages 2 --seed 1 --bpe hf_tokenizer --tokenizer-file /work/runs/long_context_lm/smollm2_code/smollm2/tokenizer.json 
