@@ -279,16 +279,22 @@ A_WORDS = 2 * TOKENS_PER_SAMPLE - 1  # with the </s> before it, two whole segmen
 WORDS = "the cat sat on a mat and then it ran under the old tree".split()
 
 
+def write_prompt_files(folder):
+    """fairseq-interactive inputs in ``folder``: a.txt (two whole segments of words), b.txt (a
+    short prompt) and ab.txt (a, then </s>, then b: b's prompt as if a's text preceded it)."""
+    a = " ".join(WORDS[i % len(WORDS)] for i in range(A_WORDS))
+    b = "the dog flew over a log"
+    for name, text in (("a", a), ("b", b), ("ab", f"{a} </s> {b}")):
+        (folder / f"{name}.txt").write_text(text + "\n")
+
+
 @pytest.fixture(scope="module")
 def runs(corpus, longmem_ckpt, tmp_path_factory):
     """fairseq-generate, and fairseq-interactive with memory files, through the CLIs' entry
     points in one interpreter: (name -> CaseLog, memory file, folder). Refusals that need no
     memory file are in tests/test_bad_input.py."""
     tmp = tmp_path_factory.mktemp("interactive")
-    a = " ".join(WORDS[i % len(WORDS)] for i in range(A_WORDS))
-    b = "the dog flew over a log"
-    for name, text in (("a", a), ("b", b), ("ab", f"{a} </s> {b}")):
-        (tmp / f"{name}.txt").write_text(text + "\n")
+    write_prompt_files(tmp)
     (tmp / "empty.safetensors").write_bytes(b"")
     memory = str(tmp / "a.safetensors")
 

@@ -342,12 +342,9 @@ def test_fairseq_interactive_saves_and_reads_a_layered_memory_file(
 
     from conftest import TOKENS_PER_SAMPLE, USER_DIR, run_cli_cases
     from fairseq_longmem.memory.file_format import HEADER_KEY
-    from test_generation import A_WORDS, WORDS, lines_of
+    from test_generation import lines_of, write_prompt_files
 
-    a = " ".join(WORDS[i % len(WORDS)] for i in range(A_WORDS))
-    b = "the dog flew over a log"
-    for name, text in (("a", a), ("b", b), ("ab", f"{a} </s> {b}")):
-        (tmp_path / f"{name}.txt").write_text(text + "\n")
+    write_prompt_files(tmp_path)
     layered, one = tmp_path / "layered.safetensors", tmp_path / "one.safetensors"
 
     def interactive(checkpoint, prompt, *extra):
