@@ -232,3 +232,24 @@ def test_plugin_tasks_join_the_allow_list(ours, monkeypatch):
         vet(state, "ck.pt")
     checkpoint_guard.allow("task", "longmem_new_task")
     assert vet(state, "ck.pt") is state
+
+
+def test_a_checkpoint_from_before_an_option_gets_its_default_so_overrides_reach_it():
+    """fairseq's --model-overrides replaces only keys a checkpoint has: the loader adds the
+    plugin models' newer options at their defaults (the behaviour from before they existed)."""
+    from fairseq.models import MODEL_DATACLASS_REGISTRY
+
+    from fairseq_longmem.checkpoint.read import add_new_model_options
+
+    state = {"cfg": {"model": {"_name": "longmem_llama", "read_layers": "15-29"}}}
+    model = add_new_model_options(state)["cfg"]["model"]
+    assert model["read_layers"] == "15-29"  # what the file holds stays
+    assert (model["search_every"], model["memory_read"], model["disable_memory"]) == (1, "gated",
+                                                                                      False)
+    assert not any("${" in str(v) for v in model.values())
+    defaults = MODEL_DATACLASS_REGISTRY["longmem_llama"]()
+    assert model["memory_size"] == defaults.memory_size
+    foreign = {"cfg": {"model": {"_name": "transformer_lm"}}}
+    assert add_new_model_options(copy.deepcopy(foreign)) == foreign  # not ours: untouched
+    arch = add_new_model_options({"cfg": {"model": {"_name": "gpt2_lm_tiny"}}})["cfg"]["model"]
+    assert "mask_special_logits" in arch  # an arch name stands for its model

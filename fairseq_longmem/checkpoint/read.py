@@ -1,13 +1,14 @@
 """Reading a checkpoint file: only tensors, containers and the few types fairseq needs are
 unpickled, and the result is vetted (:mod:`.guard`) before fairseq sees it."""
 
+import dataclasses
 import os
 import pickle
 import zipfile
 
 import torch
 
-from .guard import TRUST_ENV, safe_globals, vet
+from .guard import LOADABLE, TRUST_ENV, safe_globals, vet
 
 
 def load_checkpoint_file(f, map_location=None, **kwargs):
@@ -19,7 +20,7 @@ def load_checkpoint_file(f, map_location=None, **kwargs):
     refused unless the user says they trust it with ``FAIRSEQ_LONGMEM_TRUST_CHECKPOINTS=1``.
     """
     if os.environ.get(TRUST_ENV) == "1":
-        return torch.load(f, map_location=map_location, weights_only=False)
+        return add_new_model_options(torch.load(f, map_location=map_location, weights_only=False))
     kwargs.pop("weights_only", None)
     name = getattr(f, "name", f)
     with torch.serialization.safe_globals(safe_globals()):
@@ -31,7 +32,39 @@ def load_checkpoint_file(f, map_location=None, **kwargs):
                 f"argparse.Namespace, numpy scalars); if you trust the file, set {TRUST_ENV}=1 "
                 f"and retry. Detail: {str(e).splitlines()[0]}"
             ) from None
-    return vet(state, name)
+    return add_new_model_options(vet(state, name))
+
+
+def add_new_model_options(state):
+    """Give a checkpoint of this plugin's models every model option it lacks, at its default.
+
+    A checkpoint written before an option existed has no key for it in ``cfg.model``, and
+    fairseq applies ``--model-overrides`` only to keys a checkpoint has: an override of a newer
+    option (``{'search_every': 15}`` on an older LongMem) would be dropped without a word. Every
+    option's default is the behaviour from before it existed, so adding the missing ones changes
+    nothing until an override sets them. Defaults that are ``${...}`` interpolations are left out
+    (fairseq resolves those itself)."""
+    cfg = state.get("cfg") if isinstance(state, dict) else None
+    model = cfg.get("model") if isinstance(cfg, dict) else None
+    if not isinstance(model, dict):
+        return state
+    from fairseq.models import ARCH_MODEL_NAME_REGISTRY, MODEL_DATACLASS_REGISTRY
+
+    name = ARCH_MODEL_NAME_REGISTRY.get(model.get("_name"), model.get("_name"))
+    if name not in LOADABLE["model"] or name not in MODEL_DATACLASS_REGISTRY:
+        return state
+    for field in dataclasses.fields(MODEL_DATACLASS_REGISTRY[name]):
+        if field.name in model or field.name.startswith("_"):
+            continue
+        if field.default is not dataclasses.MISSING:
+            default = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            default = field.default_factory()
+        else:
+            continue
+        if isinstance(default, (str, int, float, bool, type(None))) and "${" not in str(default):
+            model[field.name] = default
+    return state
 
 
 # a torch.save file is a zip archive; torch's legacy format starts with a pickle protocol byte
