@@ -4,6 +4,7 @@ softmax (--memory-read joint): the SideNet that starts as the training-free read
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -101,9 +102,16 @@ def test_later_segments_never_change_earlier_logits_and_rows_never_read_each_oth
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("search_every", [1, 3])
 @torch.no_grad()
-def test_token_by_token_equals_the_full_forward_and_beams_share_every_layers_prompt_memory(family):
-    model = top_copy(family, perturb=True, memory_size=256)
+def test_token_by_token_equals_the_full_forward_and_beams_share_every_layers_prompt_memory(
+        family, search_every):
+    """With one search per layer the beams share each layer's prompt memory; with one search for
+    the three layers (--search-every 3, tests/test_shared_search.py) a shared prompt has no bank
+    slots to gather by, so each beam continues a copy of it: the same scores either way."""
+    from fairseq_longmem.tasks.generation import PromptedEnsemble
+
+    model = top_copy(family, perturb=True, memory_size=256, search_every=search_every)
     dec = model.decoder
     tokens = random_tokens(2, 3 * T + 5, seed=4)
     full = stream(model, tokens[:, :3 * T]).log_softmax(-1)
@@ -114,9 +122,12 @@ def test_token_by_token_equals_the_full_forward_and_beams_share_every_layers_pro
     # each scores as the prompt followed by its own tokens, alone
     state = dec.start_decoding(2, dec.backbone.output_weight, segment_len=T)
     dec.prefill(tokens[:, :2 * T + 9], state)
-    state.expand(2, lambda rows: dec.new_memory(rows, 256, dec.backbone.output_weight), True)
+    generator = SimpleNamespace(beam=2, decoder=dec, max_len=4, segment_len=T)
+    share = PromptedEnsemble.shares_prompt_memory(generator, state)
+    assert share == (search_every == 1)
+    state.expand(2, lambda rows: dec.new_memory(rows, 256, dec.backbone.output_weight), share)
     assert isinstance(state.memory, LayeredMemory)
-    assert all(isinstance(state.memory.layer(i), SharedPromptMemory) for i in (1, 2, 3))
+    assert all(isinstance(state.memory.layer(i), SharedPromptMemory) == share for i in (1, 2, 3))
     cont = random_tokens(4, T, seed=40)
     beams = torch.cat([dec.advance(cont[:, i:i + 1], state) for i in range(T)], 1)
     for n in range(4):
@@ -127,8 +138,9 @@ def test_token_by_token_equals_the_full_forward_and_beams_share_every_layers_pro
         assert (beams[n].log_softmax(-1) - want.log_softmax(-1)).abs().max() < 1e-4, n
 
 
-def test_training_keeps_the_backbone_bit_identical_and_reaches_every_reader():
-    model = top_copy("llama").train()
+@pytest.mark.parametrize("search_every", [1, 3])  # 3: one search for the three layers
+def test_training_keeps_the_backbone_bit_identical_and_reaches_every_reader(search_every):
+    model = top_copy("llama", search_every=search_every).train()
     dec = model.decoder
     frozen = {k: v.clone() for k, v in dec.backbone.state_dict().items()}
     params = [p for p in model.parameters() if p.requires_grad]
@@ -310,8 +322,8 @@ def top_copy_checkpoint(corpus, backbone, tmp_path_factory):
     return train_longmem(corpus, backbone, tmp_path_factory.mktemp("top_copy"), *TOP_COPY_OPTIONS)
 
 
-@pytest.mark.slow  # two fairseq-eval-lm runs (and the module's fairseq-train run)
-def test_fairseq_train_and_eval_lm_run_the_top_copy_sidenet(corpus, top_copy_checkpoint):
+@pytest.mark.slow  # five fairseq-eval-lm runs (and the module's fairseq-train run)
+def test_fairseq_train_and_eval_lm_run_the_top_copy_sidenet(corpus, top_copy_checkpoint, tmp_path):
     from conftest import run_cli
     from test_cli_longmem import eval_lm_argv, eval_lm_result
 
@@ -326,9 +338,29 @@ def test_fairseq_train_and_eval_lm_run_the_top_copy_sidenet(corpus, top_copy_che
     on = run_cli(["fairseq-eval-lm", *eval_lm_argv(corpus, checkpoint)])
     off = run_cli(["fairseq-eval-lm", *eval_lm_argv(
         corpus, checkpoint, "--model-overrides", "{'disable_memory': True}")])
+    # one search for both memory layers (--search-every), chosen at evaluation time
+    shared = run_cli(["fairseq-eval-lm", *eval_lm_argv(
+        corpus, checkpoint, "--model-overrides", "{'search_every': 2}")])
     (tokens, loss_on), (_, loss_off) = eval_lm_result(on), eval_lm_result(off)
     assert tokens == corpus.num_tokens("valid") and math.isfinite(loss_on)
     assert loss_on != loss_off
+    tokens_shared, loss_shared = eval_lm_result(shared)
+    assert tokens_shared == tokens and math.isfinite(loss_shared)
+    # (this tiny model's memory moves the loss by 0.002 bits: sharing the search moves it by
+    # less than the 4 printed digits; tests/test_shared_search.py shows the reads differ)
+    said = ("memory layers 2-3: one memory search per 2 of them (--search-every 2); searches per "
+            "forward pass: 1 instead of 2")
+    assert said in shared and said not in on
+    # a checkpoint from before --search-every existed (no key for it in cfg.model) takes the
+    # override too: fairseq alone overrides only the keys a checkpoint has, and would drop it
+    del state["cfg"]["model"]["search_every"]
+    older = tmp_path / "before_search_every.pt"
+    torch.save(state, older)
+    log = run_cli(["fairseq-eval-lm", *eval_lm_argv(
+        corpus, str(older), "--model-overrides", "{'search_every': 2}")])
+    assert eval_lm_result(log) == (tokens, loss_shared) and said in log
+    assert eval_lm_result(run_cli(["fairseq-eval-lm", *eval_lm_argv(corpus, str(older))])) == (
+        tokens, loss_on)
 
 
 @pytest.mark.slow  # seven fairseq-interactive runs (and the module's fairseq-train run)

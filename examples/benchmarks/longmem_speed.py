@@ -78,7 +78,8 @@ def build_models(args, dictionary):
         options = dict(sizes, **memory, reduction_factor=args.reduction_factor,
                        sidenet_copy=args.sidenet_copy, dropout=0.0,
                        sidenet_from=args.sidenet_from, read_layers=args.read_layers,
-                       sidenet_residual=args.sidenet_residual, memory_read=args.memory_read)
+                       sidenet_residual=args.sidenet_residual, memory_read=args.memory_read,
+                       search_every=args.search_every)
         probe = config_class(**options)
         layers = read_layers(probe, backbone.dims.num_layers)
         # the first of --read-layers stands for the memory layer, as in build_model
@@ -235,6 +236,8 @@ def breakdown(on, off, batches, sync, train: bool):
     forward with and without memory. Separate from the speed runs: the timers synchronise."""
     timers = Timers(sync)
     timers.wrap(ChunkedMemoryBank, "search", lambda *a, **k: "search")
+    # a shared search's other layers (--search-every) gather by slot: counted as search
+    timers.wrap(ChunkedMemoryBank, "gather", lambda *a, **k: "search")
     timers.wrap(ChunkedMemoryBank, "_expand", lambda *a, **k: "gather")  # part of search
     timers.wrap(ChunkedMemoryBank, "add", lambda *a, **k: "add")
     timers.wrap(JointAttentionMixin, "forward",
@@ -284,6 +287,9 @@ def main():
                    help="with --backbone: LongMem's --sidenet-residual")
     p.add_argument("--memory-read", default="gated", choices=("gated", "joint"),
                    help="with --backbone: LongMem's --memory-read")
+    p.add_argument("--search-every", type=int, default=1,
+                   help="with --backbone and --read-layers: LongMem's --search-every (memory "
+                   "layers per search)")
     p.add_argument("--vocab", type=int, default=None,
                    help="dictionary size (default: 8000, a sentencepiece-sized vocabulary, for "
                    "tiny; 50260, a converted GPT-2 dict.txt, otherwise)")

@@ -467,6 +467,17 @@ class ChunkedMemoryBank(Memory):
                                      self._count, k // S, self.max_score_bytes)
         return self._expand(slots)
 
+    def gather(self, slots: torch.Tensor) -> MemoryRetrieval:
+        """The chunks named by ``slots`` (B, H, T, nk; -1 = missing), as :meth:`search` returns
+        them: what another search chose, read from this bank's keys and values (a shared search,
+        ``--search-every``). B must be this bank's rows and H its heads."""
+        if slots.dim() != 4 or tuple(slots.shape[:2]) != (self.num_rows, self.num_heads):
+            raise ValueError(f"gather: expected slots of shape ({self.num_rows}, {self.num_heads}, "
+                             f"T, chunks), got {tuple(slots.shape)}")
+        if slots.numel() and (int(slots.min()) < -1 or int(slots.max()) >= self.capacity):
+            raise ValueError(f"gather: slots must lie in [-1, {self.capacity})")
+        return self._expand(slots)
+
     def segments_back(self, slots: torch.Tensor) -> torch.LongTensor:
         """How many ``add`` calls ago (1 = the latest) each chunk named by ``slots`` (B', H, T, nk)
         was written, B' a multiple of the rows (batch row b names chunks of row b // (B'/rows),

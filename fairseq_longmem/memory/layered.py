@@ -11,7 +11,7 @@ takes the layers' keys and values stacked on a leading axis. Saved and loaded as
 """
 
 import copy
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -45,6 +45,25 @@ class LayeredMemory:
 
     def layer(self, i: int) -> ChunkedMemoryBank:
         return self.banks[i]
+
+    def shared_search(self, every: int) -> Dict[int, Memory]:
+        """Layer -> the memory that layer reads in one forward pass when the reading layers
+        search in groups (``--search-every``): the layers in groups of ``every`` consecutive
+        ones, bottom up; the lowest of a group searches its bank with its own queries, and the
+        group's other layers read the chunks that search chose from their own banks (the same
+        token positions: the banks hold the same tokens). One search per group instead of one
+        per layer. The lowest layer of a group must search before the others read: layers read
+        bottom up, as a forward pass runs. ``every`` 1: each layer searches its own bank."""
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"--search-every must be an integer >= 1, got {every!r}")
+        if every == 1:
+            return dict(self.banks)
+        views: Dict[int, Memory] = {}
+        for g in range(0, len(self.layers), every):
+            group = self.layers[g:g + every]
+            search = _SharedSearch(group)
+            views.update({i: _SearchGroupLayer(self.banks[i], search, i) for i in group})
+        return views
 
     @property
     def _first(self) -> ChunkedMemoryBank:
@@ -150,3 +169,47 @@ class LayeredMemory:
                                  layers=self.layers)
         for i, b in zip(self.layers, banks):
             b._put_rows(idx, saved[i])
+
+
+class _SharedSearch:
+    """What the lowest layer of a group found, for the group's other layers (one forward)."""
+
+    def __init__(self, group: Sequence[int]):
+        self.leader = group[0]
+        self.slots: Optional[torch.Tensor] = None
+        self.key = None
+
+    def record(self, slots: torch.Tensor, queries_shape, k: int):
+        self.slots, self.key = slots, (tuple(queries_shape), k)
+
+    def take(self, layer: int, queries_shape, k: int) -> torch.Tensor:
+        if self.slots is None:
+            raise RuntimeError(f"shared search: layer {layer} reads before layer {self.leader} "
+                               "searched (the layers of a group must read bottom up)")
+        if self.key != (tuple(queries_shape), k):
+            raise RuntimeError(f"shared search: layer {layer} asks with queries "
+                               f"{tuple(queries_shape)} and k={k}, layer {self.leader} searched "
+                               f"with {self.key[0]} and k={self.key[1]}")
+        return self.slots
+
+
+class _SearchGroupLayer:
+    """One layer's bank within a search group: the group's lowest layer searches and records
+    the chunks it chose; the others read those chunks from their own bank. Every other method is
+    the bank's."""
+
+    def __init__(self, bank: Memory, search: _SharedSearch, layer: int):
+        self._bank, self._search, self._layer = bank, search, layer
+
+    def __getattr__(self, name):
+        return getattr(self._bank, name)
+
+    def search(self, queries, k: int):
+        if self._layer == self._search.leader:
+            found = self._bank.search(queries, k)
+            self._search.record(found.chunk_index, queries.shape, k)
+            return found
+        if not hasattr(self._bank, "gather"):
+            raise ValueError("a shared search (--search-every > 1) reads banks that can gather "
+                             f"chunks by slot; {type(self._bank).__name__} cannot")
+        return self._bank.gather(self._search.take(self._layer, queries.shape, k))

@@ -78,6 +78,14 @@ class LongMemOptions(FairseqDataclass):
                   "layers): each fills a memory of its own, read by the side block beside it "
                   "(one per side block; overrides --memory-layer); empty: --memory-layer alone"},
     )
+    search_every: int = field(
+        default=1,
+        metadata={"help": "with several memory layers (--read-layers): one memory search per N "
+                  "consecutive memory layers; the lowest of each group searches with its queries "
+                  "and the group's other layers read the chunks it chose from their own memories "
+                  "(their own keys, values and attention). 1: every memory layer searches its "
+                  "own; N >= the number of memory layers: one search (docs/BENCHMARKS.md)"},
+    )
     sidenet_from: int = field(
         default=0,
         metadata={"help": "S: the SideNet stands beside backbone layers S..L-1 and starts from "
@@ -172,8 +180,18 @@ class LongMemDecoder(StreamMemoryMixin, BackboneDecoder, FairseqIncrementalDecod
             read_layers=read_layers(cfg, backbone.dims.num_layers),
             residual=str(getattr(cfg, "sidenet_residual", "cross")),
             read_mode=str(getattr(cfg, "memory_read", "gated")),
+            search_every=int(getattr(cfg, "search_every", 1)),
         )
         self.read_layers = self.sidenet.read_layers
+        every = self.sidenet.search_every
+        if every > 1 and len(self.read_layers) > 1:
+            logger.info("memory layers %s: one memory search per %d of them (--search-every %d); "
+                        "searches per forward pass: %d instead of %d", format_layers(self.read_layers),
+                        every, every, -(-len(self.read_layers) // every), len(self.read_layers))
+        elif every > 1:
+            logger.warning("--search-every %d has no effect with one memory layer (%d): it "
+                           "shares a search between the memory layers of --read-layers", every,
+                           self.read_layers[0])
         # the blocks whose keys/values fill the memory: one (a ChunkedMemoryBank) or several
         # (a LayeredMemory, one bank each; keys and values stacked on a leading axis)
         self.kv_layers = self.read_layers if len(self.read_layers) > 1 else self.read_layers[0]
@@ -468,6 +486,9 @@ def validate_config(cfg, num_layers: Optional[int] = None):
          f"--memory-layer {cfg.memory_layer} is not a layer of the {layers}-layer backbone: "
          f"expected 0 to {layers - 1} (0-based), or leave it unset with an arch that picks one "
          "about 3/4 deep (longmem_gpt2_tiny ... _xl, longmem_llama)")
+    every = getattr(cfg, "search_every", 1)
+    need(isinstance(every, int) and not isinstance(every, bool) and every >= 1,
+         f"--search-every {every!r}: expected an integer >= 1 (memory layers per search)")
     start = getattr(cfg, "sidenet_from", 0)
     need(0 <= start < layers, f"--sidenet-from {start} is not a layer of the {layers}-layer "
          f"backbone: expected 0 to {layers - 1}")

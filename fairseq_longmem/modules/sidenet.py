@@ -65,7 +65,7 @@ class SideNet(nn.Module):
                  dropout: float, attention_dropout: float, init: str = "paper",
                  gate_init: float = 0.0, gate_lr_scale: float = 1.0, memory_distance: int = 0,
                  copy_from: str = "last", start: int = 0, read_layers: Sequence[int] = (),
-                 residual: str = "cross", read_mode: str = "gated"):
+                 residual: str = "cross", read_mode: str = "gated", search_every: int = 1):
         super().__init__()
         if init not in SIDENET_INITS:
             raise ValueError(f"--sidenet-init {init!r}: expected one of {', '.join(SIDENET_INITS)}")
@@ -108,6 +108,9 @@ class SideNet(nn.Module):
         self.read_layers = read_layers
         self.readers = dict(zip(side_blocks, read_layers))  # side block -> backbone layer
         self.side_memory_layer = side_blocks[0]
+        if isinstance(search_every, bool) or not isinstance(search_every, int) or search_every < 1:
+            raise ValueError(f"--search-every must be an integer >= 1, got {search_every!r}")
+        self.search_every = search_every  # memory layers per search (LayeredMemory.shared_search)
         dims = dataclasses.replace(backbone_dims, dropout=dropout,
                                    attention_dropout=attention_dropout)
         self.dims = dims
@@ -185,10 +188,12 @@ class SideNet(nn.Module):
         S, r = self.start, self.r
         s, stats = hiddens[S], []
         several = len(self.read_layers) > 1
+        banks = (memory.shared_search(self.search_every)
+                 if several and memory is not None else None)  # layer -> what it reads
         for j, block in enumerate(self.h):
             cached = {} if caches is None else {"cache": caches[j]}
             if j in self.readers:
-                bank = memory.layer(self.readers[j]) if several and memory is not None else memory
+                bank = banks[self.readers[j]] if banks is not None else memory
                 s, st = block(s, memory=bank, retrieved_tokens=retrieved_tokens, **cached)
                 stats.append(st)
             else:

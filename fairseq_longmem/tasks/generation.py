@@ -85,10 +85,13 @@ class PromptedEnsemble(EnsembleModel):
 
     def shares_prompt_memory(self, state) -> bool:
         """Beams share their prompt's memory when that is exact (decoding_state.py): nothing is
-        staged, segments end on chunk boundaries and nothing can be evicted."""
+        staged, segments end on chunk boundaries and nothing can be evicted; and the model
+        searches each memory layer itself (not --search-every > 1)."""
         memory = state.memory
         if self.beam == 1 or memory is None:
             return False
+        if getattr(getattr(self.decoder, "cfg", None), "search_every", 1) > 1:
+            return False  # a shared search gathers by bank slot; a shared prompt has none
         written = state.pos + self.max_len + 1  # tokens that may reach the memory
         return (int(memory.staged().sum()) == 0
                 and self.segment_len % memory.chunk_size == 0
