@@ -247,6 +247,7 @@ def test_a_checkpoint_from_before_an_option_gets_its_default_so_overrides_reach_
     assert (model["search_every"], model["memory_read"], model["disable_memory"]) == (1, "gated",
                                                                                       False)
     assert not any("${" in str(v) for v in model.values())
+    assert "dictionary_fingerprint" not in model  # absent: older than fingerprints (a warning)
     defaults = MODEL_DATACLASS_REGISTRY["longmem_llama"]()
     assert model["memory_size"] == defaults.memory_size
     foreign = {"cfg": {"model": {"_name": "transformer_lm"}}}

@@ -104,7 +104,7 @@ def test_fairseq_patches_installed_on_import(probed):
         "torch_persistent_save": ours,
         "load_checkpoint": ours,
         "same_after_second_install": True,
-        "checkpoint_load": "fairseq_longmem.checkpoint.read",
+        "checkpoint_load": "fairseq_longmem.fairseq_patches.torch_load",
         "peer_load": "fairseq_longmem.fairseq_patches.torch_load",
         "other_torch_attrs_are_torch": True,
         "path_manager_copy": ours,

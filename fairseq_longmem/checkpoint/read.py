@@ -20,7 +20,7 @@ def load_checkpoint_file(f, map_location=None, **kwargs):
     refused unless the user says they trust it with ``FAIRSEQ_LONGMEM_TRUST_CHECKPOINTS=1``.
     """
     if os.environ.get(TRUST_ENV) == "1":
-        return add_new_model_options(torch.load(f, map_location=map_location, weights_only=False))
+        return torch.load(f, map_location=map_location, weights_only=False)
     kwargs.pop("weights_only", None)
     name = getattr(f, "name", f)
     with torch.serialization.safe_globals(safe_globals()):
@@ -32,7 +32,7 @@ def load_checkpoint_file(f, map_location=None, **kwargs):
                 f"argparse.Namespace, numpy scalars); if you trust the file, set {TRUST_ENV}=1 "
                 f"and retry. Detail: {str(e).splitlines()[0]}"
             ) from None
-    return add_new_model_options(vet(state, name))
+    return vet(state, name)
 
 
 def add_new_model_options(state):
@@ -42,8 +42,13 @@ def add_new_model_options(state):
     fairseq applies ``--model-overrides`` only to keys a checkpoint has: an override of a newer
     option (``{'search_every': 15}`` on an older LongMem) would be dropped without a word. Every
     option's default is the behaviour from before it existed, so adding the missing ones changes
-    nothing until an override sets them. Defaults that are ``${...}`` interpolations are left out
-    (fairseq resolves those itself)."""
+    nothing until an override sets them. Left out: defaults that are ``${...}`` interpolations
+    (fairseq resolves those itself), and the dictionary fingerprint, whose absence says the
+    checkpoint predates fingerprints (``models.common.bind_dictionary`` warns then, where an
+    empty one would be recorded afresh). Applied to what fairseq's ``load_checkpoint_to_cpu``
+    reads (``fairseq_patches.torch_load``), before it applies the overrides."""
+    from ..models.common import FINGERPRINT
+
     cfg = state.get("cfg") if isinstance(state, dict) else None
     model = cfg.get("model") if isinstance(cfg, dict) else None
     if not isinstance(model, dict):
@@ -54,7 +59,7 @@ def add_new_model_options(state):
     if name not in LOADABLE["model"] or name not in MODEL_DATACLASS_REGISTRY:
         return state
     for field in dataclasses.fields(MODEL_DATACLASS_REGISTRY[name]):
-        if field.name in model or field.name.startswith("_"):
+        if field.name in model or field.name.startswith("_") or field.name == FINGERPRINT:
             continue
         if field.default is not dataclasses.MISSING:
             default = field.default

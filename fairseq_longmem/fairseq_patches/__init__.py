@@ -18,10 +18,12 @@ PATCHES = (
     ("numpy.compat", "a namespace with long = int",
      "numpy 2 removed it; fairseq's TokenBlockDataset (break mode eos) and LanguagePairDataset "
      "still read np.compat.long, an alias of the builtin int"),
-    ("fairseq.checkpoint_utils.torch", "torch with load = checkpoint.read.load_checkpoint_file",
+    ("fairseq.checkpoint_utils.torch", "torch with load = torch_load.load_for_fairseq",
      "every checkpoint fairseq reads (load_checkpoint_to_cpu, load_ema_from_checkpoint) is "
      "unpickled with weights_only=True and a short allow-list, then vetted "
-     "(checkpoint.guard): no pickled code, no config fairseq would evaluate"),
+     "(checkpoint.guard): no pickled code, no config fairseq would evaluate; a checkpoint of "
+     "this plugin's models gains the model options it lacks at their defaults, so that "
+     "--model-overrides reaches options added after it was written"),
     ("fairseq.distributed.utils.torch", "torch with load = torch_load.load_from_peer",
      "torch >= 2.6 loads with weights_only=True, which cannot rebuild the OmegaConf config that "
      "rank 0 broadcasts on resume; the bytes come from rank 0, which vetted the file"),

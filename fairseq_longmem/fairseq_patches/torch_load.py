@@ -6,7 +6,7 @@ import types
 
 import torch
 
-from ..checkpoint.read import load_checkpoint_file
+from ..checkpoint.read import add_new_model_options, load_checkpoint_file
 
 
 def load_from_peer(f, *args, **kwargs):
@@ -19,6 +19,14 @@ def load_from_peer(f, *args, **kwargs):
     """
     kwargs.setdefault("weights_only", False)
     return torch.load(f, *args, **kwargs)
+
+
+def load_for_fairseq(f, *args, **kwargs):
+    """``torch.load`` of a checkpoint file fairseq reads (``load_checkpoint_to_cpu``): the file
+    read and vetted (:func:`load_checkpoint_file`; with the opt-in, a full unpickle), then given
+    the model options it lacks, so that ``--model-overrides`` reaches them
+    (:func:`add_new_model_options`)."""
+    return add_new_model_options(load_checkpoint_file(f, *args, **kwargs))
 
 
 class _TorchWithLoad(types.ModuleType):
@@ -44,7 +52,7 @@ def install():
     from fairseq import checkpoint_utils
     from fairseq.distributed import utils as distributed_utils
 
-    for module, load in ((checkpoint_utils, load_checkpoint_file),
+    for module, load in ((checkpoint_utils, load_for_fairseq),
                          (distributed_utils, load_from_peer)):
         if not isinstance(module.torch, _TorchWithLoad):
             module.torch = _TorchWithLoad(load)
