@@ -239,7 +239,7 @@ def test_a_checkpoint_from_before_an_option_gets_its_default_so_overrides_reach_
     plugin models' newer options at their defaults (the behaviour from before they existed)."""
     from fairseq.models import MODEL_DATACLASS_REGISTRY
 
-    from fairseq_longmem.checkpoint.read import add_new_model_options
+    from fairseq_longmem.fairseq_patches.torch_load import add_new_model_options
 
     state = {"cfg": {"model": {"_name": "longmem_llama", "read_layers": "15-29"}}}
     model = add_new_model_options(state)["cfg"]["model"]

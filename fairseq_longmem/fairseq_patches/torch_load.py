@@ -2,11 +2,14 @@
 torch's defaults, which since torch 2.6 refuse the OmegaConf config inside a checkpoint and
 before 2.6 unpickled any code a file holds."""
 
+import dataclasses
 import types
 
 import torch
 
-from ..checkpoint.read import add_new_model_options, load_checkpoint_file
+from ..checkpoint.guard import LOADABLE
+from ..checkpoint.read import load_checkpoint_file
+from ..models.common import FINGERPRINT
 
 
 def load_from_peer(f, *args, **kwargs):
@@ -19,6 +22,45 @@ def load_from_peer(f, *args, **kwargs):
     """
     kwargs.setdefault("weights_only", False)
     return torch.load(f, *args, **kwargs)
+
+
+def add_new_model_options(state):
+    """Give a checkpoint of this plugin's models every model option it lacks, at its default.
+
+    A checkpoint written before an option existed has no key for it in ``cfg.model``, and
+    fairseq applies ``--model-overrides`` only to keys a checkpoint has: an override of a newer
+    option (``{'search_every': 15}`` on an older LongMem) would be dropped without a word. Every
+    option's default is the behaviour from before it existed, so adding the missing ones changes
+    nothing until an override sets them. Left out: defaults that are ``${...}`` interpolations
+    (fairseq resolves those itself), and the dictionary fingerprint, whose absence says the
+    checkpoint predates fingerprints (``models.common.bind_dictionary`` warns then, where an
+    empty one would be recorded afresh). Applied to what fairseq's ``load_checkpoint_to_cpu``
+    reads (:func:`load_for_fairseq`), before it applies the overrides."""
+    cfg = state.get("cfg") if isinstance(state, dict) else None
+    model = cfg.get("model") if isinstance(cfg, dict) else None
+    if not isinstance(model, dict):
+        return state
+    from fairseq.models import ARCH_MODEL_NAME_REGISTRY, MODEL_DATACLASS_REGISTRY
+
+    name = ARCH_MODEL_NAME_REGISTRY.get(model.get("_name"), model.get("_name"))
+    if name not in LOADABLE["model"] or name not in MODEL_DATACLASS_REGISTRY:
+        return state
+    for field in dataclasses.fields(MODEL_DATACLASS_REGISTRY[name]):
+        if field.name in model or field.name.startswith("_") or field.name == FINGERPRINT:
+            continue
+        if field.default is not dataclasses.MISSING:
+            default = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            default = field.default_factory()
+        else:
+            continue
+        if isinstance(default, (str, int, float, bool, type(None))) and "${" not in str(default):
+            model[field.name] = default
+    return state
+
+
+# a torch.save file is a zip archive; torch's legacy format starts with a pickle protocol byte
+_CHECKPOINT_MAGICS = (b"PK\x03\x04", b"\x80")
 
 
 def load_for_fairseq(f, *args, **kwargs):
