@@ -148,7 +148,7 @@ def test_a_layer_that_reads_before_its_group_searched_is_an_error():
         memory.shared_search(0)
 
 
-@pytest.mark.parametrize("value", [0, -1])
+@pytest.mark.parametrize("value", [0, -1, 2.5])
 def test_a_bad_search_every_is_refused_in_one_line(value):
     with pytest.raises(ValueError, match=f"--search-every {value}: expected an integer >= 1"):
         top_copy("llama", search_every=value)

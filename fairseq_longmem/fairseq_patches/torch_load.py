@@ -59,10 +59,6 @@ def add_new_model_options(state):
     return state
 
 
-# a torch.save file is a zip archive; torch's legacy format starts with a pickle protocol byte
-_CHECKPOINT_MAGICS = (b"PK\x03\x04", b"\x80")
-
-
 def load_for_fairseq(f, *args, **kwargs):
     """``torch.load`` of a checkpoint file fairseq reads (``load_checkpoint_to_cpu``): the file
     read and vetted (:func:`load_checkpoint_file`; with the opt-in, a full unpickle), then given

@@ -180,7 +180,7 @@ class LongMemDecoder(StreamMemoryMixin, BackboneDecoder, FairseqIncrementalDecod
             read_layers=read_layers(cfg, backbone.dims.num_layers),
             residual=str(getattr(cfg, "sidenet_residual", "cross")),
             read_mode=str(getattr(cfg, "memory_read", "gated")),
-            search_every=int(getattr(cfg, "search_every", 1)),
+            search_every=getattr(cfg, "search_every", 1),
         )
         self.read_layers = self.sidenet.read_layers
         every = self.sidenet.search_every

@@ -90,7 +90,8 @@ class PromptedEnsemble(EnsembleModel):
         memory = state.memory
         if self.beam == 1 or memory is None:
             return False
-        if getattr(getattr(self.decoder, "cfg", None), "search_every", 1) > 1:
+        side = getattr(self.decoder, "sidenet", None)
+        if side is not None and side.search_every > 1 and len(side.read_layers) > 1:
             return False  # a shared search gathers by bank slot; a shared prompt has none
         written = state.pos + self.max_len + 1  # tokens that may reach the memory
         return (int(memory.staged().sum()) == 0
