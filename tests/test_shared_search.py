@@ -7,8 +7,9 @@ import torch
 
 from fairseq_longmem.memory.bank import ChunkedMemoryBank
 from fairseq_longmem.memory.layered import LayeredMemory
+from fairseq_longmem.models.training_free import FreeReadConfig, TrainingFreeDecoder
 from fairseq_longmem.modules.decoding_state import SharedPromptMemory
-from tiny_longmem import T, make_model, random_tokens, stream
+from tiny_longmem import DICT, T, make_backbone, make_model, random_tokens, stream
 
 FAMILIES = ("gpt2", "llama")
 # a SideNet of trainable copies of blocks 1-3, each reading the memory of its own block
@@ -152,3 +153,39 @@ def test_a_layer_that_reads_before_its_group_searched_is_an_error():
 def test_a_bad_search_every_is_refused_in_one_line(value):
     with pytest.raises(ValueError, match=f"--search-every {value}: expected an integer >= 1"):
         top_copy("llama", search_every=value)
+
+
+def free_read(family, search_every=1, memory_size=48, retrieved_tokens=8):
+    """The training-free read by the frozen blocks 1-3 (--training-free-memory)."""
+    cfg = FreeReadConfig(layers=(1, 2, 3), memory_size=memory_size, chunk_size=4,
+                         retrieved_tokens=retrieved_tokens, max_target_positions=T,
+                         search_every=search_every)
+    return TrainingFreeDecoder(DICT, make_backbone(0, family), False, cfg).eval()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_the_training_free_read_shares_a_search_the_same_way(family, monkeypatch):
+    """--free-search-every: one search for blocks 1-3, whose other blocks read its chunks from
+    their own memories; with every chunk retrieved the same logits as each block's own search."""
+    tokens = random_tokens(2, 4 * T, seed=6)
+
+    def read(dec):
+        memory = dec.new_memory(2, dec.cfg.memory_size, dec.backbone.output_weight)
+        for s in range(3):
+            memory.add(*dec.memory_keys_values(tokens[:, s * T:(s + 1) * T]))
+        out, _ = dec(tokens[:, 3 * T:], memory=memory, write_memory=False)
+        return out, memory
+
+    own, _ = read(free_read(family))
+    every_chunk = dict(memory_size=48, retrieved_tokens=48)
+    assert (read(free_read(family, 3, **every_chunk))[0]
+            - read(free_read(family, 1, **every_chunk))[0]).abs().max() < 1e-5
+    log = SearchLog(monkeypatch)
+    shared, memory = read(free_read(family, 3))
+    assert [b for b, _ in log.searched] == [memory.layer(1)]
+    assert [b for b, _ in log.gathered] == [memory.layer(2), memory.layer(3)]
+    assert all(slots is log.searched[0][1] for _, slots in log.gathered)
+    assert (shared - own).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="--free-search-every 0: expected an integer >= 1"):
+        free_read(family, 0)

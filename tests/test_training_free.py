@@ -156,6 +156,10 @@ def test_eval_lm_reads_a_backbone_checkpoint_with_its_own_memory(corpus, backbon
     # that the read changes the scores is tested above, on the decoder)
     assert ("training-free memory: blocks 2-3 of the 4-layer backbone read their own memories "
             "(256 tokens per stream each, chunks of 4, 16 tokens retrieved") in log
+    log = run_cli(["fairseq-eval-lm", *eval_lm_argv(corpus, backbone, *free,
+                                                     "--free-search-every", "2")])
+    assert eval_lm_result(log)[0] == tokens and math.isfinite(eval_lm_result(log)[1])
+    assert "16 tokens retrieved per query and head; one memory search per 2 of them)" in log
 
     log = run_cli(["fairseq-eval-lm", *eval_lm_argv(corpus, longmem_run.checkpoint, *free)],
                   check=False)

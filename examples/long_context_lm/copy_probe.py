@@ -202,6 +202,9 @@ def main(argv=None) -> int:
     p.add_argument("--free-memory-size", type=int, default=8192)
     p.add_argument("--free-chunk-size", type=int, default=4)
     p.add_argument("--free-retrieved-tokens", type=int, default=32)
+    p.add_argument("--free-search-every", type=int, default=1,
+                   help="with --training-free-memory: one memory search per N reading layers "
+                        "(fairseq-eval-lm's --free-search-every)")
     p.add_argument("--free-memory-distance", type=int, default=0,
                    help="Llama: every retrieved token is read as if this many positions before its "
                         "query (0: the segment length; docs/DESIGN.md, rotary positions)")
@@ -231,7 +234,8 @@ def main(argv=None) -> int:
             model = TrainingFreeMemoryModel.around(model, FreeReadConfig(
                 layers=args.training_free_memory, memory_size=args.free_memory_size,
                 chunk_size=args.free_chunk_size, retrieved_tokens=args.free_retrieved_tokens,
-                memory_distance=args.free_memory_distance, max_target_positions=T)).eval()
+                memory_distance=args.free_memory_distance, max_target_positions=T,
+                search_every=args.free_search_every)).eval()
         d = task.source_dictionary
         text = real_text(args.data, args.split, d)
         # a LongMem decoder (or the training-free read) keeps one memory per stream; a plain
@@ -257,6 +261,8 @@ def main(argv=None) -> int:
             row = {"path": path, "memory": memory, "distance": distance, "trials": args.trials,
                    "training_free_memory": args.training_free_memory,
                    "free_memory_distance": (args.free_memory_distance or T)
+                   if args.training_free_memory else None,
+                   "free_search_every": args.free_search_every
                    if args.training_free_memory else None,
                    "span": args.span, "first_bits": loss1, "second_bits": loss2,
                    "recall_bits": loss1 - loss2}

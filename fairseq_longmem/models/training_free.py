@@ -48,6 +48,7 @@ class FreeReadConfig:
     search_backend: str = "auto"
     max_target_positions: Optional[int] = None
     disable_memory: bool = False
+    search_every: int = 1  # reading layers per memory search (LayeredMemory.shared_search)
 
     @property
     def memory_layer(self) -> str:
@@ -57,6 +58,10 @@ class FreeReadConfig:
 
 def validate(cfg: FreeReadConfig):
     check_memory_sizes(cfg.memory_size, cfg.chunk_size, cfg.retrieved_tokens, prefix="free-")
+    every = cfg.search_every
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"--free-search-every {every!r}: expected an integer >= 1 (reading "
+                         "layers per memory search)")
     if cfg.memory_distance < 0:
         raise ValueError(f"--free-memory-distance must be >= 0 (0: the segment length), got "
                          f"{cfg.memory_distance}")
@@ -101,9 +106,10 @@ class TrainingFreeDecoder(StreamMemoryMixin, BackboneDecoder):
         (layers, B, Hkv, T, hd) each."""
         x = self.backbone.embed(src_tokens)
         keys, values = [], []
+        banks = memory.shared_search(self.cfg.search_every) if memory is not None else None
         for i, block in enumerate(self.backbone.blocks):
             if i in self.cfg.layers:
-                bank = memory.layer(i) if memory is not None else None
+                bank = banks[i] if banks is not None else None
                 x, (k, v) = block(x, memory=bank, retrieved_tokens=self.cfg.retrieved_tokens)
                 keys.append(k)
                 values.append(v)
@@ -168,9 +174,10 @@ class TrainingFreeMemoryModel(FairseqLanguageModel):
         c = model.decoder.cfg
         logger.info(
             "training-free memory: blocks %s of the %d-layer backbone read their own memories "
-            "(%d tokens per stream each, chunks of %d, %d tokens retrieved per query and head)",
+            "(%d tokens per stream each, chunks of %d, %d tokens retrieved per query and head%s)",
             format_layers(c.layers), decoder.backbone.dims.num_layers, c.memory_size,
-            c.chunk_size, c.retrieved_tokens)
+            c.chunk_size, c.retrieved_tokens,
+            f"; one memory search per {c.search_every} of them" if c.search_every > 1 else "")
         return model
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):

@@ -37,6 +37,11 @@ class TrainingFreeMemoryOptions(FairseqDataclass):
         metadata={"help": "--training-free-memory, rotary families: retrieved tokens are read as "
                   "this many positions before the query (0: --tokens-per-sample)"},
     )
+    free_search_every: int = field(
+        default=1,
+        metadata={"help": "--training-free-memory: one memory search per N consecutive reading "
+                  "layers, as LongMem's --search-every (1: each layer searches its own memory)"},
+    )
 
 
 class BuildsLongMemFromCheckpoints:
@@ -63,7 +68,7 @@ class BuildsLongMemFromCheckpoints:
             model = TrainingFreeMemoryModel.around(model, FreeReadConfig(
                 layers=c.free_read_layers, memory_size=c.free_memory_size,
                 chunk_size=c.free_chunk_size, retrieved_tokens=c.free_retrieved_tokens,
-                memory_distance=c.free_memory_distance,
+                memory_distance=c.free_memory_distance, search_every=c.free_search_every,
                 max_target_positions=getattr(c, "tokens_per_sample", None)))
         return model
 
