@@ -25,7 +25,7 @@ class SearchLog:
     """Every bank search and gather during a forward: (bank, chunk slots)."""
 
     def __init__(self, monkeypatch):
-        self.searched, self.gathered = [], []
+        self.searched, self.gathered, self.range_checked = [], [], []
         search, gather = ChunkedMemoryBank.search, ChunkedMemoryBank.gather
         log = self
 
@@ -34,9 +34,10 @@ class SearchLog:
             log.searched.append((bank, found.chunk_index))
             return found
 
-        def logged_gather(bank, slots):
+        def logged_gather(bank, slots, check_range=True):
             log.gathered.append((bank, slots))
-            return gather(bank, slots)
+            log.range_checked.append(check_range)
+            return gather(bank, slots, check_range)
 
         monkeypatch.setattr(ChunkedMemoryBank, "search", logged_search)
         monkeypatch.setattr(ChunkedMemoryBank, "gather", logged_gather)
@@ -63,6 +64,8 @@ def test_each_group_searches_once_and_its_layers_read_the_chunks_it_chose(
         layer = bank_layer[id(bank)]
         leader = next(g[0] for g in groups if layer in g)
         assert slots is leader_slots[leader]  # the very chunks the group's search chose
+    # a bank as large as its leader's takes the leader's slots without a range check (host sync)
+    assert log.range_checked == [False] * len(log.gathered)
     # 3 segments of 16 tokens = 12 chunks in memory, 2 retrieved per query: a real choice
     assert memory.fill().tolist() == [4 * T, 4 * T]
     assert all(int(s.max()) >= 2 for _, s in log.searched)
@@ -147,6 +150,22 @@ def test_a_layer_that_reads_before_its_group_searched_is_an_error():
         memory.layer(1).gather(found.chunk_index + 8)
     with pytest.raises(ValueError, match="--search-every must be an integer >= 1, got 0"):
         memory.shared_search(0)
+
+
+def test_a_follower_smaller_than_its_leader_still_checks_the_slots_it_is_given():
+    from fairseq_longmem.memory.layered import _SearchGroupLayer, _SharedSearch
+    opts = dict(num_rows=1, num_heads=2, head_dim=8, chunk_size=4, dtype=torch.float32,
+                device="cpu")
+    big, small = ChunkedMemoryBank(memory_size=64, **opts), ChunkedMemoryBank(memory_size=32, **opts)
+    big.add(torch.randn(1, 2, 64, 8), torch.randn(1, 2, 64, 8))
+    small.add(torch.randn(1, 2, 32, 8), torch.randn(1, 2, 32, 8))
+    search = _SharedSearch([1, 2])
+    leader, follower = _SearchGroupLayer(big, search, 1), _SearchGroupLayer(small, search, 2)
+    q = torch.randn(1, 2, 3, 8)
+    found = leader.search(q, 64)  # every one of the leader's 16 chunks: slots up to 15
+    assert int(found.chunk_index.max()) == 15
+    with pytest.raises(ValueError, match=r"gather: slots must lie in \[-1, 8\)"):
+        follower.search(q, 64)
 
 
 @pytest.mark.parametrize("value", [0, -1, 2.5])

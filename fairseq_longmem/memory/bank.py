@@ -467,14 +467,16 @@ class ChunkedMemoryBank(Memory):
                                      self._count, k // S, self.max_score_bytes)
         return self._expand(slots)
 
-    def gather(self, slots: torch.Tensor) -> MemoryRetrieval:
+    def gather(self, slots: torch.Tensor, check_range: bool = True) -> MemoryRetrieval:
         """The chunks named by ``slots`` (B, H, T, nk; -1 = missing), as :meth:`search` returns
         them: what another search chose, read from this bank's keys and values (a shared search,
-        ``--search-every``). B must be this bank's rows and H its heads."""
+        ``--search-every``). B must be this bank's rows and H its heads. ``check_range`` False
+        skips the check that every slot lies in [-1, capacity) (a host sync on CUDA), for slots
+        a search of a bank of this capacity returned."""
         if slots.dim() != 4 or tuple(slots.shape[:2]) != (self.num_rows, self.num_heads):
             raise ValueError(f"gather: expected slots of shape ({self.num_rows}, {self.num_heads}, "
                              f"T, chunks), got {tuple(slots.shape)}")
-        if slots.numel() and (int(slots.min()) < -1 or int(slots.max()) >= self.capacity):
+        if check_range and slots.numel() and (int(slots.min()) < -1 or int(slots.max()) >= self.capacity):
             raise ValueError(f"gather: slots must lie in [-1, {self.capacity})")
         return self._expand(slots)
 

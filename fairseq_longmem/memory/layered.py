@@ -54,7 +54,7 @@ class LayeredMemory:
         token positions: the banks hold the same tokens). One search per group instead of one
         per layer. The lowest layer of a group must search before the others read: layers read
         bottom up, as a forward pass runs. ``every`` 1: each layer searches its own bank."""
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        if not is_search_every(every):
             raise ValueError(f"--search-every must be an integer >= 1, got {every!r}")
         if every == 1:
             return dict(self.banks)
@@ -171,6 +171,12 @@ class LayeredMemory:
             b._put_rows(idx, saved[i])
 
 
+def is_search_every(every) -> bool:
+    """Whether ``every`` is a valid number of memory layers per search: an int >= 1 (not a bool).
+    The one check behind --search-every and --free-search-every; each caller words its error."""
+    return isinstance(every, int) and not isinstance(every, bool) and every >= 1
+
+
 class _SharedSearch:
     """What the lowest layer of a group found, for the group's other layers (one forward)."""
 
@@ -178,9 +184,10 @@ class _SharedSearch:
         self.leader = group[0]
         self.slots: Optional[torch.Tensor] = None
         self.key = None
+        self.capacity = None  # the leader bank's chunk slots
 
-    def record(self, slots: torch.Tensor, queries_shape, k: int):
-        self.slots, self.key = slots, (tuple(queries_shape), k)
+    def record(self, slots: torch.Tensor, queries_shape, k: int, capacity):
+        self.slots, self.key, self.capacity = slots, (tuple(queries_shape), k), capacity
 
     def take(self, layer: int, queries_shape, k: int) -> torch.Tensor:
         if self.slots is None:
@@ -207,9 +214,14 @@ class _SearchGroupLayer:
     def search(self, queries, k: int):
         if self._layer == self._search.leader:
             found = self._bank.search(queries, k)
-            self._search.record(found.chunk_index, queries.shape, k)
+            self._search.record(found.chunk_index, queries.shape, k,
+                                getattr(self._bank, "capacity", None))
             return found
         if not hasattr(self._bank, "gather"):
             raise ValueError("a shared search (--search-every > 1) reads banks that can gather "
                              f"chunks by slot; {type(self._bank).__name__} cannot")
-        return self._bank.gather(self._search.take(self._layer, queries.shape, k))
+        slots = self._search.take(self._layer, queries.shape, k)
+        # slots a search of a bank as large as this one returned lie in range by construction:
+        # no range check, which costs two host syncs per follower on CUDA
+        same_size = self._search.capacity is not None and self._search.capacity == self._bank.capacity
+        return self._bank.gather(slots, check_range=not same_size)

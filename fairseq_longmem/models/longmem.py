@@ -23,7 +23,7 @@ from ..families import FAMILIES
 from ..families.base import Backbone
 from ..memory.bank import ChunkedMemoryBank
 from ..modules.decoding_state import DecodingState
-from ..memory.layered import LayeredMemory
+from ..memory.layered import LayeredMemory, is_search_every
 from ..modules.sidenet import MEMORY_READS, SIDENET_COPIES, SIDENET_INITS, SIDENET_RESIDUALS, SideNet
 from .backbone import load_backbone
 from .common import (
@@ -487,8 +487,7 @@ def validate_config(cfg, num_layers: Optional[int] = None):
          f"expected 0 to {layers - 1} (0-based), or leave it unset with an arch that picks one "
          "about 3/4 deep (longmem_gpt2_tiny ... _xl, longmem_llama)")
     every = getattr(cfg, "search_every", 1)
-    need(isinstance(every, int) and not isinstance(every, bool) and every >= 1,
-         f"--search-every {every!r}: expected an integer >= 1 (memory layers per search)")
+    need(is_search_every(every), f"--search-every {every!r}: expected an integer >= 1 (memory layers per search)")
     start = getattr(cfg, "sidenet_from", 0)
     need(0 <= start < layers, f"--sidenet-from {start} is not a layer of the {layers}-layer "
          f"backbone: expected 0 to {layers - 1}")

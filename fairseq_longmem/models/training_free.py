@@ -26,7 +26,7 @@ from fairseq.models import FairseqLanguageModel
 
 from ..families import family_of
 from ..families.base import Backbone
-from ..memory.layered import LayeredMemory
+from ..memory.layered import LayeredMemory, is_search_every
 from ..modules.memory_attention import free_read_attention_class
 from .common import BackboneDecoder, check_vocab, format_layers, parse_layers
 from .longmem import check_memory_sizes
@@ -59,7 +59,7 @@ class FreeReadConfig:
 def validate(cfg: FreeReadConfig):
     check_memory_sizes(cfg.memory_size, cfg.chunk_size, cfg.retrieved_tokens, prefix="free-")
     every = cfg.search_every
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+    if not is_search_every(every):
         raise ValueError(f"--free-search-every {every!r}: expected an integer >= 1 (reading "
                          "layers per memory search)")
     if cfg.memory_distance < 0:

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..families import family_of
 from ..families.base import Backbone, KVCache
+from ..memory.layered import is_search_every
 from .memory_attention import MemoryReadStats, joint_attention_class
 
 # SideNet initialisations (--sidenet-init): "paper" copies backbone blocks as they are;
@@ -108,7 +109,7 @@ class SideNet(nn.Module):
         self.read_layers = read_layers
         self.readers = dict(zip(side_blocks, read_layers))  # side block -> backbone layer
         self.side_memory_layer = side_blocks[0]
-        if isinstance(search_every, bool) or not isinstance(search_every, int) or search_every < 1:
+        if not is_search_every(search_every):
             raise ValueError(f"--search-every must be an integer >= 1, got {search_every!r}")
         self.search_every = search_every  # memory layers per search (LayeredMemory.shared_search)
         dims = dataclasses.replace(backbone_dims, dropout=dropout,
