@@ -1,0 +1,1 @@
+python examples/build_book_corpus.py --out /work/runs/long_context_lm/smollm2/data --sources austen\,kjv\,mobydick\,tidytext --valid-books 1 --test-books 2 --seed 1993 --bpe hf_tokenizer --tokenizer-file /work/runs/long_context_lm/smollm2/smollm2/tokenizer.json 

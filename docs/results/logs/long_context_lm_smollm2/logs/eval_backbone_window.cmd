@@ -1,0 +1,1 @@
+fairseq-eval-lm /work/runs/long_context_lm/smollm2/data/bin-stream --user-dir /work/main/fairseq_longmem --task language_modeling --path /work/runs/long_context_lm/smollm2/smollm2/checkpoint.pt --gen-subset test --sample-break-mode none --tokens-per-sample 256 --context-window 128 --batch-size 16 --num-workers 0 --cpu 

@@ -1,0 +1,1 @@
+fairseq-eval-lm /work/runs/long_context_lm/smollm2/data/bin --user-dir /work/main/fairseq_longmem --task longmem_lm --path /work/runs/long_context_lm/smollm2/longmem/checkpoint_last.pt --gen-subset test --tokens-per-sample 256 --batch-size 2 --num-workers 0 --model-overrides \{\'disable_memory\':\ True\} --cpu 

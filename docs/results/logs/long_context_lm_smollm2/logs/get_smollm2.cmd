@@ -1,0 +1,1 @@
+python examples/get_smollm2.py --out /work/runs/long_context_lm/smollm2/smollm2 

@@ -1,0 +1,1 @@
+fairseq-preprocess --only-source --srcdict /work/runs/long_context_lm/smollm2/data/bin/dict.txt --testpref /work/runs/long_context_lm/smollm2/data/test.stream.tok --destdir /work/runs/long_context_lm/smollm2/data/bin-stream --workers 1 

@@ -1,0 +1,1 @@
+bash -c grep\ -v\ \"\^\$\"\ \"\$0\"\ \>\ \"\$1\" /work/runs/long_context_lm/smollm2/data/test.tok /work/runs/long_context_lm/smollm2/data/test.stream.tok 

@@ -1,0 +1,1 @@
+python examples/suffix/build_chapterbreak.py --corpus /work/runs/long_context_lm/smollm2/data --splits test --out /work/runs/long_context_lm/smollm2/data/suffix.json --ctx-words 6500 
