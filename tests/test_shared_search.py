@@ -156,7 +156,8 @@ def test_a_follower_smaller_than_its_leader_still_checks_the_slots_it_is_given()
     from fairseq_longmem.memory.layered import _SearchGroupLayer, _SharedSearch
     opts = dict(num_rows=1, num_heads=2, head_dim=8, chunk_size=4, dtype=torch.float32,
                 device="cpu")
-    big, small = ChunkedMemoryBank(memory_size=64, **opts), ChunkedMemoryBank(memory_size=32, **opts)
+    big = ChunkedMemoryBank(memory_size=64, **opts)
+    small = ChunkedMemoryBank(memory_size=32, **opts)
     big.add(torch.randn(1, 2, 64, 8), torch.randn(1, 2, 64, 8))
     small.add(torch.randn(1, 2, 32, 8), torch.randn(1, 2, 32, 8))
     search = _SharedSearch([1, 2])

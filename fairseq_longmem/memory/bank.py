@@ -476,7 +476,8 @@ class ChunkedMemoryBank(Memory):
         if slots.dim() != 4 or tuple(slots.shape[:2]) != (self.num_rows, self.num_heads):
             raise ValueError(f"gather: expected slots of shape ({self.num_rows}, {self.num_heads}, "
                              f"T, chunks), got {tuple(slots.shape)}")
-        if check_range and slots.numel() and (int(slots.min()) < -1 or int(slots.max()) >= self.capacity):
+        if check_range and slots.numel() and (int(slots.min()) < -1
+                                              or int(slots.max()) >= self.capacity):
             raise ValueError(f"gather: slots must lie in [-1, {self.capacity})")
         return self._expand(slots)
 

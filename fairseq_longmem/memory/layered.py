@@ -223,5 +223,4 @@ class _SearchGroupLayer:
         slots = self._search.take(self._layer, queries.shape, k)
         # slots a search of a bank as large as this one returned lie in range by construction:
         # no range check, which costs two host syncs per follower on CUDA
-        same_size = self._search.capacity is not None and self._search.capacity == self._bank.capacity
-        return self._bank.gather(slots, check_range=not same_size)
+        return self._bank.gather(slots, check_range=self._search.capacity != self._bank.capacity)

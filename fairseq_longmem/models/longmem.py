@@ -487,7 +487,8 @@ def validate_config(cfg, num_layers: Optional[int] = None):
          f"expected 0 to {layers - 1} (0-based), or leave it unset with an arch that picks one "
          "about 3/4 deep (longmem_gpt2_tiny ... _xl, longmem_llama)")
     every = getattr(cfg, "search_every", 1)
-    need(is_search_every(every), f"--search-every {every!r}: expected an integer >= 1 (memory layers per search)")
+    need(is_search_every(every),
+         f"--search-every {every!r}: expected an integer >= 1 (memory layers per search)")
     start = getattr(cfg, "sidenet_from", 0)
     need(0 <= start < layers, f"--sidenet-from {start} is not a layer of the {layers}-layer "
          f"backbone: expected 0 to {layers - 1}")
